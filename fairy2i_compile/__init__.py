@@ -1,0 +1,19 @@
+"""fairy2i_compile: a torch.compile backend that rewrites real linear layers into
+their exactly equivalent widely-linear complex form and quantizes them Fairy2i-style.
+
+    import torch
+    compiled = torch.compile(model, backend="fairy2i", options={"mode": "exact"})
+
+The backend is registered through the `torch_dynamo_backends` entry point, so
+`backend="fairy2i"` works after `pip install` without importing this package.
+Data flow: capture (Dynamo) -> passes/ -> AOTAutograd -> codegen/ or eager -> run.
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .backend import Fairy2iBackend, fairy2i_backend
+from .config import Fairy2iConfig
+
+__all__ = ["Fairy2iBackend", "Fairy2iConfig", "fairy2i_backend", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""Backend options -> one frozen, validated config.
+
+`torch.compile(model, backend="fairy2i", options={...})` hands the options dict to
+the backend unchanged; `Fairy2iConfig.from_options` is the only place that reads
+it, so every option name and allowed value is listed once, here.
+
+Options whose behaviour is not built yet are still *valid configuration*; the
+backend raises NotImplementedError for them when it would have to act on them
+(see `Fairy2iConfig.check_implemented`), never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "Fairy2iConfig",
+    "MODES",
+    "METHODS",
+    "GRANULARITIES",
+    "KERNELS",
+    "COMPILERS",
+    "MAX_STAGES",
+]
+
+MODES = ("exact", "ptq", "qat")
+METHODS = ("phase", "binary", "ternary")
+GRANULARITIES = ("tensor", "row")  # or a positive int group size
+KERNELS = ("auto", "triton", "torch")
+COMPILERS = ("eager", "inductor")
+MAX_STAGES = 4
+
+Granularity = Union[str, int]
+
+
+@dataclass(frozen=True)
+class Fairy2iConfig:
+    """Everything the fairy2i backend can be told.
+
+    mode:              "exact" (lossless widely-linear rewrite), "ptq" (quantized
+                       weights for inference), "qat" (fake-quant + straight-through
+                       gradients for training).
+    stages:            residual stages T, 1..4 (1 = Fairy2i-W1, 2 = Fairy2i-W2).
+    method:            "phase" (Fairy2i) or the real baselines "binary" / "ternary".
+    scale_granularity: "tensor" (the paper's), "row", or an int group size along
+                       the input dim.
+    skip:              module-name patterns left real (fnmatch; a pattern without a
+                       dot also matches the last name components, so "lm_head" and
+                       "*.q_proj" both do what they look like).
+    dump_dir:          where graph dumps and report.json go (None: no dumps).
+    kernel:            "auto", "triton", "torch" (packed-op lowering).
+    compiler:          what runs the graph after AOTAutograd: "eager" (default: no
+                       code generation, compiles in about a second on CPU) or
+                       "inductor" (generated code; 15-35 s per graph cold on 2 cores).
+    """
+
+    mode: str = "exact"
+    stages: int = 2
+    method: str = "phase"
+    scale_granularity: Granularity = "tensor"
+    skip: Tuple[str, ...] = ()
+    dump_dir: Optional[str] = None
+    kernel: str = "auto"
+    compiler: str = "eager"
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int):
+            raise ValueError(
+                f"option 'stages' must be an int in 1..{MAX_STAGES}, got {self.stages!r} "
+                f"({type(self.stages).__name__}); use 1 for Fairy2i-W1 or 2 for Fairy2i-W2"
+            )
+        if not 1 <= self.stages <= MAX_STAGES:
+            raise ValueError(
+                f"option 'stages' must be in 1..{MAX_STAGES}, got {self.stages}; "
+                "use 1 for Fairy2i-W1 or 2 for Fairy2i-W2"
+            )
+        g = self.scale_granularity
+        if isinstance(g, bool) or not (
+            (isinstance(g, str) and g in GRANULARITIES) or (isinstance(g, int) and g > 0)
+        ):
+            raise ValueError(
+                f"option 'scale_granularity' must be one of {GRANULARITIES} or a positive "
+                f"int group size, got {g!r}"
+            )
+        skip = self.skip
+        if isinstance(skip, str):
+            skip = (skip,)
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) and p for p in skip):
+            raise ValueError(
+                f"option 'skip' must be a list of non-empty module-name patterns, got {self.skip!r}; "
+                "e.g. skip=['lm_head', '*.down_proj']"
+            )
+        object.__setattr__(self, "skip", tuple(skip))
+        if self.dump_dir is not None:
+            if not isinstance(self.dump_dir, (str, os.PathLike)):
+                raise ValueError(
+                    f"option 'dump_dir' must be a path (str or os.PathLike), got {self.dump_dir!r}"
+                )
+            object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "Fairy2iConfig":
+        """Build from a `torch.compile(..., options=...)` dict (or None)."""
+        if options is None:
+            return cls()
+        if isinstance(options, Fairy2iConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"fairy2i options must be a dict, got {type(options).__name__}: {options!r}"
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown fairy2i option(s) {unknown}; allowed options are {names}"
+            )
+        config = cls(**options)
+        if config.mode == "exact":
+            ignored = [k for k in ("stages", "method", "scale_granularity") if k in options]
+            if ignored:
+                warnings.warn(
+                    f"fairy2i options {ignored} have no effect with mode='exact' (the lossless "
+                    "rewrite); use mode='ptq' or mode='qat' to quantize",
+                    stacklevel=2,
+                )
+        return config
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    def check_implemented(self) -> None:
+        """Raise NotImplementedError for valid options whose behaviour is not built yet."""
+        if self.kernel == "triton":
+            raise NotImplementedError(
+                "option kernel='triton' is not built yet (packed Triton kernels come with the "
+                "packed-weights work); use kernel='auto' or kernel='torch'"
+            )
+
+
+def _check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"option {option!r} must be one of {list(allowed)}, got {value!r}")
