@@ -91,7 +91,7 @@ def param_of(node: fx.Node) -> Optional[torch.Tensor]:
     return None
 
 
-_SELF = re.compile(r"^L\[['\"]self['\"]\]")
+_SELF = re.compile(r"^L\[['\"](?:self|fn)['\"]\]")
 _ARG = re.compile(r"^L\[['\"]([^'\"]+)['\"]\]")
 _MODULES = re.compile(r"\.?_(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
 _INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")

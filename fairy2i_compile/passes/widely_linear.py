@@ -96,7 +96,7 @@ def layer_name(site: WeightSite) -> str:
     if owner is not None:
         path, cls = owner
         if isinstance(cls, type) and (issubclass(cls, torch.nn.Linear) or cls.__name__ == "Conv1D"):
-            return path
+            return path or "<root>"  # "<root>": the compiled module is the layer itself
     if site.weight.op == "placeholder":
         src = source_path(site.weight)
         if src:
