@@ -1,0 +1,583 @@
+"""Pure-torch quantizers: Fairy2i PhaseQuant and the real BitNet-style baselines.
+
+This module is the single source of truth for quantization arithmetic. PTQ,
+QAT (through :class:`PhaseQuantSTE` / :class:`RealQuantSTE`) and packing all
+call it, so fake-quant weights and packed weights agree bit for bit.
+No complex dtypes: a complex matrix is carried as two real tensors (re, im).
+
+PhaseQuant (DESIGN.md §1.2)
+---------------------------
+Codebook {+1, +i, -1, -i}; code k in {0, 1, 2, 3} means ``i**k``. With
+phi = angle(w), w = re + i*im::
+
+    [-pi/4, pi/4)              -> 0  (+1)
+    [pi/4, 3pi/4)              -> 1  (+i)
+    [3pi/4, pi] u (-pi, -3pi/4) -> 2  (-1)
+    [-3pi/4, -pi/4)            -> 3  (-i)
+
+Because |re| vs |im| decides the axis, this needs comparisons only (no atan2);
+``-re`` and ``-im`` are exact in floating point, so the ties land exactly as
+the half-open intervals say::
+
+    code 0 <=> re > 0 and -re <= im <  re
+    code 1 <=> im > 0 and -im <  re <= im
+    code 2 <=> re < 0 and  re <  im <= -re
+    code 3 <=> im < 0 and  im <= re < -im
+    w == 0 -> code 0 (angle(0) = 0)
+
+The four conditions are disjoint and cover every finite w != 0. Signed zeros
+are treated as +0.0 (comparisons ignore the sign of zero): ``-1 - 0.0i`` has
+torch.angle = -pi, which the intervals leave out, and gets code 2 like
+``-1 + 0i``; ``-0.0 + 0i`` (torch.angle = pi) gets code 0 like ``0``.
+
+Scales, per scale group (granularity) and per stage::
+
+    s_re = max(mean |re| over entries coded 0 or 2, 1e-6)
+    s_im = max(mean |im| over entries coded 1 or 3, 1e-6)
+
+A group with no entry on an axis gets 1e-6 on that axis (never 0/0; no entry
+selects that value). One exception to the clamp: when every entry on an axis
+is exactly zero (then w == 0 there, coded 0) the mean is 0 and the scale stays
+0, so all-zero weights and exactly-zero residual groups dequantize to exact
+zeros instead of +-1e-6; otherwise this is the paper's rule. Given the codes,
+mean |re| is the least-squares optimal scale for the +-1 entries (likewise
+mean |im| for +-i), so no stage can increase the Frobenius error except
+through the 1e-6 clamp. Dequantized: code0 -> +s_re, code2 -> -s_re,
+code1 -> +i*s_im, code3 -> -i*s_im (the other component is exactly 0).
+
+Granularity (a scale group):
+
+* ``"tensor"``: one (s_re, s_im) per matrix per stage (the paper's rule, default);
+  scales have shape [T, 1, 1].
+* ``"row"``: one per output row; shape [T, n, 1].
+* ``g`` (int > 0): one per row and per g consecutive input columns; shape
+  [T, n, ceil(m / g)]. The last group may be ragged: it averages only its own
+  m - (G-1)*g entries. ``g >= m`` is allowed and gives one group per row (the
+  same scales as ``"row"``), so one group size can be used across layers of
+  different widths; ``group_size`` is then recorded as given.
+
+Recursive residual (DESIGN.md §1.3), T in 1..4::
+
+    e_0 = w;  q_t = PQ(e_{t-1}) (scales recomputed on e_{t-1});  e_t = e_{t-1} - q_t
+    w_hat = sum_t q_t   (accumulated in stage order, starting from q_1)
+
+:func:`phase_quant` builds ``w_hat`` with :func:`dequant_phase` itself, so the
+packed path (codes + scales -> :func:`dequant_phase`) reproduces it exactly.
+
+Real baselines (BitNet-style) on a real weight A [out, in], same granularity
+(row = output row of A, groups along A's input dim), same residual recursion:
+
+* binary:  ``sign(A - mean A) * mean |A|`` with sign(0) := +1
+  (mean and mean |A| over the scale group; an all-zero group gives zeros);
+* ternary (BitNet b1.58 absmean): ``g = max(mean |A|, 1e-6);
+  clamp(round(A / g), -1, 1) * g`` (round half to even, as torch.round).
+
+Dtypes: arithmetic runs in float32, or float64 when the input is float64;
+``PhaseQuantized`` tensors (scales included) and :func:`real_quant` results are
+in that compute dtype. :func:`quantize_widely` and the STEs cast back to the
+input dtype.
+
+Bits (DESIGN.md §1.3): a stage stores 2 bits per complex weight of U and of W,
+which together replace 4 real weights per complex index pair: 1 bit per real
+weight per stage. Binary is 1 bit, ternary log2(3) bits per real weight per
+stage. Scales are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Granularity",
+    "METHODS",
+    "MAX_STAGES",
+    "SCALE_EPS",
+    "PhaseQuantized",
+    "phase_quant",
+    "phase_codes",
+    "dequant_phase",
+    "real_quant",
+    "quantize_widely",
+    "bits_per_real_weight",
+    "quant_error",
+    "PhaseQuantSTE",
+    "RealQuantSTE",
+    "check_finite",
+    "validate_granularity",
+]
+
+Granularity = Union[str, int]
+METHODS = ("phase", "binary", "ternary")
+MAX_STAGES = 4
+SCALE_EPS = 1e-6
+_GRANULARITY_STRINGS = ("tensor", "row")
+
+
+# ----------------------------------------------------------------------------
+# validation
+
+
+def _is_tracing(t: Tensor) -> bool:
+    """True under torch.compile / make_fx, where data-dependent checks can't run."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return bool(is_fake(t))
+    except ImportError:  # private API moved: fall back to running the checks
+        return False
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    """Raise ValueError if ``t`` (any shape) holds NaN or Inf.
+
+    ``name`` (e.g. the layer's qualified name) is put in the message. The
+    check is skipped while tracing (fake tensors have no values).
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"check_finite expects a Tensor for {name!r}, got {type(t).__name__}")
+    if not (t.is_floating_point() or t.is_complex()) or _is_tracing(t):
+        return
+    bad = int((~torch.isfinite(t)).sum().item())
+    if bad:
+        raise ValueError(
+            f"{name} has {bad} NaN/Inf values out of {t.numel()} (shape {tuple(t.shape)}): "
+            f"the weight is not finite and cannot be quantized; fix or reload the "
+            f"checkpoint, or exclude this layer from conversion"
+        )
+
+
+def validate_granularity(g: Any, m: int) -> None:
+    """Check a granularity for a matrix with ``m`` input columns.
+
+    Valid: ``"tensor"``, ``"row"``, or an int group size ``g >= 1`` (bool is
+    rejected). ``g >= m`` is allowed (one group per row, same as ``"row"``).
+    """
+    if isinstance(g, str):
+        if g not in _GRANULARITY_STRINGS:
+            raise ValueError(
+                f"unknown granularity {g!r}: use 'tensor', 'row', or a positive int group size"
+            )
+        return
+    if isinstance(g, bool) or not isinstance(g, numbers.Integral):
+        raise ValueError(
+            f"granularity must be 'tensor', 'row' or a positive int group size, "
+            f"got {g!r} of type {type(g).__name__}"
+        )
+    if g < 1:
+        raise ValueError(f"group size must be >= 1, got granularity={g!r}; use e.g. 64 or 128")
+    if not isinstance(m, numbers.Integral) or m < 1:
+        raise ValueError(f"number of input columns must be a positive int, got m={m!r}")
+
+
+def _validate_stages(stages: Any) -> int:
+    if isinstance(stages, bool) or not isinstance(stages, numbers.Integral):
+        raise ValueError(f"stages must be an int in 1..{MAX_STAGES}, got {stages!r}")
+    if not 1 <= stages <= MAX_STAGES:
+        raise ValueError(f"stages must be in 1..{MAX_STAGES}, got stages={stages}")
+    return int(stages)
+
+
+def _validate_method(method: Any) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    return method
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_matrix(t: Any, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex():
+        raise TypeError(
+            f"{what} is complex ({t.dtype}); pass the real and imaginary parts as "
+            f"separate real tensors (t.real, t.imag)"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {t.dtype}; cast with .float()")
+    if t.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [out, in], got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{what} must be non-empty, got shape {tuple(t.shape)}")
+
+
+# ----------------------------------------------------------------------------
+# scale groups
+
+
+def _group_sum(x: Tensor, granularity: Granularity) -> Tensor:
+    """Sum ``x`` [n, m] over each scale group -> [1, 1] | [n, 1] | [n, ceil(m/g)].
+
+    Ragged last group: zero-padding adds exact zeros to the sum; callers pass
+    values already multiplied by a 0/1 membership mask and sum the mask itself
+    for the counts, so padding never enters a mean.
+    """
+    n, m = x.shape
+    if granularity == "tensor":
+        return x.sum().reshape(1, 1)
+    if granularity == "row":
+        return x.sum(dim=1, keepdim=True)
+    g = int(granularity)
+    if g >= m:
+        return x.sum(dim=1, keepdim=True)
+    groups = -(-m // g)
+    if groups * g != m:
+        x = F.pad(x, (0, groups * g - m))
+    return x.reshape(n, groups, g).sum(dim=2)
+
+
+def _expand(s: Tensor, m: int, group_size: Optional[int]) -> Tensor:
+    """Scales [n_s, g_s] -> broadcastable against [n, m] (no arithmetic)."""
+    if s.shape[-1] == 1:
+        return s
+    assert group_size is not None
+    return s.repeat_interleave(group_size, dim=-1)[..., :m]
+
+
+def _group_mean(values: Tensor, mask: Tensor, granularity: Granularity) -> tuple[Tensor, Tensor]:
+    """Mean of ``values`` over masked entries per group, and the member count."""
+    total = _group_sum(values * mask, granularity)
+    count = _group_sum(mask, granularity)
+    mean = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+    return mean, count
+
+
+# ----------------------------------------------------------------------------
+# PhaseQuant
+
+
+@dataclass(frozen=True)
+class PhaseQuantized:
+    """PhaseQuant of ONE complex matrix [n, m] with T stages.
+
+    codes: uint8 [T, n, m], k in 0..3 meaning i**k (0:+1, 1:+i, 2:-1, 3:-i)
+    s_re:  [T, 1, 1] (tensor) | [T, n, 1] (row) | [T, n, ceil(m/g)] (group g),
+           scale of the +-1-coded entries, compute dtype (float32 or float64)
+    s_im:  same shape, scale of the +-i-coded entries
+    re, im: [n, m] dequantized sum over stages (compute dtype);
+           == dequant_phase(codes, s_re, s_im, m, group_size) bit for bit
+    group_size: g for int granularity, None for "tensor" / "row"
+    """
+
+    codes: Tensor
+    s_re: Tensor
+    s_im: Tensor
+    re: Tensor
+    im: Tensor
+    group_size: Optional[int]
+
+    @property
+    def stages(self) -> int:
+        return int(self.codes.shape[0])
+
+
+def phase_codes(re: Tensor, im: Tensor) -> Tensor:
+    """PhaseQuant codes of w = re + i*im, both [...]; returns uint8 [...] in 0..3.
+
+    Comparisons only; see the module docstring for the tie and zero rules.
+    """
+    c1 = (im > 0) & (-im < re) & (re <= im)
+    c2 = (re < 0) & (re < im) & (im <= -re)
+    c3 = (im < 0) & (im <= re) & (re < -im)
+    # code 0 (re > 0 and -re <= im < re, or w == 0) is what remains
+    codes = c1.to(torch.uint8) + 2 * c2.to(torch.uint8) + 3 * c3.to(torch.uint8)
+    return codes
+
+
+def _stage_values(codes: Tensor, s_re: Tensor, s_im: Tensor) -> tuple[Tensor, Tensor]:
+    """One stage: codes [n, m] uint8, scales broadcastable -> (re, im) [n, m].
+
+    Selects only (no multiply), so every entry is exactly 0, +-s_re or +-s_im.
+    """
+    zero = torch.zeros((), dtype=s_re.dtype, device=s_re.device)
+    re = torch.where(codes == 0, s_re, torch.where(codes == 2, -s_re, zero))
+    im = torch.where(codes == 1, s_im, torch.where(codes == 3, -s_im, zero))
+    return re, im
+
+
+def _phase_stage(
+    e_re: Tensor, e_im: Tensor, granularity: Granularity
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One PhaseQuant stage on residual [n, m] -> codes [n, m], s_re, s_im [n_s, g_s]."""
+    codes = phase_codes(e_re, e_im)
+    on_re = ((codes == 0) | (codes == 2)).to(e_re.dtype)
+    on_im = ((codes == 1) | (codes == 3)).to(e_re.dtype)
+    return codes, _phase_scale(e_re.abs(), on_re, granularity), _phase_scale(e_im.abs(), on_im, granularity)
+
+
+def _phase_scale(mag: Tensor, on_axis: Tensor, granularity: Granularity) -> Tensor:
+    """max(mean, 1e-6) per group; exactly 0 if every member is 0; 1e-6 if no members."""
+    mean, count = _group_mean(mag, on_axis, granularity)
+    floor = torch.where(count > 0, torch.zeros_like(mean), torch.full_like(mean, SCALE_EPS))
+    return torch.where(mean > 0, mean.clamp_min(SCALE_EPS), floor)
+
+
+def phase_quant(
+    re: Tensor,
+    im: Tensor,
+    stages: int,
+    granularity: Granularity = "tensor",
+    *,
+    name: str = "weight",
+) -> PhaseQuantized:
+    """T-stage recursive PhaseQuant of w = re + i*im, both [n, m].
+
+    Returns codes uint8 [T, n, m], scales [T, n_s, g_s] and the dequantized
+    sum (re, im) [n, m], in float32 (float64 if the input is float64).
+    ``name`` labels the weight in error messages. Gradients are not tracked
+    (use :class:`PhaseQuantSTE` for training).
+    """
+    _check_matrix(re, "re")
+    _check_matrix(im, "im")
+    if re.shape != im.shape:
+        raise ValueError(f"re and im must have the same shape, got {tuple(re.shape)} and {tuple(im.shape)}")
+    T = _validate_stages(stages)
+    n, m = re.shape
+    validate_granularity(granularity, m)
+    check_finite(re, f"{name} (real part)")
+    check_finite(im, f"{name} (imaginary part)")
+
+    dtype = _compute_dtype(torch.promote_types(re.dtype, im.dtype))
+    e_re = re.detach().to(dtype)
+    e_im = im.detach().to(dtype)
+    codes, s_re, s_im = [], [], []
+    group_size = None if isinstance(granularity, str) else int(granularity)
+    for _ in range(T):
+        c, sr, si = _phase_stage(e_re, e_im, granularity)
+        q_re, q_im = _stage_values(c, _expand(sr, m, group_size), _expand(si, m, group_size))
+        e_re = e_re - q_re
+        e_im = e_im - q_im
+        codes.append(c)
+        s_re.append(sr)
+        s_im.append(si)
+    codes_t = torch.stack(codes)
+    s_re_t = torch.stack(s_re)
+    s_im_t = torch.stack(s_im)
+    w_re, w_im = dequant_phase(codes_t, s_re_t, s_im_t, m, group_size)
+    return PhaseQuantized(codes_t, s_re_t, s_im_t, w_re, w_im, group_size)
+
+
+def dequant_phase(
+    codes: Tensor,
+    s_re: Tensor,
+    s_im: Tensor,
+    m: Optional[int] = None,
+    group_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """Rebuild (re, im) [n, m] = sum over stages from codes and scales.
+
+    codes: uint8 [T, n, m_c] with m_c >= m (columns past ``m`` are ignored,
+    so padded code storage works); s_re, s_im: [T, 1 | n, 1 | ceil(m/g)].
+    ``group_size`` is required when the scales have more than one column.
+    Output dtype = scale dtype. Bit-identical to ``phase_quant(...).re/.im``.
+    """
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.dim() != 3:
+        raise ValueError(
+            f"codes must be a uint8 tensor [T, n, m], got "
+            f"{getattr(codes, 'dtype', type(codes).__name__)} {tuple(getattr(codes, 'shape', ()))}"
+        )
+    T, n, m_c = codes.shape
+    if m is None:
+        m = m_c
+    if not isinstance(m, numbers.Integral) or not 1 <= m <= m_c:
+        raise ValueError(f"m must be an int in 1..{m_c} (codes have {m_c} columns), got m={m!r}")
+    m = int(m)
+    for s, nm in ((s_re, "s_re"), (s_im, "s_im")):
+        if not isinstance(s, Tensor) or not s.is_floating_point() or s.dim() != 3:
+            raise ValueError(f"{nm} must be a floating tensor [T, n_s, g_s], got {getattr(s, 'shape', s)!r}")
+        if s.shape[0] != T or s.shape[1] not in (1, n):
+            raise ValueError(f"{nm} has shape {tuple(s.shape)}, expected [{T}, 1 or {n}, groups] for codes {tuple(codes.shape)}")
+    if s_re.shape != s_im.shape or s_re.dtype != s_im.dtype:
+        raise ValueError(f"s_re and s_im must match, got {tuple(s_re.shape)} {s_re.dtype} and {tuple(s_im.shape)} {s_im.dtype}")
+    groups = s_re.shape[2]
+    if group_size is not None:
+        validate_granularity(group_size, m)
+        group_size = int(group_size)
+        if groups != -(-m // group_size):
+            raise ValueError(
+                f"scales have {groups} groups but group_size={group_size} over m={m} "
+                f"columns gives {-(-m // group_size)}; pass the group_size used to quantize"
+            )
+    elif groups != 1:
+        raise ValueError(f"scales have {groups} groups per row; pass group_size= (the one used to quantize)")
+    if not _is_tracing(codes) and codes.numel() and int(codes.max()) > 3:
+        raise ValueError(f"codes must be in 0..3, got max {int(codes.max())}")
+
+    codes = codes[:, :, :m]
+    acc_re: Optional[Tensor] = None
+    acc_im: Optional[Tensor] = None
+    for t in range(T):
+        q_re, q_im = _stage_values(codes[t], _expand(s_re[t], m, group_size), _expand(s_im[t], m, group_size))
+        # q_re is already [n, m] (torch.where broadcasts against codes)
+        acc_re = q_re if acc_re is None else acc_re + q_re
+        acc_im = q_im if acc_im is None else acc_im + q_im
+    assert acc_re is not None and acc_im is not None
+    return acc_re, acc_im
+
+
+# ----------------------------------------------------------------------------
+# real baselines
+
+
+def _real_stage(e: Tensor, method: str, granularity: Granularity) -> Tensor:
+    """One binary / ternary stage on a real residual [n, m] -> dequantized [n, m]."""
+    m = e.shape[1]
+    group_size = None if isinstance(granularity, str) else int(granularity)
+    ones = torch.ones_like(e)
+    mean_abs, _ = _group_mean(e.abs(), ones, granularity)
+    if method == "binary":
+        mean, _ = _group_mean(e, ones, granularity)
+        alpha = _expand(mean_abs, m, group_size)
+        return torch.where(e - _expand(mean, m, group_size) >= 0, alpha, -alpha)
+    gamma = _expand(mean_abs.clamp_min(SCALE_EPS), m, group_size)
+    return torch.clamp(torch.round(e / gamma), -1, 1) * gamma
+
+
+def real_quant(
+    a: Tensor,
+    method: str,
+    stages: int,
+    granularity: Granularity = "tensor",
+    *,
+    name: str = "weight",
+) -> Tensor:
+    """Real baseline quantization of A [out, in] -> dequantized A_hat [out, in].
+
+    method: "binary" or "ternary" ("phase" is complex; use phase_quant).
+    Residual stages: A_hat = sum_t q_t with q_t = Q(A - sum_{s<t} q_s).
+    Result in float32 (float64 if ``a`` is float64); no gradient tracked.
+    """
+    _validate_method(method)
+    if method == "phase":
+        raise ValueError(
+            "real_quant does not do 'phase': convert A to (U, W) and use "
+            "phase_quant / quantize_widely, or pick 'binary' or 'ternary'"
+        )
+    _check_matrix(a, "a")
+    T = _validate_stages(stages)
+    validate_granularity(granularity, a.shape[1])
+    check_finite(a, name)
+
+    e = a.detach().to(_compute_dtype(a.dtype))
+    acc: Optional[Tensor] = None
+    for _ in range(T):
+        q = _real_stage(e, method, granularity)
+        e = e - q
+        acc = q if acc is None else acc + q
+    assert acc is not None
+    return acc
+
+
+# ----------------------------------------------------------------------------
+# widely-linear pair and STEs
+
+
+def quantize_widely(
+    u_re: Tensor,
+    u_im: Tensor,
+    w_re: Tensor,
+    w_im: Tensor,
+    stages: int,
+    granularity: Granularity = "tensor",
+    *,
+    name: str = "weight",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Quantize U and W (each [n, m], independently) -> (uq_re, uq_im, wq_re, wq_im).
+
+    Each output has its input's dtype.
+    """
+    uq = phase_quant(u_re, u_im, stages, granularity, name=f"{name} (U)")
+    wq = phase_quant(w_re, w_im, stages, granularity, name=f"{name} (W)")
+    return (
+        uq.re.to(u_re.dtype),
+        uq.im.to(u_im.dtype),
+        wq.re.to(w_re.dtype),
+        wq.im.to(w_im.dtype),
+    )
+
+
+class PhaseQuantSTE(torch.autograd.Function):
+    """Whole T-stage PhaseQuant of (U, W) with a straight-through (identity) backward.
+
+    forward(u_re, u_im, w_re, w_im [n, m], stages, granularity)
+        -> quantize_widely(...) (4 tensors, input dtypes)
+    backward: each upstream gradient passes unchanged to its input.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor,
+                stages: int, granularity: Granularity) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return quantize_widely(u_re, u_im, w_re, w_im, stages, granularity)
+
+    @staticmethod
+    def backward(ctx: Any, g_ur: Tensor, g_ui: Tensor, g_wr: Tensor, g_wi: Tensor):  # type: ignore[override]
+        return g_ur, g_ui, g_wr, g_wi, None, None
+
+
+class RealQuantSTE(torch.autograd.Function):
+    """Real binary / ternary quantization of A [out, in] with identity backward.
+
+    forward(a, method, stages, granularity) -> real_quant(...) cast to a.dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, method: str, stages: int, granularity: Granularity) -> Tensor:
+        return real_quant(a, method, stages, granularity).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        return grad, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# accounting
+
+
+def bits_per_real_weight(method: str, stages: int) -> float:
+    """Storage bits per real weight (scales not counted).
+
+    phase: 1.0 * T (2 bits per complex weight of U and of W = 1 bit per real
+    weight); binary: 1.0 * T; ternary: log2(3) * T.
+    """
+    _validate_method(method)
+    T = _validate_stages(stages)
+    return (math.log2(3.0) if method == "ternary" else 1.0) * T
+
+
+def quant_error(ref: Tensor, q: Tensor) -> dict:
+    """Error of ``q`` against ``ref`` (same shape, any real dtype), in float64.
+
+    Returns {"rel_fro": ||ref - q||_F / ||ref||_F,
+             "sqnr_db": 10 log10(||ref||^2 / ||ref - q||^2)}.
+    Zero error -> rel_fro 0.0, sqnr_db inf; zero ref with nonzero q ->
+    rel_fro inf, sqnr_db -inf. For a complex matrix, stack (re, im) first.
+    """
+    if not isinstance(ref, Tensor) or not isinstance(q, Tensor):
+        raise TypeError("quant_error expects two tensors")
+    if ref.shape != q.shape:
+        raise ValueError(f"ref and q must have the same shape, got {tuple(ref.shape)} and {tuple(q.shape)}")
+    if ref.is_complex() or q.is_complex():
+        raise TypeError("quant_error takes real tensors; stack (re, im) for complex weights")
+    r = ref.detach().to(torch.float64)
+    d = r - q.detach().to(torch.float64)
+    ref_sq = float((r * r).sum())
+    err_sq = float((d * d).sum())
+    if err_sq == 0.0:
+        return {"rel_fro": 0.0, "sqnr_db": float("inf")}
+    if ref_sq == 0.0:
+        return {"rel_fro": float("inf"), "sqnr_db": float("-inf")}
+    return {
+        "rel_fro": math.sqrt(err_sq / ref_sq),
+        "sqnr_db": 10.0 * math.log10(ref_sq / err_sq),
+    }
