@@ -97,7 +97,9 @@ def _real_to_widely(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     a = a.to(compute_dtype(a.dtype))
     a11, a12 = a[:n, :m], a[:n, m:]
     a21, a22 = a[n:, :m], a[n:, m:]
-    return (a11 + a22) * 0.5, (a21 - a12) * 0.5, (a11 - a22) * 0.5, (a12 + a21) * 0.5
+    # contiguous whatever A's layout (Conv1D weights arrive transposed): the
+    # quantizers' reductions then run in one order and every path agrees bit for bit
+    return tuple(t.contiguous() for t in ((a11 + a22) * 0.5, (a21 - a12) * 0.5, (a11 - a22) * 0.5, (a12 + a21) * 0.5))
 
 
 def _widely_to_real(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor) -> Tensor:
@@ -120,7 +122,7 @@ def _widely_linear(x, u_re, u_im, w_re, w_im, bias):
 def real_to_widely(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """a: [2n, 2m] real weight -> (u_re, u_im, w_re, w_im), each [n, m] (float32 at least)."""
     _check_real_weight(a)
-    return tuple(t.contiguous() for t in _real_to_widely(a))
+    return _real_to_widely(a)
 
 
 @real_to_widely.register_fake

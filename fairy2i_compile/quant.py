@@ -106,6 +106,8 @@ __all__ = [
     "real_quant",
     "quantize_widely",
     "bits_per_real_weight",
+    "scale_groups",
+    "storage_bytes",
     "quant_error",
     "PhaseQuantSTE",
     "RealQuantSTE",
@@ -125,8 +127,12 @@ _GRANULARITY_STRINGS = ("tensor", "row")
 
 
 def _is_tracing(t: Tensor) -> bool:
-    """True under torch.compile / make_fx, where data-dependent checks can't run."""
-    if torch.compiler.is_compiling():
+    """True while Dynamo traces Python or `t` is fake: data-dependent checks can't run.
+
+    Not `torch.compiler.is_compiling()`: that is also true inside a backend,
+    where the fairy2i passes quantize real parameters and must check them.
+    """
+    if torch.compiler.is_dynamo_compiling():
         return True
     try:
         from torch._subclasses.fake_tensor import is_fake
@@ -349,8 +355,9 @@ def phase_quant(
     check_finite(im, f"{name} (imaginary part)")
 
     dtype = _compute_dtype(torch.promote_types(re.dtype, im.dtype))
-    e_re = re.detach().to(dtype)
-    e_im = im.detach().to(dtype)
+    # contiguous: reductions (scale means) then run in one order whatever the input layout
+    e_re = re.detach().to(dtype).contiguous()
+    e_im = im.detach().to(dtype).contiguous()
     codes, s_re, s_im = [], [], []
     group_size = None if isinstance(granularity, str) else int(granularity)
     for _ in range(T):
@@ -469,7 +476,7 @@ def real_quant(
     validate_granularity(granularity, a.shape[1])
     check_finite(a, name)
 
-    e = a.detach().to(_compute_dtype(a.dtype))
+    e = a.detach().to(_compute_dtype(a.dtype)).contiguous()
     acc: Optional[Tensor] = None
     for _ in range(T):
         q = _real_stage(e, method, granularity)
@@ -553,6 +560,32 @@ def bits_per_real_weight(method: str, stages: int) -> float:
     _validate_method(method)
     T = _validate_stages(stages)
     return (math.log2(3.0) if method == "ternary" else 1.0) * T
+
+
+def scale_groups(rows: int, cols: int, granularity: Granularity) -> int:
+    """Number of scale groups of a [rows, cols] matrix (per axis, per stage)."""
+    if granularity == "tensor":
+        return 1
+    if granularity == "row":
+        return rows
+    return rows * -(-cols // int(granularity))
+
+
+def storage_bytes(method: str, stages: int, out_features: int, in_features: int,
+                  granularity: Granularity = "tensor") -> int:
+    """Bytes a quantized layer needs packed: codes at their bit width + float32 scales.
+
+    phase: 2 bits per complex weight of U and W ([out/2, in/2] each) per stage,
+    plus s_re and s_im per scale group of U and of W per stage.
+    binary / ternary: bits_per_real_weight per weight of A (ternary counted at
+    log2(3) bits), plus one scale per group of A per stage.
+    """
+    bits = bits_per_real_weight(method, stages) * out_features * in_features
+    if method == "phase":
+        scales = stages * 2 * 2 * scale_groups(out_features // 2, in_features // 2, granularity)
+    else:
+        scales = stages * scale_groups(out_features, in_features, granularity)
+    return int(math.ceil(bits / 8)) + 4 * scales
 
 
 def quant_error(ref: Tensor, q: Tensor) -> dict:

@@ -41,9 +41,9 @@ class GraphPass:
 
 
 def _pipeline() -> List[GraphPass]:
-    from . import widely_linear
+    from . import phase_quant, real_quant, widely_linear
 
-    return [widely_linear.PASS]
+    return [widely_linear.PASS, phase_quant.PASS, real_quant.PASS]
 
 
 PIPELINE: List[GraphPass] = _pipeline()

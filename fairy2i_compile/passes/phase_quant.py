@@ -1,0 +1,79 @@
+"""Insert T-stage PhaseQuant between real_to_widely and widely_linear   [QAT / PTQ]
+
+Runs after `widely_linear`, on each `fairy2i.widely_linear` node it created.
+
+mode="qat" (master weights stay the real A; straight-through gradients):
+
+    uw = fairy2i.real_to_widely(A)
+    q  = fairy2i.phase_quant(uw[0], uw[1], uw[2], uw[3], T, granularity, name)
+    y  = fairy2i.widely_linear(x, q[0], q[1], q[2], q[3], b)
+
+mode="ptq" (quantized once per weight version; no gradient to A):
+
+    q  = fairy2i.ptq_phase_quant(A.detach(), slot, T, granularity, name)
+    y  = fairy2i.widely_linear(x, q[0], q[1], q[2], q[3], b)
+
+Both quantize through `quant.quantize_widely(*real_to_widely(A))`, so the two
+modes give bit-identical outputs for the same weights. The pass also quantizes
+each parameter once at compile time, for the report's error figures (and, in
+PTQ, to fill the cache so the first call does not quantize again). A NaN/Inf
+weight fails here with the layer's name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import quant_ops
+from ..ops import _widely_to_real
+from . import GraphPass, PassContext
+from ._fx import getitem_nodes, insert_call, param_of
+from ._layers import record_quantized, weight_value
+
+__all__ = ["phase_quant_replace", "PASS"]
+
+
+def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
+    cfg, graph, fm = ctx.config, gm.graph, ctx.fake_mode
+    layer = node.meta["fairy2i_layer"]
+    site = node.meta["fairy2i_site"]
+    name = ctx.report.layers[layer].name
+    gran = quant_ops.encode_granularity(cfg.scale_granularity)
+    x, u_re, u_im, w_re, w_im, bias = node.args
+    uw = u_re.args[0]  # the real_to_widely node
+    a = uw.args[0]
+
+    a_val = weight_value(site)
+    value = quant_ops.phase_quant_reference(a_val, cfg.stages, cfg.scale_granularity, name) if a_val is not None else None
+
+    with graph.inserting_before(node):
+        if cfg.mode == "qat":
+            q = insert_call(graph, torch.ops.fairy2i.phase_quant.default, (u_re, u_im, w_re, w_im, cfg.stages, gran, name), node, fm, name="phase_quant")
+        else:
+            slot = quant_ops.new_ptq_slot(param_of(site.weight))  # the entry lives as long as the parameter
+            if value is not None:
+                quant_ops.prefill_ptq_slot(slot, a_val, value)
+            frozen = insert_call(graph, torch.detach, (a,), node, fm)
+            q = insert_call(graph, torch.ops.fairy2i.ptq_phase_quant.default, (frozen, slot, cfg.stages, gran, name), node, fm, name="ptq_phase_quant")
+        items = getitem_nodes(graph, q, 4, fm)
+    node.args = (x, *items, bias)
+    if cfg.mode == "ptq":  # real_to_widely is now dead: A goes straight into the PTQ op
+        for item in (u_re, u_im, w_re, w_im):
+            graph.erase_node(item)
+        graph.erase_node(uw)
+
+    a_hat = _widely_to_real(*value) if value is not None else None
+    record_quantized(ctx, layer, a_val, a_hat)
+    ctx.bump(f"phase_quant_{cfg.mode}")
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> None:
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.fairy2i.widely_linear.default and "fairy2i_layer" in node.meta:
+            phase_quant_replace(gm, node, ctx)
+
+
+PASS = GraphPass(
+    name="phase_quant", run=run, enabled=lambda config: config.method == "phase" and config.mode in ("ptq", "qat")
+)
