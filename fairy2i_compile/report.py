@@ -29,7 +29,10 @@ class LayerReport:
     action: str                    # "widely_linear", "kept_real", later "quantized", ...
     reason: Optional[str] = None   # why a layer stayed real
     bytes_before: int = 0          # weight bytes as the model holds them
-    bytes_after: int = 0           # weight bytes the compiled graph keeps per layer
+    bytes_after: int = 0           # bytes of the layer's weight in its converted format:
+                                   # exact: A itself; quantized: codes at their bit width +
+                                   # float32 scales (see extra["dense_cache_bytes"] for what
+                                   # the PTQ graph holds until packed kernels land)
     node: str = ""                 # FX node name in the captured graph
     extra: Dict[str, Any] = field(default_factory=dict)
 

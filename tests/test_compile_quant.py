@@ -189,9 +189,10 @@ def test_qat_training_lowers_loss_and_keeps_real_parameters():
 # ------------------------------------------------------------------ report
 def test_report_has_quantization_fields(tmp_path):
     model = tiny_llama(layers=1)
-    torch.compile(model, backend="fairy2i", options={"mode": "ptq", "stages": 2, "dump_dir": str(tmp_path)})(
-        torch.randint(0, 96, (1, 4))
-    )
+    with torch.no_grad():
+        torch.compile(model, backend="fairy2i", options={"mode": "ptq", "stages": 2, "dump_dir": str(tmp_path)})(
+            torch.randint(0, 96, (1, 4))
+        )
     report = json.loads((tmp_path / "report.json").read_text())
     q = next(l for l in report["layers"] if l["name"] == "model.layers.0.self_attn.q_proj")
     assert q["method"] == "phase" and q["stages"] == 2 and q["granularity"] == "tensor"
@@ -200,9 +201,9 @@ def test_report_has_quantization_fields(tmp_path):
     # codes: 2 bits x 2 stages per real weight; scales: 2 stages x (U, W) x (re, im) float32
     assert q["bytes_after"] == 32 * 32 * 2 // 8 + 4 * 2 * 2 * 2
     assert q["bytes_before"] == 32 * 32 * 4
+    assert q["dense_cache_bytes"] == 32 * 32 * 4  # U, W in float32 until packed kernels land
     files = sorted(p.name for p in (tmp_path / "graph_0").iterdir())
-    assert files == ["00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_aot_inference.py"] or files == [
-        "00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_aot_forward.py"]
+    assert files == ["00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_aot_inference.py"]
     assert "fairy2i.ptq_phase_quant.default" in (tmp_path / "graph_0" / "02_phase_quant.py").read_text()
 
 

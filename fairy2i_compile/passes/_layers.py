@@ -162,7 +162,15 @@ def record_quantized(ctx: PassContext, layer: int, a: Optional[torch.Tensor], a_
     rep.action = "quantized"
     out_f, in_f = rep.shape
     rep.bytes_after = quant.storage_bytes(cfg.method, cfg.stages, out_f, in_f, cfg.scale_granularity)
+    # What the compiled graph holds today besides the model's own weight: PTQ keeps the
+    # dequantized weights (U/W in float32 for phase, A_hat for the real baselines) until
+    # packed 2-bit storage and kernels replace them; QAT recomputes them every step.
+    if cfg.mode == "ptq":
+        held = out_f * in_f * (4 if cfg.method == "phase" else getattr(torch, rep.dtype).itemsize)
+    else:
+        held = 0
     rep.extra.update(
+        dense_cache_bytes=held,
         mode=cfg.mode,
         method=cfg.method,
         stages=cfg.stages,
