@@ -10,7 +10,7 @@ Three parts, all through ``fairy2i_compile.quant``:
 3. with ``--checkpoint``: the same comparison on every 2-D weight with even dims
    of a safetensors file, aggregated as sqrt(sum err^2 / sum ref^2).
 
-Bits count the codes only; ``scale_bits`` adds 16-bit scales per real weight.
+Bits count the codes only; ``scale_bits`` adds float32 scales per real weight.
 
     .venv/bin/python benchmarks/quant_error.py [--size 1024] [--seed 0]
         [--granularity tensor row 128] [--checkpoint model.safetensors]
@@ -33,55 +33,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fairy2i_compile.ops import real_to_widely, widely_to_real  # noqa: E402
 from fairy2i_compile.quant import (  # noqa: E402
     bits_per_real_weight,
     phase_quant,
     quant_error,
     real_quant,
+    scale_groups,
     validate_granularity,
 )
 
 STAGES = (1, 2, 3, 4)
-SCALE_BITS = 16  # scales stored as bf16/fp16
-
-
-# ----------------------------------------------------------------------------
-# local A <-> (U, W) (DESIGN.md §1.1); the package's own version lives elsewhere
-
-
-def real_to_widely(a: torch.Tensor):
-    """A [2n, 2m] -> (ReU, ImU, ReW, ImW), each [n, m]."""
-    n, m = a.shape[0] // 2, a.shape[1] // 2
-    a11, a12, a21, a22 = a[:n, :m], a[:n, m:], a[n:, :m], a[n:, m:]
-    return (a11 + a22) / 2, (a21 - a12) / 2, (a11 - a22) / 2, (a12 + a21) / 2
-
-
-def widely_to_real(u_re, u_im, w_re, w_im) -> torch.Tensor:
-    """(ReU, ImU, ReW, ImW) [n, m] -> A [2n, 2m]."""
-    top = torch.cat([u_re + w_re, w_im - u_im], dim=1)
-    bottom = torch.cat([w_im + u_im, u_re - w_re], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
-# ----------------------------------------------------------------------------
+SCALE_BITS = 32  # float32 scales, as quant.storage_bytes and report.json count them
 
 
 def _parse_granularity(s: str):
     g = int(s) if s.lstrip("-").isdigit() else s
     validate_granularity(g, 1 << 30)
     return g
-
-
-def _scale_count(shape, granularity, per_matrix: int) -> int:
-    """Number of scales for one stage on a matrix [rows, cols] (per_matrix per group)."""
-    rows, cols = shape
-    if granularity == "tensor":
-        groups = 1
-    elif granularity == "row":
-        groups = rows
-    else:
-        groups = rows * -(-cols // granularity)
-    return groups * per_matrix
 
 
 def phase_on_real(a: torch.Tensor, stages: int, granularity):
@@ -97,7 +66,7 @@ def phase_on_real(a: torch.Tensor, stages: int, granularity):
 def real_on_real(a: torch.Tensor, method: str, stages: int, granularity):
     a_hat = real_quant(a, method, stages, granularity)
     # dequant needs one scale per group per stage (binary's mean only picks signs)
-    scales = stages * _scale_count(tuple(a.shape), granularity, 1)
+    scales = stages * scale_groups(a.shape[0], a.shape[1], granularity)
     return a_hat, SCALE_BITS * scales / a.numel()
 
 
@@ -282,7 +251,7 @@ def main(argv=None) -> int:
         "# Quantization error (benchmarks/quant_error.py)",
         "",
         f"torch {torch.__version__}, {platform.machine()}, seed {args.seed}, {total:.1f} s. "
-        "bits = code bits per real weight; scale_bits = 16-bit scales per real weight.",
+        "bits = code bits per real weight; scale_bits = float32 scale bits per real weight.",
         "",
     ]
     for k, rows in parts.items():

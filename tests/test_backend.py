@@ -260,3 +260,16 @@ def test_inductor_compiler_option():
     y = torch.compile(model, backend=backend)(x)
     torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
     assert backend.reports[0].counters == {"widely_linear_rewritten": 2}
+
+
+def test_recompile_with_dynamic_shapes_still_rewrites():
+    """A new sequence length makes Dynamo recompile with symbolic sizes; the pass must cope."""
+    model = tiny_llama()
+    backend = Fairy2iBackend({"mode": "exact"})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for length in (5, 7, 9):
+            ids = torch.randint(0, 96, (1, length))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
+    assert len(backend.reports) == 2  # static first graph, then one dynamic graph for both new lengths
+    assert [len(r.converted()) for r in backend.reports] == [15, 15]
