@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -22,7 +22,8 @@ from . import PassContext
 from ._fx import fake_value, owner_module, param_of, source_path
 
 __all__ = ["WeightSite", "linear_pattern", "addmm_pattern", "RULES", "find_sites", "layer_name",
-           "matching_skip_pattern", "kept_real_reason", "add_layer_report"]
+           "matching_skip_pattern", "kept_real_reason", "add_layer_report", "rewrite_layers",
+           "weight_value", "record_quantized"]
 
 
 @dataclass
@@ -142,6 +143,29 @@ def add_layer_report(ctx: PassContext, site: WeightSite, name: str, action: str,
         rep.extra["skip_pattern"] = pat
     ctx.report.layers.append(rep)
     return len(ctx.report.layers) - 1
+
+
+def rewrite_layers(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    keep_real: Callable[[WeightSite, str, Fairy2iConfig], Optional[str]],
+    action: str,
+    replace: Callable[[fx.GraphModule, WeightSite, int, PassContext], Any],
+    counter: str,
+) -> None:
+    """The loop every layer pass runs: report each site, keep it real or `replace` it.
+
+    `keep_real` returns None to convert or the reason the layer stays real;
+    bumps `<counter>_kept_real` / `<counter>_rewritten`.
+    """
+    for site, name in find_sites(gm):
+        reason = keep_real(site, name, ctx.config)
+        layer = add_layer_report(ctx, site, name, "kept_real" if reason else action, reason)
+        if reason:
+            ctx.bump(f"{counter}_kept_real")
+            continue
+        replace(gm, site, layer, ctx)
+        ctx.bump(f"{counter}_rewritten")
 
 
 def weight_value(site: WeightSite) -> Optional[torch.Tensor]:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from .. import quant, quant_ops
 from . import GraphPass, PassContext
 from ._fx import insert_call, param_of
-from ._layers import WeightSite, add_layer_report, find_sites, kept_real_reason, record_quantized, weight_value
+from ._layers import WeightSite, kept_real_reason, record_quantized, rewrite_layers, weight_value
 
 __all__ = ["real_quant_replace", "PASS"]
 
@@ -49,17 +49,10 @@ def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: Pa
     node.replace_all_uses_with(y)
     graph.erase_node(node)
     record_quantized(ctx, layer, a_val, a_hat)
-    ctx.bump(f"real_quant_{cfg.mode}")
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
-    for site, name in find_sites(gm):
-        reason = kept_real_reason(site, name, ctx.config)
-        layer = add_layer_report(ctx, site, name, "kept_real" if reason else "quantized", reason)
-        if reason:
-            ctx.bump("real_quant_kept_real")
-            continue
-        real_quant_replace(gm, site, layer, ctx)
+    rewrite_layers(gm, ctx, kept_real_reason, "quantized", real_quant_replace, "real_quant")
 
 
 PASS = GraphPass(

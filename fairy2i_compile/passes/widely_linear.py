@@ -33,7 +33,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.fairy2i.*)
 from ..config import Fairy2iConfig
 from . import GraphPass, PassContext
 from ._fx import getitem_nodes, insert_call
-from ._layers import WeightSite, add_layer_report, find_sites, kept_real_reason, linear_pattern, addmm_pattern
+from ._layers import WeightSite, addmm_pattern, kept_real_reason, linear_pattern, rewrite_layers
 
 __all__ = ["WeightSite", "linear_pattern", "addmm_pattern", "should_rewrite", "widely_linear_replace", "PASS"]
 
@@ -75,14 +75,7 @@ def widely_linear_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx:
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
-    for site, name in find_sites(gm):
-        reason = should_rewrite(site, name, ctx.config)
-        layer = add_layer_report(ctx, site, name, "kept_real" if reason else "widely_linear", reason)
-        if reason:
-            ctx.bump("widely_linear_kept_real")
-            continue
-        widely_linear_replace(gm, site, layer, ctx)
-        ctx.bump("widely_linear_rewritten")
+    rewrite_layers(gm, ctx, should_rewrite, "widely_linear", widely_linear_replace, "widely_linear")
 
 
 # exact mode always rewrites (whatever `method` says); quantized modes only for phase
