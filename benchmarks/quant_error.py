@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ from fairy2i_compile.quant import (  # noqa: E402
 )
 
 STAGES = (1, 2, 3, 4)
+# linear-layer weights of HF Llama / GPT-2 style checkpoints (not embeddings or norms)
+LINEAR_WEIGHTS = r"(_proj|c_attn|c_fc|lm_head|dense\w*)\.weight$"
 SCALE_BITS = 32  # float32 scales, as quant.storage_bytes and report.json count them
 
 
@@ -125,7 +128,7 @@ def gaussian_real(size: int, seed: int, granularities):
     return _real_rows(a, granularities, "gaussian_real")
 
 
-def checkpoint_rows(path: str, granularities, max_layers: int | None):
+def checkpoint_rows(path: str, granularities, max_layers: int | None, match: str = LINEAR_WEIGHTS):
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -134,8 +137,10 @@ def checkpoint_rows(path: str, granularities, max_layers: int | None):
     with safe_open(path, framework="pt") as f:
         names = sorted(f.keys())
         for name in names:
-            if max_layers is not None and len(per_layer) >= max_layers:
+            if max_layers is not None and len({r["name"] for r in per_layer}) >= max_layers:
                 break
+            if not re.search(match, name):
+                continue
             t = f.get_tensor(name)
             if t.dim() != 2 or not t.is_floating_point():
                 continue
@@ -218,6 +223,8 @@ def main(argv=None) -> int:
                    help="'tensor', 'row' and/or int group sizes (default: tensor row 128)")
     p.add_argument("--checkpoint", default=None, help="safetensors file: also run on its 2-D weights with even dims")
     p.add_argument("--max-layers", type=int, default=None, help="with --checkpoint: stop after this many weights")
+    p.add_argument("--match", default=LINEAR_WEIGHTS,
+                   help=f"with --checkpoint: regex over tensor names to include (default linear weights: {LINEAR_WEIGHTS})")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quant_error"),
                    help="output path prefix; writes PREFIX.json and PREFIX.md")
     args = p.parse_args(argv)
@@ -236,7 +243,7 @@ def main(argv=None) -> int:
     }
     per_layer, skipped = [], []
     if args.checkpoint:
-        parts["checkpoint"], per_layer, skipped = checkpoint_rows(args.checkpoint, grans, args.max_layers)
+        parts["checkpoint"], per_layer, skipped = checkpoint_rows(args.checkpoint, grans, args.max_layers, args.match)
     total = time.perf_counter() - t0
 
     titles = {
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {"size": args.size, "seed": args.seed, "granularity": grans,
-                   "checkpoint": args.checkpoint, "torch": torch.__version__,
+                   "checkpoint": args.checkpoint, "match": args.match, "command": " ".join(sys.argv), "torch": torch.__version__,
                    "seconds": total},
         "results": parts,
         "checkpoint_per_layer": per_layer,
