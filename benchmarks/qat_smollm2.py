@@ -147,13 +147,17 @@ def write_results(row: dict) -> None:
     lines = ["# QAT of SmolLM2-135M through the fairy2i backend (CPU)", "",
              "Held-out enwiki windows, same for every row. Commands in the JSON beside this file.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
     for r in runs.values():
         t, e = r["train"], r["eval"]
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode")
         ptq = "-" if e["ptq_ppl"] is None else f"{e['ptq_ppl']:.3g}"
         lines.append("| " + " | ".join([r["tag"], opts, f"{t['lr']:g}", f"{t['distill_alpha']:g}", str(t["steps_done"]),
                                         str(t["tokens_seen"]), f"{t['mean_step_s']:.1f}", f"{e['fp_ppl']:.2f}", ptq,
-                                        f"{e['qat_ppl']:.2f}", f"{e['ratio_to_fp']:.2f}x"]) + " |")
+                                        f"{e['qat_ppl']:.4g}", f"{e['ratio_to_fp']:.3g}x"]) + " |")
+        if r.get("note"):
+            notes.append(f"- {r['tag']}: {r['note']}")
+    lines += ["", *notes] if notes else []
     atomic_write_text(str(RESULTS.with_suffix(".md")), "\n".join(lines) + "\n")
 
 
