@@ -42,17 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .quant import compute_dtype
+
 __all__ = [
     "real_to_widely",
     "widely_to_real",
     "widely_linear",
     "compute_dtype",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype U/W (and quantizers) work in: float32 at least, float64 kept."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_real_weight(a: Tensor) -> None:

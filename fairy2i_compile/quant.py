@@ -106,6 +106,7 @@ __all__ = [
     "real_quant",
     "quantize_widely",
     "bits_per_real_weight",
+    "compute_dtype",
     "scale_groups",
     "storage_bytes",
     "quant_error",
@@ -198,7 +199,8 @@ def _validate_method(method: Any) -> str:
     return method
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype weights are quantized (and U/W computed) in: float32 at least, float64 kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -354,7 +356,7 @@ def phase_quant(
     check_finite(re, f"{name} (real part)")
     check_finite(im, f"{name} (imaginary part)")
 
-    dtype = _compute_dtype(torch.promote_types(re.dtype, im.dtype))
+    dtype = compute_dtype(torch.promote_types(re.dtype, im.dtype))
     # contiguous: reductions (scale means) then run in one order whatever the input layout
     e_re = re.detach().to(dtype).contiguous()
     e_im = im.detach().to(dtype).contiguous()
@@ -476,7 +478,7 @@ def real_quant(
     validate_granularity(granularity, a.shape[1])
     check_finite(a, name)
 
-    e = a.detach().to(_compute_dtype(a.dtype)).contiguous()
+    e = a.detach().to(compute_dtype(a.dtype)).contiguous()
     acc: Optional[Tensor] = None
     for _ in range(T):
         q = _real_stage(e, method, granularity)

@@ -166,8 +166,7 @@ def ptq_phase_quant(
 @ptq_phase_quant.register_fake
 def _(a, slot, stages, granularity, name):
     n, m = a.shape[0] // 2, a.shape[1] // 2
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return tuple(a.new_empty((n, m), dtype=dt) for _ in range(4))
+    return tuple(a.new_empty((n, m), dtype=quant.compute_dtype(a.dtype)) for _ in range(4))
 
 
 @torch.library.custom_op("fairy2i::ptq_real_quant", mutates_args=())
