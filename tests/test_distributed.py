@@ -1,0 +1,224 @@
+"""QAT through the compiled fairy2i graph on 2 CPU processes (gloo): DDP and FSDP2.
+
+For each strategy, one launch of 2 processes trains a tiny Llama for N=3 steps
+straight, then a fresh model for steps 1..2 with a checkpoint; a second launch
+(new processes, a model built from another seed) resumes it for step 3. The
+tests check
+  * the straight run == `train.train_qat` on one process with the whole global
+    batch (the same recipe: AdamW, warmup + cosine LR, grad clip), and
+  * the resumed run == the straight run, bit for bit.
+
+Tolerance of the first check: rtol = atol = 1e-5 (fp32). The two runs differ
+only in summation order: each rank's gradient is a mean over half the batch,
+then gloo averages the two halves, where one process sums the whole batch at
+once (~1e-7 relative per step). AdamW divides by sqrt(v), which can grow such a
+difference for parameters whose gradient is near 0, and the quantizer's codes
+can only change if a weight sits within ~1e-7 of a decision border; after
+3 steps at lr 1e-3 the observed differences are far below 1e-5. The resume
+check is exact (atol = rtol = 0): the same processes' arithmetic in the same
+order, and DCP stores fp32 tensors bit for bit.
+"""
+
+import datetime
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fairy2i_compile import Fairy2iBackend
+from fairy2i_compile.train import TrainConfig, train_qat
+from helpers import LLAMA_LINEARS, tiny_llama
+
+WORLD = 2
+STEPS, SAVE_AT = 3, 2
+CFG = TrainConfig(steps=STEPS, lr=1e-3, warmup_steps=1, batch_size=4, grad_clip=0.5, seed=0)
+OPTIONS = {"mode": "qat", "stages": 2}
+LAUNCH_TIMEOUT_S = 240
+
+
+def _windows() -> torch.Tensor:
+    return torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(7))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save_params(state, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
+
+
+def _load_params(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _build(strategy, seed):
+    from fairy2i_compile.distributed import wrap
+
+    model = tiny_llama(seed=seed)
+    # Dynamo cuts the graph once per DDP gradient bucket. Its DDPOptimizer always uses torch's
+    # 1 MiB first bucket and refuses smaller caps, and this whole model is ~60 kB: lowering the
+    # default (read when DDP and Dynamo start) makes it cut the tiny model into several graphs.
+    kwargs = {}
+    if strategy == "ddp":
+        dist._DEFAULT_FIRST_BUCKET_BYTES = 16 * 1024
+        kwargs["bucket_cap_mb"] = 16 / 1024
+    backend = Fairy2iBackend(OPTIONS)
+    module = wrap(model, strategy, **kwargs)
+    return model, torch.compile(module, backend=backend), backend
+
+
+def _worker(rank, strategy, port, out, phase):
+    from fairy2i_compile.distributed import full_state_dict, train_qat_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        windows = _windows()
+        ckpt = os.path.join(out, "ckpt")
+        if phase == "straight_then_save":
+            model, compiled, backend = _build(strategy, seed=0)
+            history = train_qat_distributed(model, compiled, windows, CFG, strategy=strategy)
+            state = full_state_dict(model)
+            if rank == 0:
+                _save_params(state, os.path.join(out, "straight.safetensors"))
+                layers = [(r.name, r.action) for g in backend.reports for r in g.layers]
+                with open(os.path.join(out, "straight.json"), "w") as f:
+                    json.dump({"graphs": len(backend.reports), "layers": layers, "loss": history["loss"]}, f)
+            model, compiled, _ = _build(strategy, seed=0)
+            train_qat_distributed(model, compiled, windows, CFG, checkpoint_dir=ckpt, run_until=SAVE_AT,
+                                  strategy=strategy)
+        else:
+            model, compiled, _ = _build(strategy, seed=123)  # other init: the checkpoint must overwrite it
+            history = train_qat_distributed(model, compiled, windows, CFG, checkpoint_dir=ckpt, strategy=strategy)
+            assert history["step"] == list(range(1, STEPS + 1)), history["step"]
+            state = full_state_dict(model)
+            if rank == 0:
+                _save_params(state, os.path.join(out, "resumed.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(strategy, out, phase) -> None:
+    ctx = mp.start_processes(_worker, args=(strategy, _free_port(), str(out), phase), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{strategy} {phase}: 2 processes did not finish in {LAUNCH_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def runs(request, tmp_path_factory):
+    strategy = request.param
+    out = tmp_path_factory.mktemp(strategy)
+    _launch(strategy, out, "straight_then_save")
+    _launch(strategy, out, "resume")
+    info = json.loads((out / "straight.json").read_text())
+    return {
+        "strategy": strategy,
+        "out": out,
+        "straight": _load_params(out / "straight.safetensors"),
+        "resumed": _load_params(out / "resumed.safetensors"),
+        **info,
+    }
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """`train.train_qat` on one process with the whole global batch: the reference."""
+    model = tiny_llama(seed=0)
+    compiled = torch.compile(model, backend=Fairy2iBackend(OPTIONS))
+    history = train_qat(model, compiled, _windows(), CFG, progress=False)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, history
+
+
+def test_distributed_qat_matches_single_process_on_the_whole_batch(runs, single_process):
+    want, history = single_process
+    got = runs["straight"]
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    print(runs["strategy"], "max |distributed - single|:", max((got[n] - want[n]).abs().max().item() for n in want))
+    # the logged loss is the mean over ranks == the single process's loss on the whole batch
+    torch.testing.assert_close(torch.tensor(runs["loss"]), torch.tensor(history["loss"]), rtol=1e-5, atol=1e-6)
+    # Every linear is quantized, none kept real. DDP: Dynamo cut the graph at bucket borders,
+    # each of the 15 linears sits in one piece. FSDP2: the graph breaks at the FSDP hooks and
+    # both decoder layers run one compiled block graph (params are graph inputs), so its 7
+    # linears appear once, plus lm_head in the root's graph.
+    assert runs["layers"] and all(action == "quantized" for _, action in runs["layers"])
+    names = [name for name, _ in runs["layers"]]
+    assert "lm_head" in names
+    for suffix in LLAMA_LINEARS:
+        assert any(n.endswith(suffix) for n in names), (suffix, names)
+    if runs["strategy"] == "ddp":
+        assert runs["graphs"] > 1 and len(names) == 15
+    else:
+        assert len(names) == 8
+    # training moved the weights (the test would pass vacuously otherwise)
+    assert not torch.equal(want["model.layers.0.mlp.up_proj.weight"], tiny_llama(seed=0).state_dict()
+                           ["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_in_new_processes_loses_no_step(runs):
+    straight, resumed = runs["straight"], runs["resumed"]
+    assert set(straight) == set(resumed)
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    ckpt = runs["out"] / "ckpt"
+    # the resumed run saved its final step; no temp directory is left behind
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step_00000002", "step_00000003"]
+
+
+# ------------------------------------------------------------------ bad input (no processes needed)
+def test_batch_not_divisible_by_world_size_names_values_and_fix():
+    from fairy2i_compile.distributed import local_batch
+
+    with pytest.raises(ValueError, match=r"global batch 6 is not divisible by world size 4.*multiple of 4 \(e\.g\. 8\)"):
+        local_batch(torch.zeros(6, 5, dtype=torch.long), 0, 4)
+    assert local_batch(torch.arange(8).view(4, 2), 1, 2).tolist() == [[4, 5], [6, 7]]
+
+
+def test_wrap_rejects_bad_arguments_and_a_missing_process_group():
+    from fairy2i_compile.distributed import wrap
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"strategy must be one of \('ddp', 'fsdp2'\), got 'fsdp'"):
+        wrap(model, "fsdp")
+    with pytest.raises(ValueError, match="bucket_cap_mb is a DDP setting"):
+        wrap(model, "fsdp2", bucket_cap_mb=4)
+    with pytest.raises(ValueError, match=r"below the 1 MiB first bucket.*bucket_cap_mb >= 1"):
+        wrap(model, "ddp", bucket_cap_mb=0.25)
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        wrap(model, "ddp")
+
+
+def test_corrupt_latest_pointer_is_a_checkpoint_error(tmp_path):
+    from fairy2i_compile.distributed import latest_checkpoint
+    from fairy2i_compile.train import CheckpointError
+
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "latest.json").write_text('{"format": "something else"}')
+    with pytest.raises(CheckpointError, match="not a fairy2i distributed checkpoint"):
+        latest_checkpoint(tmp_path)
+    (tmp_path / "latest.json").write_text("{trunc")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        latest_checkpoint(tmp_path)
