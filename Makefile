@@ -10,9 +10,11 @@ EVAL    := $(VENV)/.installed-eval
 
 .PHONY: setup setup-eval test demo quickstart clean
 
+# torch-mlir (MLIR dumps of the rewritten graph, mlir_export.py) goes in --no-deps: it must never pull another torch.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) setuptools torch triton numpy sympy transformers hypothesis pytest safetensors tqdm
+	$(PIP) --no-deps torch-mlir
 	$(PIP) --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -18,8 +18,9 @@ as placeholder inputs, linears as `torch._C._nn.linear`). The backend
                   calls either way, so the eager runner loses little for them.
        "inductor" Inductor compiles everything around the fairy2i ops.
 
-With `dump_dir` set, every stage's graph and report.json are written there
-(see `dump.py`). `Fairy2iBackend` instances also keep the reports in memory.
+With `dump_dir` set, every stage's graph, what each pass changed, the forward
+graph as MLIR and report.json are written there; with TORCH_TRACE set, the same
+go to the structured trace (see `dump.py`). `Fairy2iBackend` instances also keep the reports in memory.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .config import Fairy2iConfig
 from .dump import GraphDumper
 from .passes import PassContext, enabled_passes
 from .passes._fx import graph_fake_mode
-from .report import GraphReport, write_report
+from .report import GraphReport
 
 __all__ = ["Fairy2iBackend", "fairy2i_backend"]
 
@@ -69,19 +70,26 @@ class Fairy2iBackend:
 
         dumper.write("captured", gm, note=f"config: {config.to_dict()}")
         for graph_pass in enabled_passes(config):
+            before = dumper.before_pass(gm, report)
             graph_pass.run(gm, ctx)
             gm.graph.lint()
             gm.recompile()
             dumper.write(graph_pass.name, gm, note=f"counters after this pass: {report.counters}")
+            dumper.after_pass(graph_pass.name, gm, before, report)
 
         self.reports.append(report)
         if config.dump_dir is not None:
             with _DUMP_LOCK:
                 dump_graphs.append(report)
-                write_report(
-                    os.path.join(config.dump_dir, "report.json"), config.to_dict(), dump_graphs, config.skip
-                )
-        return _lower(gm, example_inputs, config, dumper)
+        self._write_report(dumper, report, dump_graphs)  # before lowering: a failing lowering still leaves it
+        compiled = _lower(gm, example_inputs, config, dumper, report)
+        if report.mlir is not None:
+            self._write_report(dumper, report, dump_graphs)
+        return compiled
+
+    def _write_report(self, dumper: GraphDumper, report: GraphReport, dump_graphs) -> None:
+        with _DUMP_LOCK:
+            dumper.write_report(self.config.to_dict(), report, dump_graphs, self.config.skip)
 
     def _new_graph_id(self):
         if self.config.dump_dir is None:
@@ -92,12 +100,14 @@ class Fairy2iBackend:
             return len(graphs), graphs
 
 
-def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: GraphDumper):
+def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: GraphDumper, report: GraphReport):
     aot_index = dumper.next_index
 
     def dumping(stage: str, index: int, inner):
         def compiler(graph: fx.GraphModule, inputs, **kwargs):
             dumper.write(stage, graph, index=index)
+            if stage != "aot_backward":
+                dumper.export_mlir(stage, index, graph, inputs, report)
             return inner(graph, inputs, **kwargs)
 
         return compiler
@@ -110,6 +120,8 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
             inference = kwargs.get("is_inference", False)
             stage = "aot_backward" if backward else ("aot_inference" if inference else "aot_forward")
             dumper.write(stage, graph, index=aot_index + int(backward))
+            if not backward:
+                dumper.export_mlir(stage, aot_index, graph, inputs, report)
             return compile_fx_inner(graph, inputs, **kwargs)
 
         return compile_fx(gm, example_inputs, inner_compile=inner)

@@ -47,6 +47,8 @@ class GraphReport:
     graph: int
     layers: List[LayerReport] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
+    passes: List[Dict[str, Any]] = field(default_factory=list)   # per pass: nodes added/removed, layers changed
+    mlir: Optional[Dict[str, Any]] = None                         # torch-mlir export: files, error, seconds
 
     def converted(self) -> List[str]:
         return [r.name for r in self.layers if r.action != "kept_real"]
@@ -88,7 +90,7 @@ def write_report(path: str, config: dict, graphs: List[GraphReport], skip_patter
     payload = {
         "config": config,
         "summary": summarize(graphs, skip_patterns),
-        "graphs": [{"graph": g.graph, "counters": g.counters} for g in graphs],
+        "graphs": [{"graph": g.graph, "counters": g.counters, "passes": g.passes, "mlir": g.mlir} for g in graphs],
         "layers": [r.to_dict() for g in graphs for r in g.layers],
     }
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
