@@ -23,7 +23,10 @@ import datetime
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +225,41 @@ def test_corrupt_latest_pointer_is_a_checkpoint_error(tmp_path):
     (tmp_path / "latest.json").write_text("{trunc")
     with pytest.raises(CheckpointError, match="not readable JSON"):
         latest_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------ the torchrun launcher
+LAUNCHER = Path(__file__).resolve().parents[1] / "benchmarks" / "qat_distributed.py"
+
+
+def _launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qat_distributed", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_rejects_a_batch_the_world_size_does_not_divide():
+    launcher = _launcher()
+    args = launcher.parse_args(["--batch-size", "6"])
+    with pytest.raises(ValueError, match=r"--batch-size 6 is not divisible by the world size 4.*--batch-size 8"):
+        launcher.check_args(args, 4)
+    launcher.check_args(launcher.parse_args(["--batch-size", "8"]), 4)
+    with pytest.raises(ValueError, match="--bucket-cap-mb is a DDP setting"):
+        launcher.check_args(launcher.parse_args(["--strategy", "fsdp2", "--bucket-cap-mb", "2"]), 2)
+
+
+def test_launcher_runs_under_torchrun_with_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(LAUNCHER),
+           "--strategy", "fsdp2", "--steps", "2", "--seq-len", "16", "--hidden", "32", "--device", "cpu",
+           "--checkpoint-dir", str(tmp_path / "ckpt"), "--json", str(tmp_path / "run.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and all("s/step" in line and "loss" in line for line in steps), proc.stdout
+    summary = json.loads((tmp_path / "run.json").read_text())["summary"]
+    assert summary["world_size"] == WORLD and summary["steps_this_run"] == 2
+    assert (tmp_path / "ckpt" / "step_00000002" / ".metadata").is_file()
