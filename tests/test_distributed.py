@@ -99,7 +99,8 @@ def _worker(rank, strategy, port, out, phase):
                 _save_params(state, os.path.join(out, "straight.safetensors"))
                 layers = [(r.name, r.action) for g in backend.reports for r in g.layers]
                 with open(os.path.join(out, "straight.json"), "w") as f:
-                    json.dump({"graphs": len(backend.reports), "layers": layers, "loss": history["loss"]}, f)
+                    json.dump({"graphs": len(backend.reports), "layers": layers, "loss": history["loss"],
+                               "grad_norm": history["grad_norm"]}, f)
             model, compiled, _ = _build(strategy, seed=0)
             train_qat_distributed(model, compiled, windows, CFG, checkpoint_dir=ckpt, run_until=SAVE_AT,
                                   strategy=strategy)
@@ -162,6 +163,9 @@ def test_distributed_qat_matches_single_process_on_the_whole_batch(runs, single_
     print(runs["strategy"], "max |distributed - single|:", max((got[n] - want[n]).abs().max().item() for n in want))
     # the logged loss is the mean over ranks == the single process's loss on the whole batch
     torch.testing.assert_close(torch.tensor(runs["loss"]), torch.tensor(history["loss"]), rtol=1e-5, atol=1e-6)
+    # the clipped norm is the global one (FSDP2: over all DTensor shards), not a rank's share
+    torch.testing.assert_close(torch.tensor(runs["grad_norm"]), torch.tensor(history["grad_norm"]),
+                               rtol=1e-5, atol=1e-6)
     # Every linear is quantized, none kept real. DDP: Dynamo cut the graph at bucket borders,
     # each of the 15 linears sits in one piece. FSDP2: the graph breaks at the FSDP hooks and
     # both decoder layers run one compiled block graph (params are graph inputs), so its 7
@@ -175,7 +179,9 @@ def test_distributed_qat_matches_single_process_on_the_whole_batch(runs, single_
         assert runs["graphs"] > 1 and len(names) == 15
     else:
         assert len(names) == 8
-    # training moved the weights (the test would pass vacuously otherwise)
+    # clipping was active (the global norm exceeded grad_clip), and training moved the weights:
+    # the test would pass vacuously otherwise
+    assert max(history["grad_norm"]) > CFG.grad_clip
     assert not torch.equal(want["model.layers.0.mlp.up_proj.weight"], tiny_llama(seed=0).state_dict()
                            ["model.layers.0.mlp.up_proj.weight"])
 
