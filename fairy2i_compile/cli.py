@@ -136,13 +136,26 @@ def _positive(name: str):
 
 # --------------------------------------------------------------------------- dump
 def cmd_dump(args) -> int:
+    mlir = "0" if args.no_mlir else (",".join(args.mlir_dialects) if args.mlir_dialects else None)
+    saved = os.environ.get("FAIRY2I_MLIR")
+    if mlir is not None:
+        os.environ["FAIRY2I_MLIR"] = mlir  # read by dump.py at compile time
+    try:
+        return _dump(args)
+    finally:
+        if mlir is not None:
+            if saved is None:
+                os.environ.pop("FAIRY2I_MLIR", None)
+            else:
+                os.environ["FAIRY2I_MLIR"] = saved
+
+
+def _dump(args) -> int:
     import torch
 
+    from .mlir_export import mlir_dialects
+
     options = _options(args)
-    if args.no_mlir:
-        os.environ["FAIRY2I_MLIR"] = "0"
-    elif args.mlir_dialects:
-        os.environ["FAIRY2I_MLIR"] = ",".join(args.mlir_dialects)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} exists and is not a folder")
@@ -154,7 +167,7 @@ def cmd_dump(args) -> int:
         bar.update()
         compiled, backend = _compile(model, options)
         ids = torch.randint(0, _vocab_size(model), (1, args.seq_len), generator=torch.Generator().manual_seed(0))
-        bar.set_postfix_str("compiling" + ("" if os.environ.get("FAIRY2I_MLIR", "1") in ("0", "off") else " + MLIR"))
+        bar.set_postfix_str("compiling + MLIR" if mlir_dialects() else "compiling")
         if train:
             model.train()
             compiled(ids, labels=ids).loss.backward()

@@ -31,9 +31,9 @@ a recompile with dynamic shapes) are specialized to their example values, so the
 MLIR has static shapes (the note in the `.aten.py` header says so).
 
 Switches (environment, read per compile):
-    FAIRY2I_MLIR          "0"/"off"/"false" turns MLIR export off; otherwise a
-                          comma list of dialects (default "torch,linalg-on-tensors";
-                          also "tosa", "stablehlo", "raw")
+    FAIRY2I_MLIR          "0"/"off"/"false" turns MLIR export off, "1"/"on" or unset
+                          exports the default dialects "torch,linalg-on-tensors";
+                          or a comma list of dialects (also "tosa", "stablehlo", "raw")
     FAIRY2I_MLIR_TIMEOUT  seconds for the subprocess (default 300)
 """
 
@@ -62,6 +62,7 @@ DEFAULT_DIALECTS = ("torch", "linalg-on-tensors")
 DEFAULT_TIMEOUT_S = 300.0
 ERROR_FILE = "mlir_error.txt"
 _OFF = {"0", "off", "false", "no", "none", ""}
+_ON = {"1", "on", "true", "yes"}
 
 
 def mlir_dialects() -> List[str]:
@@ -71,6 +72,8 @@ def mlir_dialects() -> List[str]:
         return list(DEFAULT_DIALECTS)
     if raw.strip().lower() in _OFF:
         return []
+    if raw.strip().lower() in _ON:
+        return list(DEFAULT_DIALECTS)
     return [d.strip().lower() for d in raw.split(",") if d.strip()]
 
 
