@@ -11,9 +11,9 @@ Data flow: capture (Dynamo) -> passes/ -> AOTAutograd -> codegen/ or eager -> ru
 
 from __future__ import annotations
 
-from . import ops, quant_ops
+from . import ops, packed_ops, quant_ops
 from .backend import Fairy2iBackend, fairy2i_backend
 from .config import Fairy2iConfig
 
-__all__ = ["Fairy2iBackend", "Fairy2iConfig", "fairy2i_backend", "ops", "quant_ops"]
+__all__ = ["Fairy2iBackend", "Fairy2iConfig", "fairy2i_backend", "ops", "packed_ops", "quant_ops"]
 __version__ = "0.1.0"

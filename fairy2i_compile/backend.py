@@ -62,7 +62,6 @@ class Fairy2iBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]):
         config = self.config
-        config.check_implemented()
         graph_id, dump_graphs = self._new_graph_id()
         report = GraphReport(graph=graph_id)
         dumper = GraphDumper(config.dump_dir, graph_id)

@@ -4,9 +4,8 @@
 the backend unchanged; `Fairy2iConfig.from_options` is the only place that reads
 it, so every option name and allowed value is listed once, here.
 
-Options whose behaviour is not built yet are still *valid configuration*; the
-backend raises NotImplementedError for them when it would have to act on them
-(see `Fairy2iConfig.check_implemented`), never a silent no-op.
+Whether a `kernel` can run on the tensors' device is checked when the op first
+runs (`codegen.resolve_kernel`), with the fix in the message.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ __all__ = [
 MODES = ("exact", "ptq", "qat")
 METHODS = ("phase", "binary", "ternary")
 GRANULARITIES = ("tensor", "row")  # or a positive int group size
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "cpu", "torch")
 COMPILERS = ("eager", "inductor")
 MAX_STAGES = 4
 
@@ -53,7 +52,10 @@ class Fairy2iConfig:
                        dot also matches the last name components, so "lm_head" and
                        "*.q_proj" both do what they look like).
     dump_dir:          where graph dumps and report.json go (None: no dumps).
-    kernel:            "auto", "triton", "torch" (packed-op lowering).
+    kernel:            packed-op implementation: "auto" (Triton on CUDA, the C++ kernel on
+                       CPU), "triton" (generated Triton kernels; CPU only under
+                       TRITON_INTERPRET=1), "cpu" (the C++ kernel), "torch" (the pure-torch
+                       reference: unpack, dequantize, one GEMM).
     compiler:          what runs the graph after AOTAutograd: "eager" (default: no
                        code generation, compiles in about a second on CPU) or
                        "inductor" (generated code; 15-35 s per graph cold on 2 cores).
@@ -139,14 +141,6 @@ class Fairy2iConfig:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
         return d
-
-    def check_implemented(self) -> None:
-        """Raise NotImplementedError for valid options whose behaviour is not built yet."""
-        if self.kernel == "triton":
-            raise NotImplementedError(
-                "option kernel='triton' is not built yet (packed Triton kernels come with the "
-                "packed-weights work); use kernel='auto' or kernel='torch'"
-            )
 
 
 def _check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:

@@ -95,9 +95,14 @@ def torch_mlir_available() -> bool:
 # --------------------------------------------------------------------------- decomposition
 def _bodies() -> Dict[str, Any]:
     """fairy2i op name -> pure-torch body with the op's signature."""
-    from . import ops, quant, quant_ops
+    from . import ops, packed_ops, quant, quant_ops
 
     dec = quant_ops.decode_granularity
+
+    def ptq_packed(x, a, bias, slot, stages, g, name, kernel):
+        a_hat = ops._widely_to_real(*quant_ops.phase_quant_reference(a, stages, dec(g), name))
+        return torch.nn.functional.linear(x, a_hat.to(x.dtype), bias)
+
     return {
         "real_to_widely": ops._real_to_widely,
         "widely_to_real": ops._widely_to_real,
@@ -110,6 +115,13 @@ def _bodies() -> Dict[str, Any]:
         "ptq_phase_quant": lambda a, slot, stages, g, name: quant_ops.phase_quant_reference(a, stages, dec(g), name),
         "ptq_real_quant": lambda a, slot, method, stages, g, name: quant.real_quant(
             a, method, stages, dec(g), name=name).to(a.dtype),
+        # packed ops: the reference (unpack -> dequantize -> GEMM); the stage-fused PTQ op
+        # through its quantizer, like ptq_phase_quant (its codes live in the PTQ cache)
+        "packed_linear": lambda x, codes, scales, bias, m, group_size, kernel: packed_ops.packed_linear_reference(
+            x, codes, scales, bias, m, group_size),
+        "ptq_packed_linear": ptq_packed,
+        "ptq_packed_dequant": lambda a, slot, stages, g, name: ops._widely_to_real(
+            *quant_ops.phase_quant_reference(a, stages, dec(g), name)),
     }
 
 

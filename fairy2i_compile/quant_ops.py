@@ -7,9 +7,14 @@ QAT (straight-through estimator: identity backward for the whole T-stage quantiz
     phase_quant(u_re, u_im, w_re, w_im, stages, granularity, name) -> (uq_re, uq_im, wq_re, wq_im)
     real_quant(a, method, stages, granularity, name)                -> a_hat
 
-PTQ (inference; quantized once per weight version, see below; no autograd)
+PTQ (inference; quantized once per weight version, see below; no gradient to A)
     ptq_phase_quant(a, slot, stages, granularity, name)       == phase_quant(*real_to_widely(a), ...)
     ptq_real_quant(a, slot, method, stages, granularity, name) == real_quant(a, ...)
+    ptq_packed_linear(x, a, bias, slot, stages, granularity, name, kernel)
+        == packed_linear(x, *pack(a), bias, ...): the stage-fused form `passes/fuse_stages.py`
+        makes of ptq_phase_quant + widely_linear. Its cache entry is the packed layer
+        (2-bit codes + scales, packing.PackedWidely), never a dense copy; the codes stay
+        inside the op (they are not graph values, so no compiler can reuse their memory).
 
 `granularity` travels as a string ("tensor", "row", or the group size in
 digits, e.g. "64") because op schemas have no Union type; `name` is the layer's
@@ -47,6 +52,10 @@ __all__ = [
     "prefill_ptq_slot",
     "ptq_cache_size",
     "phase_quant_reference",
+    "phase_quant_layer",
+    "pack_layer",
+    "cached_ptq_value",
+    "replace_ptq_slot_value",
 ]
 
 
@@ -61,6 +70,24 @@ def decode_granularity(g: str) -> Union[str, int]:
 def phase_quant_reference(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):
     """A [2n, 2m] -> quantized (uq_re, uq_im, wq_re, wq_im): the arithmetic every path shares."""
     return quant.quantize_widely(*_real_to_widely(a), stages, granularity, name=name)
+
+
+def phase_quant_layer(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):
+    """A [2n, 2m] -> (PhaseQuantized of U, of W): codes, scales and the dequantized sums.
+
+    ``(qu.re, qu.im, qw.re, qw.im)`` equals :func:`phase_quant_reference` bit for bit.
+    """
+    u_re, u_im, w_re, w_im = _real_to_widely(a)
+    qu = quant.phase_quant(u_re, u_im, stages, granularity, name=f"{name} (U)")
+    qw = quant.phase_quant(w_re, w_im, stages, granularity, name=f"{name} (W)")
+    return qu, qw
+
+
+def pack_layer(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):
+    """A [2n, 2m] -> packing.PackedWidely (T stages of U and W, 2-bit codes + scales)."""
+    from .packing import pack_phase
+
+    return pack_phase(*phase_quant_layer(a, stages, granularity, name))
 
 
 # --------------------------------------------------------------------------- QAT ops
@@ -134,8 +161,22 @@ def prefill_ptq_slot(slot: int, a: Tensor, value: Any) -> None:
             _CACHE[slot] = _Entry(_weight_key(a), value)
 
 
+def replace_ptq_slot_value(slot: int, value: Any) -> None:
+    """Swap what a filled slot holds (same weight key), e.g. dense -> packed in fuse_stages."""
+    with _LOCK:
+        entry = _CACHE.get(slot)
+        if entry is not None:
+            entry.value = value
+
+
 def ptq_cache_size() -> int:
     return len(_CACHE)
+
+
+def cached_ptq_value(slot: int) -> Any:
+    """What the PTQ cache holds for `slot` (None if nothing): dense tuple or PackedWidely."""
+    entry = _CACHE.get(slot)
+    return None if entry is None else entry.value
 
 
 def _cached(slot: int, a: Tensor, compute: Callable[[], Any]) -> Any:
@@ -180,3 +221,83 @@ def ptq_real_quant(a: Tensor, slot: int, method: str, stages: int, granularity: 
 @ptq_real_quant.register_fake
 def _(a, slot, method, stages, granularity, name):
     return torch.empty_like(a)
+
+
+# --------------------------------------------------------------------------- PTQ, stage-fused
+# Defined with torch.library.Library (not @custom_op) for the same per-call overhead reason
+# as fairy2i::packed_linear (packed_ops.py): it runs once per layer per decoded token.
+_LIB = torch.library.Library("fairy2i", "FRAGMENT")
+_LIB.define(
+    "ptq_packed_linear(Tensor x, Tensor a, Tensor? bias, int slot, int stages, str granularity, str name, "
+    "str kernel) -> Tensor"
+)
+
+
+def _packed_for(a: Tensor, slot: int, stages: int, granularity: str, name: str):
+    return _cached(slot, a, lambda: pack_layer(a, stages, decode_granularity(granularity), name))
+
+
+def _ptq_packed_linear(x, a, bias, slot, stages, granularity, name, kernel):
+    from . import packed_ops
+
+    if a.dim() != 2 or x.shape[-1] != a.shape[1]:
+        raise ValueError(
+            f"fairy2i.ptq_packed_linear ({name}): activations {tuple(x.shape)} do not match the weight "
+            f"{tuple(a.shape)} (last dim must be in_features = {a.shape[1] if a.dim() == 2 else '?'})"
+        )
+    pk = _packed_for(a, slot, stages, granularity, name)
+    packed_ops.check_packed_linear(x, pk.codes, pk.scales, bias, pk.m, pk.group_size or 0)
+    return packed_ops.run_packed(x, pk.codes, pk.scales, bias, pk.m, pk.group_size or 0, kernel)
+
+
+_LIB.impl("ptq_packed_linear", _ptq_packed_linear, "CompositeExplicitAutograd")
+
+# The dense A_hat of a packed PTQ layer, rebuilt from its cached codes as a fresh tensor:
+# only the backward of ptq_packed_linear (dL/dx = g @ A_hat) uses it. An op of its own
+# so that AOTAutograd can trace that backward (the cache lookup reads data_ptr, which
+# fake tensors do not have).
+_LIB.define("ptq_packed_dequant(Tensor a, int slot, int stages, str granularity, str name) -> Tensor")
+
+
+def _ptq_packed_dequant(a, slot, stages, granularity, name):
+    from .packed_ops import dequantize_packed
+
+    pk = _packed_for(a, slot, stages, granularity, name)
+    return dequantize_packed(pk.codes, pk.scales, pk.m, pk.group_size or 0)
+
+
+_LIB.impl("ptq_packed_dequant", _ptq_packed_dequant, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fairy2i::ptq_packed_dequant", lib=_LIB)
+def _(a, slot, stages, granularity, name):
+    return a.new_empty(a.shape, dtype=quant.compute_dtype(a.dtype))
+
+
+@torch.library.register_fake("fairy2i::ptq_packed_linear", lib=_LIB)
+def _(x, a, bias, slot, stages, granularity, name, kernel):
+    return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
+def _ptq_packed_setup(ctx, inputs, output):
+    x, a, bias, slot, stages, granularity, name, kernel = inputs
+    ctx.save_for_backward(a)
+    ctx.args = (slot, stages, granularity, name)
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+
+
+def _ptq_packed_backward(ctx, g):
+    (a,) = ctx.saved_tensors
+    gx = g_bias = None
+    if ctx.needs_input_grad[0]:
+        a_hat = torch.ops.fairy2i.ptq_packed_dequant.default(a, *ctx.args)
+        gx = g.matmul(a_hat.to(g.dtype)).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        g_bias = g.reshape(-1, g.shape[-1]).sum(0)
+    # no gradient to A: PTQ weights are frozen (the pass feeds A.detach())
+    return gx, None, g_bias, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fairy2i::ptq_packed_linear", _ptq_packed_backward, setup_context=_ptq_packed_setup, lib=_LIB
+)

@@ -46,7 +46,7 @@ def test_unknown_option_names_the_allowed_ones():
         ({"skip": [""]}, r"option 'skip' must be a list of non-empty"),
         ({"skip": 3}, r"option 'skip'"),
         ({"dump_dir": 3}, r"option 'dump_dir' must be a path"),
-        ({"kernel": "cuda"}, r"option 'kernel' must be one of \['auto', 'triton', 'torch'\]"),
+        ({"kernel": "cuda"}, r"option 'kernel' must be one of \['auto', 'triton', 'cpu', 'torch'\]"),
         ({"compiler": "tvm"}, r"option 'compiler' must be one of \['eager', 'inductor'\]"),
     ],
 )
@@ -80,10 +80,12 @@ def test_torch_compile_mode_is_rejected_with_a_fix():
         compiled(torch.randn(2, 4))
 
 
-def test_unbuilt_option_raises_not_implemented():
+def test_triton_kernel_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     compiled = torch.compile(nn.Linear(4, 4), backend=Fairy2iBackend({"kernel": "triton"}))
-    with pytest.raises(Exception, match="kernel='triton' is not built yet"):
-        compiled(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
+        with torch.no_grad():
+            compiled(torch.randn(2, 4))
 
 
 # --------------------------------------------------------------------------- exact rewrite

@@ -37,7 +37,10 @@ def test_qat_fake_quant_and_ptq_are_bit_identical(make, method, stages, granular
     model = make()
     ids = torch.randint(0, 96, (2, 10))
     opts = dict(method=method, stages=stages, scale_granularity=granularity)
-    ptq, ptq_backend = compiled(model, mode="ptq", **opts)
+    # kernel="torch": the packed op's reference runs the fake-quant arithmetic in the same
+    # order, so the packed PTQ graph must match QAT bit for bit (the C++ and Triton kernels
+    # sum in another order: tests/test_packed.py compares them at an fp32 tolerance)
+    ptq, ptq_backend = compiled(model, mode="ptq", kernel="torch", **opts)
     qat, _ = compiled(model, mode="qat", **opts)
     with torch.no_grad():
         y_ptq = logits(ptq, ids)
@@ -81,7 +84,7 @@ def test_ptq_matches_eager_reference_model(method):
 def test_ptq_quantizes_once_per_weight_version():
     model = tiny_llama()
     ids = torch.randint(0, 96, (1, 6))
-    ptq, _ = compiled(model, mode="ptq", stages=2)
+    ptq, _ = compiled(model, mode="ptq", stages=2, kernel="torch")
     counters.clear()
     with torch.no_grad():
         y0 = logits(ptq, ids)
@@ -201,10 +204,12 @@ def test_report_has_quantization_fields(tmp_path):
     # codes: 2 bits x 2 stages per real weight; scales: 2 stages x (U, W) x (re, im) float32
     assert q["bytes_after"] == 32 * 32 * 2 // 8 + 4 * 2 * 2 * 2
     assert q["bytes_before"] == 32 * 32 * 4
-    assert q["dense_cache_bytes"] == 32 * 32 * 4  # U, W in float32 until packed kernels land
+    assert q["dense_cache_bytes"] == 0 and q["packed"]  # the graph holds 2-bit codes + scales only
     files = sorted(p.name for p in (tmp_path / "graph_0").iterdir())
-    assert files == ["00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_aot_inference.py"]
+    assert files == ["00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_fuse_stages.py",
+                     "04_aot_inference.py"]
     assert "fairy2i.ptq_phase_quant.default" in (tmp_path / "graph_0" / "02_phase_quant.py").read_text()
+    assert "fairy2i.ptq_packed_linear.default" in (tmp_path / "graph_0" / "03_fuse_stages.py").read_text()
 
 
 def test_storage_bytes_formulas():
@@ -224,7 +229,8 @@ def test_exact_mode_inserts_no_quantizer():
 def test_skipped_layer_is_not_quantized():
     model = tiny_llama()
     ptq, backend = compiled(model, mode="ptq", skip=["lm_head"])
-    ptq(torch.randint(0, 96, (1, 4)))
+    with torch.no_grad():
+        ptq(torch.randint(0, 96, (1, 4)))
     rep = {r.name: r for r in backend.reports[0].layers}
     assert rep["lm_head"].action == "kept_real" and "rel_fro" not in rep["lm_head"].extra
     assert backend.reports[0].counters["phase_quant_ptq"] == 14

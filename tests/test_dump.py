@@ -64,11 +64,12 @@ def test_dump_dir_has_stages_pass_summaries_mlir_and_report(tmp_path, monkeypatc
         torch.compile(model, backend="fairy2i", options={"mode": "ptq", "stages": 1, "dump_dir": str(tmp_path)})(ids)
 
     assert sorted(os.listdir(tmp_path / "graph_0")) == [
-        "00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_aot_inference.py"]
+        "00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_fuse_stages.py",
+        "04_aot_inference.py"]
     report = json.loads((tmp_path / "report.json").read_text())
     passes = report["graphs"][0]["passes"]
-    assert [p["pass"] for p in passes] == ["widely_linear", "phase_quant"]
-    wl, pq = passes
+    assert [p["pass"] for p in passes] == ["widely_linear", "phase_quant", "fuse_stages"]
+    wl, pq, fs = passes
     assert (wl["before"], wl["after"]) == ("graph_0/00_captured.py", "graph_0/01_widely_linear.py")
     assert wl["removed"] == {"torch._C._nn.linear": 8}  # 7 per block + lm_head
     assert wl["added"]["fairy2i.widely_linear.default"] == 8 and wl["added"]["fairy2i.real_to_widely.default"] == 8
@@ -76,21 +77,24 @@ def test_dump_dir_has_stages_pass_summaries_mlir_and_report(tmp_path, monkeypatc
     assert pq["removed"] == {"fairy2i.real_to_widely.default": 8}
     assert pq["added"]["fairy2i.ptq_phase_quant.default"] == 8
     assert pq["layers_changed"]["lm_head"] == "widely_linear -> quantized"
+    assert fs["removed"]["fairy2i.ptq_phase_quant.default"] == 8 and fs["removed"]["fairy2i.widely_linear.default"] == 8
+    assert fs["added"] == {"fairy2i.ptq_packed_linear.default": 8} and fs["counters"]["fuse_stages_fused"] == 8
     summary = (tmp_path / "summary.md").read_text()
     assert "### `widely_linear`: graph_0/00_captured.py -> graph_0/01_widely_linear.py" in summary
     assert "`torch._C._nn.linear` 8" in summary and "### MLIR of `aot_inference`" in summary
 
     mlir = report["graphs"][0]["mlir"]
     assert mlir["error"] is None, mlir["error"]
-    assert mlir["files"] == {"torch": "mlir/graph_0/03_aot_inference.torch.mlir",
-                             "linalg-on-tensors": "mlir/graph_0/03_aot_inference.linalg-on-tensors.mlir"}
+    assert mlir["files"] == {"torch": "mlir/graph_0/04_aot_inference.torch.mlir",
+                             "linalg-on-tensors": "mlir/graph_0/04_aot_inference.linalg-on-tensors.mlir"}
     torch_ir = (tmp_path / mlir["files"]["torch"]).read_text()
     linalg_ir = (tmp_path / mlir["files"]["linalg-on-tensors"]).read_text()
     assert "func.func @aot_inference(" in torch_ir and "torch.aten.mm" in torch_ir
     assert "func.func @aot_inference(" in linalg_ir and "linalg.matmul" in linalg_ir
     assert "fairy2i" not in torch_ir and "torch.operator" not in torch_ir  # decomposed, not opaque
     assert not (tmp_path / "mlir" / "graph_0" / "mlir_error.txt").exists()
-    assert "fairy2i.ptq_phase_quant" not in (tmp_path / mlir["aten_graph"]).read_text()
+    aten_graph = (tmp_path / mlir["aten_graph"]).read_text()
+    assert "fairy2i.ptq_phase_quant" not in aten_graph and "fairy2i.ptq_packed_linear" not in aten_graph
 
 
 def test_mlir_off_writes_no_mlir(tmp_path, monkeypatch):

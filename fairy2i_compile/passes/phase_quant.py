@@ -13,8 +13,9 @@ mode="ptq" (quantized once per weight version; no gradient to A):
     q  = fairy2i.ptq_phase_quant(A.detach(), slot, T, granularity, name)
     y  = fairy2i.widely_linear(x, q[0], q[1], q[2], q[3], b)
 
-Both quantize through `quant.quantize_widely(*real_to_widely(A))`, so the two
-modes give bit-identical outputs for the same weights. The pass also quantizes
+Both quantize through `quant.phase_quant` on `real_to_widely(A)`, so the two
+modes give bit-identical outputs for the same weights. In PTQ, `fuse_stages`
+then replaces `ptq_phase_quant` + `widely_linear` by one packed op. The pass also quantizes
 each parameter once at compile time, for the report's error figures (and, in
 PTQ, to fill the cache so the first call does not quantize again). A NaN/Inf
 weight fails here with the layer's name.
@@ -45,7 +46,8 @@ def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
     a = uw.args[0]
 
     a_val = weight_value(site)
-    value = quant_ops.phase_quant_reference(a_val, cfg.stages, cfg.scale_granularity, name) if a_val is not None else None
+    quantized = quant_ops.phase_quant_layer(a_val, cfg.stages, cfg.scale_granularity, name) if a_val is not None else None
+    value = None if quantized is None else (quantized[0].re, quantized[0].im, quantized[1].re, quantized[1].im)
 
     with graph.inserting_before(node):
         if cfg.mode == "qat":
@@ -56,6 +58,8 @@ def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
                 quant_ops.prefill_ptq_slot(slot, a_val, value)
             frozen = insert_call(graph, torch.detach, (a,), node, fm)
             q = insert_call(graph, torch.ops.fairy2i.ptq_phase_quant.default, (frozen, slot, cfg.stages, gran, name), node, fm, name="ptq_phase_quant")
+            if quantized is not None:  # codes + scales for fuse_stages, which packs them (no second quantization)
+                q.meta["fairy2i_phase_quantized"] = quantized
         items = getitem_nodes(graph, q, 4, fm)
     node.args = (x, *items, bias)
     if cfg.mode == "ptq":  # real_to_widely is now dead: A goes straight into the PTQ op

@@ -1,0 +1,211 @@
+// fairy2i packed widely-linear op on CPU: y = sum_t (Q^U_t x + Q^W_t conj(x)) + bias
+// read straight from the 2-bit codes (layout: fairy2i_compile/packing.py).
+//
+// Built by codegen/cpu_packed.py with the system C++ compiler (-O3 -march=native -fopenmp)
+// and called through ctypes. Portable C++: GCC/Clang vector extensions (8 x 32-bit lanes),
+// which the compiler maps to AVX2 on x86-64 and to NEON pairs on AArch64.
+//
+// Two paths, both multi-threaded over output rows (OpenMP):
+//
+//  fold   (per-tensor scales, M <= 4 tokens: decode). Code k = 2*hi + lo means i^k, and
+//         i^k * z contributes to (Re y, Im y):
+//             U (z = a + ib):      lo=0: (+-a, +-b) * s_re     lo=1: (-+b, +-a) * s_im
+//             W (conj z = a - ib): lo=0: (+-a, -+b) * s_re     lo=1: (+-b, +-a) * s_im
+//         with the sign (-1)^hi. The caller folds the scales and the conj into four
+//         vectors per plane and token, Pre|Qre|Pim|Qim, so the inner loop per code is one
+//         select (by lo) and one sign flip (xor of hi into the float sign bit) per output:
+//         no multiplications.
+//  decode (any scales, any M): rebuild one block of 4 complex rows of A_hat (as the 8 real
+//         rows [A11 | A12] and [A21 | A22], each 2m long) in a thread-local buffer by
+//         selects only, summing the stages in order exactly as quant.dequant_phase does
+//         (so the buffer equals the reference weight bit for bit), then take the dot
+//         products with every token. The buffer is 8 rows, never the whole weight.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+
+static inline vf loadf(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void storef(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline vi splat_i(int32_t s) { return (vi){s, s, s, s, s, s, s, s}; }
+static inline vf splat_f(float s) { return (vf){s, s, s, s, s, s, s, s}; }
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// Lane l of half h (columns 8h .. 8h+7 of a word) holds code column c = 8h + l.
+// Shifting the word left by 31 - 2c puts the code's lo bit in the sign bit; by 30 - 2c
+// puts its hi bit there.
+static const vi SH_LO[2] = {{31, 29, 27, 25, 23, 21, 19, 17}, {15, 13, 11, 9, 7, 5, 3, 1}};
+static const vi SH_HI[2] = {{30, 28, 26, 24, 22, 20, 18, 16}, {14, 12, 10, 8, 6, 4, 2, 0}};
+
+template <int MT>
+static void fold_rows(const float* pq, const int32_t* codes, int64_t P, int64_t n, int64_t KW,
+                      int64_t M, int64_t t0, float* y, int64_t j) {
+  const int64_t mp = KW * 16;
+  const vi SIGN = splat_i((int32_t)0x80000000u);
+  vf ar[MT], ai[MT];
+  for (int t = 0; t < MT; ++t) { ar[t] = splat_f(0.f); ai[t] = splat_f(0.f); }
+  for (int64_t p = 0; p < P; ++p) {
+    const int32_t* w = codes + (p * n + j) * KW;
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      const vi wv = splat_i(w[kw]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k = kw * 16 + h * 8;
+        const vi lo = (wv << SH_LO[h]) < 0;          // all-ones lanes where lo = 1
+        const vi hs = (wv << SH_HI[h]) & SIGN;       // float sign bit = hi
+        for (int t = 0; t < MT; ++t) {
+          const float* base = pq + ((p * M) + t0 + t) * 4 * mp;
+          const vf r = lo ? loadf(base + mp + k) : loadf(base + k);
+          const vf i = lo ? loadf(base + 3 * mp + k) : loadf(base + 2 * mp + k);
+          ar[t] += (vf)((vi)r ^ hs);
+          ai[t] += (vf)((vi)i ^ hs);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    y[(t0 + t) * 2 * n + j] = hsum(ar[t]);
+    y[(t0 + t) * 2 * n + n + j] = hsum(ai[t]);
+  }
+}
+
+// Scale of plane p, axis ax (0: re, 1: im) for row j and the 8 columns starting at k.
+static inline vf scale_vec(const float* scales, int64_t p, int ax, int64_t j, int64_t k, int64_t n_s,
+                           int64_t G, int64_t group, int64_t m) {
+  const float* s = scales + ((p * 2 + ax) * n_s + (n_s > 1 ? j : 0)) * G;
+  if (G == 1) return splat_f(s[0]);
+  if (group % 8 == 0) return splat_f(s[k < m ? k / group : 0]);
+  vf v;
+  for (int l = 0; l < 8; ++l) {
+    const int64_t c = k + l;
+    v[l] = s[c < m ? c / group : 0];
+  }
+  return v;
+}
+
+// Decode complex row j into rr = [A11 | A12] and ri = [A21 | A22] (each 2 * mp floats).
+static void decode_row(const int32_t* codes, const float* scales, int64_t P, int64_t n, int64_t KW,
+                       int64_t m, int64_t n_s, int64_t G, int64_t group, int64_t j, float* rr, float* ri) {
+  const int64_t mp = KW * 16;
+  const vi SIGN = splat_i((int32_t)0x80000000u);
+  const vf zero = splat_f(0.f);
+  for (int64_t kw = 0; kw < KW; ++kw) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = kw * 16 + h * 8;
+      vf re_u = zero, im_u = zero, re_w = zero, im_w = zero;
+      for (int64_t p = 0; p < P; ++p) {
+        const vi wv = splat_i(codes[(p * n + j) * KW + kw]);
+        const vi lo = (wv << SH_LO[h]) < 0;
+        const vi hs = (wv << SH_HI[h]) & SIGN;
+        const vf s_re = scale_vec(scales, p, 0, j, k, n_s, G, group, m);
+        const vf s_im = scale_vec(scales, p, 1, j, k, n_s, G, group, m);
+        // code 0: +s_re, 2: -s_re on the real axis; 1: +s_im, 3: -s_im on the imaginary axis
+        const vf q_re = lo ? zero : (vf)((vi)s_re ^ hs);
+        const vf q_im = lo ? (vf)((vi)s_im ^ hs) : zero;
+        if (p & 1) { re_w += q_re; im_w += q_im; } else { re_u += q_re; im_u += q_im; }
+      }
+      storef(rr + k, re_u + re_w);        // A11
+      storef(rr + mp + k, im_w - im_u);   // A12
+      storef(ri + k, im_w + im_u);        // A21
+      storef(ri + mp + k, re_u - re_w);   // A22
+    }
+  }
+}
+
+extern "C" {
+
+int fairy2i_cpu_abi_version() { return 2; }
+
+// [P, M, 4, mp] = (Pre, Qre, Pim, Qim) per plane and token, scales and conj folded in.
+// With code k = 2*hi + lo and the sign (-1)^hi applied in the loop:
+//     U: Re y <- lo ? -s_im b : s_re a     Im y <- lo ? s_im a :  s_re b
+//     W: Re y <- lo ?  s_im b : s_re a     Im y <- lo ? s_im a : -s_re b
+// These are the only multiplications of the fold path: O(P * M * m), on activations.
+static void fold_vectors(const float* x, int64_t M, int64_t m, int64_t mp, const float* scales, int64_t P,
+                         float* pq) {
+  for (int64_t p = 0; p < P; ++p) {
+    const float s_re = scales[p * 2], s_im = scales[p * 2 + 1];
+    const float conj = (p & 1) ? -1.f : 1.f;
+    for (int64_t t = 0; t < M; ++t) {
+      float* v = pq + (p * M + t) * 4 * mp;
+      const float* a = x + t * 2 * m;
+      const float* b = a + m;
+      for (int64_t k = 0; k < mp; ++k) {
+        const float ak = k < m ? a[k] : 0.f, bk = k < m ? conj * b[k] : 0.f;
+        v[k] = s_re * ak;
+        v[mp + k] = -s_im * bk;
+        v[2 * mp + k] = s_re * bk;
+        v[3 * mp + k] = s_im * ak;
+      }
+    }
+  }
+}
+
+// x: [M, 2m] fp32 (contiguous); codes [P, n, KW] int32; scales [P, 2, n_s, G] fp32;
+// bias [2n] fp32 or null; y: [M, 2n] fp32. fold != 0 selects the fold path (it needs
+// per-tensor scales: n_s == G == 1); otherwise the decode path runs.
+void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* codes, int64_t P,
+                           int64_t n, int64_t KW, const float* scales, int64_t n_s, int64_t G,
+                           int64_t group, const float* bias, float* y, int fold, int nthreads) {
+  const int64_t mp = KW * 16;
+  if (fold && n_s == 1 && G == 1) {
+    std::vector<float> pq_buf(P * M * 4 * mp);
+    const float* pq = pq_buf.data();
+    fold_vectors(x, M, m, mp, scales, P, pq_buf.data());
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t t0 = 0;
+      for (; t0 + 4 <= M; t0 += 4) fold_rows<4>(pq, codes, P, n, KW, M, t0, y, j);
+      switch (M - t0) {
+        case 3: fold_rows<3>(pq, codes, P, n, KW, M, t0, y, j); break;
+        case 2: fold_rows<2>(pq, codes, P, n, KW, M, t0, y, j); break;
+        case 1: fold_rows<1>(pq, codes, P, n, KW, M, t0, y, j); break;
+        default: break;
+      }
+    }
+  } else {
+    const int64_t RB = 4;  // complex rows per block -> 8 real rows in the buffer
+    const int64_t blocks = (n + RB - 1) / RB;
+#pragma omp parallel num_threads(nthreads)
+    {
+      std::vector<float> buf(2 * RB * 2 * mp);
+      std::vector<float> xp(2 * mp, 0.f);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t j0 = b * RB, rows = (n - j0 < RB) ? n - j0 : RB;
+        for (int64_t r = 0; r < rows; ++r)
+          decode_row(codes, scales, P, n, KW, m, n_s, G, group, j0 + r, &buf[(2 * r) * 2 * mp],
+                     &buf[(2 * r + 1) * 2 * mp]);
+        for (int64_t t = 0; t < M; ++t) {
+          // token t re-laid out with the padded width: [a (mp) | b (mp)], zeros past m
+          const float* xt = x + t * 2 * m;
+          std::memcpy(&xp[0], xt, m * sizeof(float));
+          std::memcpy(&xp[mp], xt + m, m * sizeof(float));
+          vf acc[2 * RB];
+          for (int64_t r = 0; r < 2 * rows; ++r) acc[r] = splat_f(0.f);
+          for (int64_t k = 0; k < 2 * mp; k += 8) {
+            const vf xv = loadf(&xp[k]);
+            for (int64_t r = 0; r < 2 * rows; ++r) acc[r] += loadf(&buf[r * 2 * mp + k]) * xv;
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            y[t * 2 * n + j0 + r] = hsum(acc[2 * r]);
+            y[t * 2 * n + n + j0 + r] = hsum(acc[2 * r + 1]);
+          }
+        }
+      }
+    }
+  }
+  if (bias != nullptr) {
+    for (int64_t t = 0; t < M; ++t)
+      for (int64_t o = 0; o < 2 * n; ++o) y[t * 2 * n + o] += bias[o];
+  }
+}
+
+}  // extern "C"

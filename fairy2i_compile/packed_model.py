@@ -1,0 +1,199 @@
+"""Models whose linear layers hold Fairy2i 2-bit codes and no dense weight.
+
+    report = pack_model(model, stages=2)          # nn.Linear -> PackedLinear, in place
+    compiled = torch.compile(model, backend="fairy2i")
+
+Compiling a float model in PTQ mode keeps the user's dense weights (the model object
+owns them) and adds the packed codes. To free the dense weights, pack the model
+first: `pack_model` replaces every convertible `nn.Linear` by a `PackedLinear`
+(codes + scales as buffers, the bias as a parameter), one layer at a time, so the
+dense weight of each layer is released as soon as its codes exist and the peak
+memory is the dense model plus one layer's codes. (A weight shared with another
+module, such as an `lm_head` tied to the embedding, stays alive through that other
+module.) `checkpoint.load_packed` builds such a model straight from a packed file,
+never materialising a dense quantized weight at all.
+
+`PackedLinear.forward` is one `fairy2i.packed_linear` call, so the model also runs
+eagerly; under `torch.compile(backend="fairy2i")` the `fuse_stages` pass records the
+layers in the report and applies the `kernel` option. Both paths quantize with
+`quant_ops.pack_layer`, the same PhaseQuant as the compiled PTQ graph, so a packed
+model and a compiled float model give the same numbers.
+
+A layer stays an `nn.Linear` (with the reason in the report) when its in/out
+features are odd, its weight is not a real floating type, or its name matches `skip`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import packed_ops, quant_ops
+from .config import Fairy2iConfig
+from .packing import PackedWidely, scale_shape, words_per_row
+
+__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason"]
+
+Granularity = Union[str, int]
+
+
+class PackedLinear(nn.Module):
+    """A linear layer stored as 2T planes of 2-bit codes (packing.py) + float32 scales.
+
+    codes:  int32 buffer [2T, out/2, ceil(in/32)]
+    scales: float32 buffer [2T, 2, n_s, G]
+    bias:   parameter [out] or None
+    forward(x [..., in]) -> [..., out] = fairy2i.packed_linear(x, codes, scales, bias, ...)
+    """
+
+    def __init__(self, in_features: int, out_features: int, stages: int = 2, granularity: Granularity = "tensor",
+                 bias: bool = True, kernel: str = "auto", device=None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        config = Fairy2iConfig(stages=stages, scale_granularity=granularity, kernel=kernel)  # validates
+        if in_features % 2 or out_features % 2 or in_features < 2 or out_features < 2:
+            raise ValueError(
+                f"PackedLinear needs even in/out features (pairing by halves), got {in_features=}, {out_features=}"
+            )
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.stages, self.granularity, self.kernel = config.stages, config.scale_granularity, config.kernel
+        n, m = self.out_features // 2, self.in_features // 2
+        n_s, g = scale_shape(n, m, self.granularity)
+        self.register_buffer("codes", torch.zeros((2 * self.stages, n, words_per_row(m)), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros((2 * self.stages, 2, n_s, g), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=bias_dtype, device=device)) if bias else None
+
+    @property
+    def m(self) -> int:
+        return self.in_features // 2
+
+    @property
+    def group_size(self) -> int:
+        return 0 if isinstance(self.granularity, str) else int(self.granularity)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, stages: int = 2, granularity: Granularity = "tensor",
+                    kernel: str = "auto", name: str = "weight") -> "PackedLinear":
+        """PhaseQuant `linear.weight` (T stages) and pack it; the bias is copied."""
+        reason = packable_reason(linear)
+        if reason:
+            raise ValueError(f"cannot pack {name}: {reason}")
+        weight = linear.weight.detach()
+        packed = quant_ops.pack_layer(weight, stages, granularity, name)
+        layer = cls(linear.in_features, linear.out_features, stages, granularity, linear.bias is not None,
+                    kernel, device=weight.device,
+                    bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
+        layer.load_packed(packed)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def load_packed(self, packed: PackedWidely) -> None:
+        """Copy a PackedWidely (same shape, stages and granularity) into the buffers."""
+        if tuple(packed.codes.shape) != tuple(self.codes.shape) or tuple(packed.scales.shape) != tuple(self.scales.shape):
+            raise ValueError(
+                f"packed layer codes {tuple(packed.codes.shape)} / scales {tuple(packed.scales.shape)} do not fit "
+                f"this PackedLinear (codes {tuple(self.codes.shape)}, scales {tuple(self.scales.shape)})"
+            )
+        with torch.no_grad():
+            self.codes.copy_(packed.codes)
+            self.scales.copy_(packed.scales.to(torch.float32))
+
+    def packed(self) -> PackedWidely:
+        return PackedWidely(self.codes, self.scales, self.out_features // 2, self.m,
+                            None if isinstance(self.granularity, str) else int(self.granularity))
+
+    def dequantized_weight(self) -> Tensor:
+        """The dense real weight A_hat [out, in] (float32), rebuilt on demand (not stored)."""
+        return packed_ops.dequantize_packed(self.codes, self.scales, self.m, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.fairy2i.packed_linear.default(x, self.codes, self.scales, self.bias, self.m,
+                                                       self.group_size, self.kernel)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * 4 + self.scales.numel() * 4
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, stages={self.stages}, "
+                f"granularity={self.granularity!r}, bias={self.bias is not None}, kernel={self.kernel!r}")
+
+
+def packable_reason(module: nn.Module) -> Optional[str]:
+    """None if `module` is an nn.Linear PackedLinear can replace, else why not."""
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear"
+    w = module.weight
+    if not w.dtype.is_floating_point or w.is_complex():
+        return f"weight dtype {w.dtype} is not a real floating type"
+    if module.out_features % 2 or module.in_features % 2:
+        return (f"odd dims: out_features={module.out_features}, in_features={module.in_features}; "
+                "pairing by halves needs both even")
+    return None
+
+
+@dataclass
+class PackReport:
+    packed: Dict[str, Dict[str, int]] = field(default_factory=dict)   # name -> {bytes_before, bytes_after}
+    kept_real: Dict[str, str] = field(default_factory=dict)           # name -> reason
+    unmatched_skip_patterns: list = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(v["bytes_before"] for v in self.packed.values())
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(v["bytes_after"] for v in self.packed.values())
+
+
+def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "tensor",
+               skip: Sequence[str] = (), kernel: str = "auto", progress: bool = False) -> PackReport:
+    """Replace every packable nn.Linear of `model` by a PackedLinear, in place; see the module docstring."""
+    from .passes._layers import matching_skip_pattern
+
+    config = Fairy2iConfig(stages=stages, scale_granularity=granularity, skip=skip, kernel=kernel)  # validates
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pack_model needs an nn.Module, got {type(model).__name__}")
+    report = PackReport()
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    matched = set()
+    for name, mod in _progress(targets, progress):
+        reason = packable_reason(mod)
+        pat = matching_skip_pattern(name, config.skip)
+        if pat is not None:
+            matched.add(pat)
+            reason = reason or f"matches skip pattern {pat!r}"
+        if reason:
+            report.kept_real[name] = reason
+            continue
+        packed = PackedLinear.from_linear(mod, config.stages, config.scale_granularity, config.kernel, name)
+        _set_submodule(model, name, packed)
+        report.packed[name] = {"bytes_before": mod.weight.numel() * mod.weight.element_size(),
+                               "bytes_after": packed.nbytes}
+        del mod
+    report.unmatched_skip_patterns = [p for p in config.skip if p not in matched]
+    return report
+
+
+def _progress(items: Sequence, enabled: bool) -> Iterable:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="packing", unit="layer")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise ValueError("pack_model cannot replace the root module itself; wrap the nn.Linear in a container")
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
