@@ -1,8 +1,15 @@
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Triton runs on CPU only through its interpreter, and reads TRITON_INTERPRET when it is
+# first imported (torch._dynamo imports it), so set it before any test module loads.
+# Inductor's CPU code generation (C++) does not use Triton and is unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Compiles dominate test time; hypothesis deadlines would only measure them.
 settings.register_profile(

@@ -1,0 +1,355 @@
+"""Generated Triton kernels for the packed op vs the pure-torch reference.
+
+On this project's CPU machines the kernels run in the Triton interpreter. The
+variable must be set before triton is imported (triton picks interpreted or
+compiled kernels when `@triton.jit` decorates them), hence the first lines.
+
+Tolerances (kernel vs `packed_linear_reference` on the same fp32 inputs):
+
+* fp32: atol = rtol = 1e-4, atol relative to the output scale max|y_ref|. Both sides
+  add the same 2m * 2T products in fp32 in different orders (the GEMV also
+  factors the scales out of its sums); the rounding is a few fp32 ulps of the
+  output scale, 1e-7..1e-6 measured, so 1e-4 leaves room without hiding a wrong
+  sign or a lost code (each of which moves the output by >= 1e-2 of its scale).
+* bf16 / fp16 activations: the oracle runs in fp32 on the same (rounded) x and
+  bias. The kernels accumulate in fp32 and round once on store (half an ulp:
+  2^-9 bf16, 2^-12 fp16); the GPU GEMM also rounds its decoded weight tiles to the
+  activation dtype, as the reference's `a_hat.to(x.dtype)` does. Hence
+  atol = rtol = 2e-2 (bf16) and 3e-3 (fp16), atol relative to the output scale.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton and fairy2i_compile are imported
+
+import ast  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+
+def _interpreter_active() -> bool:
+    # triton's own @jit library (tl.zeros, tl.sum) is decorated when triton is imported: it is
+    # interpreted only if TRITON_INTERPRET was set by then
+    return type(triton.language.zeros).__name__ == "InterpretedFunction"
+
+
+if not torch.cuda.is_available() and not _interpreter_active():
+    pytest.skip(
+        "triton was imported before this module set TRITON_INTERPRET=1 and there is no CUDA device: "
+        "run this file alone (pytest tests/test_triton_kernels.py) or with TRITON_INTERPRET=1 in the environment",
+        allow_module_level=True,
+    )
+
+from fairy2i_compile.codegen import triton_packed as tp  # noqa: E402
+from fairy2i_compile.codegen.sign_table import AXIS, TABLE, UNIT  # noqa: E402
+from fairy2i_compile.codegen.triton_packed import (  # noqa: E402
+    INNER_LOOP_BEGIN,
+    INNER_LOOP_END,
+    KernelSpec,
+    choose_spec,
+    generate_source,
+    generated_sources,
+    launch_packed_linear,
+    load_kernel,
+    packed_linear_triton,
+    source_path,
+)
+from fairy2i_compile.packed_ops import packed_linear, packed_linear_reference  # noqa: E402
+from fairy2i_compile.packing import pack_widely  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel_env(tmp_path_factory):
+    # a private kernel cache, and the interpreter even if another test module changed the variable
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FAIRY2I_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        if INTERPRET:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _layer(n, m, stages, granularity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u_re, u_im, w_re, w_im = (torch.randn(n, m, generator=g) for _ in range(4))
+    pk = pack_widely(u_re, u_im, w_re, w_im, stages, granularity)
+    return pk.codes.to(DEVICE), pk.scales.to(DEVICE), pk.group_size or 0
+
+
+def _inputs(lead, n, m, dtype, bias, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 2 * m, generator=g).to(DEVICE, dtype)
+    b = torch.randn(2 * n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, b
+
+
+def _assert_matches(y, x, codes, scales, b, m, group_size):
+    ref = packed_linear_reference(x.float(), codes, scales, None if b is None else b.float(), m, group_size)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    tol = TOL[x.dtype]
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.float(), ref, atol=tol * scale, rtol=tol)
+
+
+def _check(n, m, stages, granularity, lead, dtype=torch.float32, bias=False, seed=0):
+    codes, scales, group_size = _layer(n, m, stages, granularity, seed)
+    x, b = _inputs(lead, n, m, dtype, bias, seed + 1)
+    y = packed_linear_triton(x, codes, scales, b, m, group_size)
+    _assert_matches(y, x, codes, scales, b, m, group_size)
+
+
+# --------------------------------------------------------------------------- #
+# correctness
+
+
+def test_sign_table_matches_complex_arithmetic():
+    z = complex(0.375, -1.25)
+    vals = {"a": z.real, "b": z.imag}
+    for (conj, k), (re_t, im_t) in TABLE.items():
+        want = (1j**k) * (z.conjugate() if conj else z)
+        assert (re_t[0] * vals[re_t[1]], im_t[0] * vals[im_t[1]]) == (want.real, want.imag)
+    for k in range(4):
+        assert complex(*UNIT[k]) == 1j**k
+        assert AXIS[k] == k % 2  # codes 0, 2 are +-1 (s_re), codes 1, 3 are +-i (s_im)
+
+
+# n = 70: two BLOCK_N = 64 blocks, the second ragged; m = 150: not a multiple of 16 nor of
+# BLOCK_K, several K steps; group 6 and 24 are not multiples of 16 (blocks start inside a word)
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("granularity", ["tensor", "row", 16, 6, 24])
+def test_gemv_matches_reference(stages, granularity):
+    _check(70, 150, stages, granularity, (1,), bias=stages != 2)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("granularity", ["tensor", "row", 16, 6, 24])
+def test_gemm_matches_reference(stages, granularity):
+    _check(70, 150, stages, granularity, (37,), bias=stages == 2)  # M = 37: a ragged BLOCK_M tile
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (4, 7)], ids=["gemv-M6", "gemm-M28"])
+def test_leading_dims_are_flattened(lead):
+    _check(24, 40, 2, "row", lead, bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 20], ids=["gemv", "gemm"])
+def test_half_activations(dtype, M):
+    _check(40, 70, 2, 32, (M,), dtype=dtype, bias=True)
+
+
+def test_many_blocks_and_k_steps():
+    """Small forced blocks: 5 blocks of rows, 3 K steps with a ragged tail, on both paths."""
+    n, m = 70, 45
+    codes, scales, _ = _layer(n, m, 2, "row")
+    for M, spec in [
+        (3, KernelSpec("gemv", 2, "row", 0, "float32", True, 1, 16, 16, interpret=INTERPRET)),
+        (1, KernelSpec("gemm", 2, "row", 0, "float32", True, 16, 16, 16, interpret=INTERPRET)),
+        (33, KernelSpec("gemm", 2, "row", 0, "float32", True, 16, 16, 16, interpret=INTERPRET)),
+    ]:
+        x, b = _inputs((M,), n, m, torch.float32, True)
+        y = launch_packed_linear(spec, x, codes, scales, b, m)
+        _assert_matches(y, x, codes, scales, b, m, 0)
+
+
+def test_group_wider_than_m_is_row_scales():
+    n, m = 20, 30
+    codes, scales, g = _layer(n, m, 1, 64)  # one group per row
+    assert g == 64 and choose_spec(1, n, m, 1, g, True, torch.float32, False, True).scale == "row"
+    x, _ = _inputs((1,), n, m, torch.float32, False)
+    _assert_matches(packed_linear_triton(x, codes, scales, None, m, g), x, codes, scales, None, m, g)
+
+
+@settings(max_examples=10)
+@given(
+    n=st.integers(1, 40), m=st.integers(1, 50), stages=st.integers(1, 3),
+    granularity=st.sampled_from(["tensor", "row", 1, 5, 8, 16, 20]),
+    M=st.sampled_from([1, 2, 17, 19]), bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(n, m, stages, granularity, M, bias, seed):
+    _check(n, m, stages, granularity, (M,), bias=bias, seed=seed)
+
+
+def test_packed_linear_op_with_triton_kernel():
+    n, m = 24, 40
+    codes, scales, g = _layer(n, m, 2, 16)
+    x, b = _inputs((2, 2), n, m, torch.float32, True)
+    y = packed_linear(x, codes, scales, b, m, g, "triton")
+    _assert_matches(y, x, codes, scales, b, m, g)
+
+
+def test_registered_op_traces_with_fake_tensors():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    n, m = 16, 20
+    codes, scales, g = _layer(n, m, 1, "tensor")
+    x, _ = _inputs((3,), n, m, torch.float32, False)
+    # traced calls go through the op (registered on first use); eager calls launch directly
+    gm = make_fx(lambda x, c, s: packed_linear_triton(x, c, s, None, m, g), tracing_mode="fake")(x, codes, scales)
+    assert "fairy2i.packed_linear_triton" in gm.code
+    assert torch.allclose(gm(x, codes, scales), packed_linear_triton(x, codes, scales, None, m, g))
+
+
+def test_torch_compile_fullgraph():
+    n, m = 16, 40
+    codes, scales, g = _layer(n, m, 2, "row")
+    x, b = _inputs((3,), n, m, torch.float32, True)
+    f = torch.compile(lambda x: packed_linear_triton(x, codes, scales, b, m, g).relu(),
+                      backend="aot_eager", fullgraph=True)
+    ref = packed_linear_reference(x, codes, scales, b, m, g).relu()
+    torch.testing.assert_close(f(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
+def test_triton_op_is_registered_without_interpreter(tmp_path):
+    """Without the interpreter the op is a triton_op: AOTAutograd decomposes it into a
+    triton_kernel_wrapper_functional node (the kernel Inductor sees). Traced only, never run,
+    so it needs no GPU."""
+    code = (
+        "import torch\n"
+        "from functorch.compile import aot_function\n"
+        "from fairy2i_compile.codegen import triton_packed as tp\n"
+        "from fairy2i_compile.packing import pack_widely\n"
+        "pk = pack_widely(*(torch.randn(16, 40) for _ in range(4)), 1, 'row')\n"
+        "class Seen(Exception):\n"
+        "    pass\n"
+        "def grab(gm, inputs):\n"
+        "    raise Seen(gm.code)\n"
+        "f = lambda x, c, s: torch.ops.fairy2i.packed_linear_triton(x, c, s, None, 40, 0)\n"
+        "try:\n"
+        "    aot_function(f, fw_compiler=grab)(torch.randn(3, 80), pk.codes, pk.scales)\n"
+        "except Seen as e:\n"
+        "    print(e)\n"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FAIRY2I_KERNEL_CACHE"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "triton_kernel_wrapper_functional" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert [p.name.startswith("fairy2i_gemv_t1_row_f32_") for p in (tmp_path / "triton").iterdir()] == [True]
+
+
+# --------------------------------------------------------------------------- #
+# generated source
+
+
+def _inner_loops(source: str):
+    lines = source.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == INNER_LOOP_BEGIN]
+    ends = [i for i, line in enumerate(lines) if line.strip() == INNER_LOOP_END]
+    assert len(starts) == len(ends) == 1, "one marked inner loop per GEMV source"
+    return lines[starts[0] + 1:ends[0]]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", 16, 64, 6, 24])
+@pytest.mark.parametrize("stages", [1, 3])
+def test_gemv_inner_loop_has_no_multiplication(granularity, stages):
+    n, m = 64, 300
+    group = granularity if isinstance(granularity, int) else 0
+    for interpret in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            spec = choose_spec(1, n, m, stages, group, granularity == "row", dtype, True, interpret)
+            assert spec.path == "gemv"
+            body = _inner_loops(generate_source(spec))
+            code = [line.split("#", 1)[0] for line in body]
+            assert not any("*" in line for line in code), "\n".join(body)
+            assert sum("tl.where" in line for line in code) == 8 * stages  # 2 axes x re/im x 2T planes
+            assert not any("tl.dot" in line for line in code)
+
+
+@pytest.mark.parametrize("path_M", [1, 40])
+def test_generated_source_is_readable_python(path_M):
+    spec = choose_spec(path_M, 50, 70, 2, 24, True, torch.bfloat16, True, INTERPRET)
+    src = generate_source(spec)
+    ast.parse(src)
+    head = src.split("import triton", 1)[0]
+    assert head.startswith("# Generated by fairy2i_compile") and "# spec: KernelSpec(" in head
+    assert f"group_size={spec.group_size}" in head and "Q^U_t" in head
+    assert f"def {spec.name}(" in src
+
+
+def test_sources_are_cached_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRY2I_KERNEL_CACHE", str(tmp_path))
+    spec = choose_spec(1, 24, 40, 1, 0, False, torch.float32, False, INTERPRET)
+    kernel = load_kernel(spec)
+    path = source_path(spec)
+    assert path.parent == tmp_path / "triton" and path.name.startswith(spec.name + "_")
+    assert path.read_text() == generate_source(spec) and path in generated_sources()
+    assert load_kernel(spec) is kernel  # in-process cache per spec
+    mtime = path.stat().st_mtime_ns
+    monkeypatch.setattr(tp, "_KERNELS", {})  # as a new process would: the file is found and reused
+    load_kernel(spec)
+    assert path.stat().st_mtime_ns == mtime and sorted((tmp_path / "triton").iterdir()) == [path]
+    path.write_text("# damaged\n")  # a file that does not match its hash is rewritten
+    monkeypatch.setattr(tp, "_KERNELS", {})
+    load_kernel(spec)
+    assert path.read_text() == generate_source(spec)
+    other = choose_spec(1, 24, 40, 2, 0, False, torch.float32, False, INTERPRET)
+    assert source_path(other) != path  # another spec, another hash
+
+
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from fairy2i_compile.codegen import triton_packed as tp\n"
+        "s = tp.choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, False)\n"
+        "assert 'tl.where' in tp.generate_source(s)\n"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- #
+# bad inputs
+
+
+def test_rejects_non_contiguous_x():
+    codes, scales, g = _layer(8, 16, 1, "tensor")
+    x = torch.randn(32, 3, device=DEVICE).t()  # [3, 32], strides (1, 3)
+    with pytest.raises(ValueError, match=r"contiguous.*\(3, 32\).*\(1, 3\).*\.contiguous\(\)"):
+        packed_linear_triton(x, codes, scales, None, 16, g)
+
+
+def test_rejects_wrong_last_dim():
+    codes, scales, g = _layer(8, 16, 1, "tensor")
+    with pytest.raises(ValueError, match=r"last dim 2\*m = 32"):
+        packed_linear_triton(torch.randn(2, 30, device=DEVICE), codes, scales, None, 16, g)
+
+
+def test_rejects_bias_dtype_mismatch():
+    codes, scales, g = _layer(8, 16, 1, "tensor")
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(TypeError, match="bias dtype"):
+        packed_linear_triton(x, codes, scales, torch.randn(16, device=DEVICE, dtype=torch.float16), 16, g)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    codes, scales, g = _layer(8, 16, 1, "tensor")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        packed_linear_triton(torch.randn(2, 32), codes.cpu(), scales.cpu(), None, 16, g)
+
+
+def test_kernel_spec_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        KernelSpec("gemv", 1, "tensor", block_n=24)
+    with pytest.raises(ValueError, match="tl.dot needs"):
+        KernelSpec("gemm", 1, "tensor", block_m=8, block_n=16, block_k=16)
+    with pytest.raises(ValueError, match="group_size"):
+        KernelSpec("gemv", 1, "group")
+    assert choose_spec(16, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemv"
+    assert choose_spec(17, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemm"
