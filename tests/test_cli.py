@@ -1,6 +1,6 @@
-"""The `fairy2i` command line: help, dump on tiny-llama, bench, and clear errors (exit 2) for bad input."""
+"""The `fairy2i` command line: help, dump on tiny-llama, bench, quantize -> packed checkpoint -> bench/dump,
+and clear errors (exit 2) for bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+import torch
 
 from fairy2i_compile.cli import main
 
@@ -26,8 +28,10 @@ def test_help(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: fairy2i")
-    if command:
-        assert "--model" in out and "--mode" in out
+    if command == "quantize":
+        assert "--model" in out and "--dense-dtype" in out and "FILE.safetensors" in out and "--mode {" not in out
+    elif command:
+        assert "--model" in out and "--mode" in out and "FILE.safetensors" in out
 
 
 def test_console_script_is_installed():
@@ -91,9 +95,85 @@ def test_argparse_errors_exit_2(capsys):
     assert "--iters must be >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fairy2i_compile.checkpoint") is not None,
-                    reason="packed checkpoints exist in this build")
-def test_quantize_without_packed_checkpoints_says_so(tmp_path, capsys):
-    assert main(["quantize", "--out", str(tmp_path / "w2.pt"), "--no-progress"]) == 2
-    assert "packed checkpoints are not available in this build" in capsys.readouterr().err
-    assert not (tmp_path / "w2.pt").exists()
+# ------------------------------------------------------------------ packed checkpoints
+@pytest.fixture(scope="module")
+def w2_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny-w2.safetensors"
+    assert main(["quantize", "--model", "tiny-llama", "--stages", "2", "--out", str(path), "--no-progress"]) == 0
+    return path
+
+
+def test_quantize_tiny_llama_equals_pack_model_bit_for_bit(w2_checkpoint):
+    from fairy2i_compile.checkpoint import load_packed, packed_state_info
+    from fairy2i_compile.cli import _tiny_llama
+    from fairy2i_compile.packed_model import pack_model
+
+    info = packed_state_info(w2_checkpoint)
+    assert info["extra"] == {"source": "tiny-llama"} and info["fairy2i"]["stages"] == 2 and len(info["layers"]) == 15
+    ref = _tiny_llama(torch.float32)
+    pack_model(ref, stages=2, kernel="torch")
+    loaded = load_packed(w2_checkpoint, kernel="torch")
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+def test_quantize_subprocess_skip_and_dense_dtype(tmp_path):
+    out = tmp_path / "w1.safetensors"
+    proc = _run("quantize", "--model", "tiny-llama", "--stages", "1", "--skip", "lm_head", "--dense-dtype", "float16",
+                "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    assert "14 layers packed (stages=1, granularity='tensor'), 1 kept real" in proc.stdout
+    assert "kept real: lm_head (matches skip pattern 'lm_head')" in proc.stdout and "(float16)" in proc.stdout
+    assert sorted(os.listdir(tmp_path)) == ["w1.safetensors"]  # no temp file left
+
+
+def test_bench_and_dump_take_a_packed_checkpoint(w2_checkpoint, tmp_path, capsys):
+    assert main(["bench", "--model", str(w2_checkpoint), "--seq-len", "8", "--iters", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{w2_checkpoint}: forward of 1 x 8 tokens") and "| fairy2i ptq (eager) |" in out
+    dump = tmp_path / "dump"
+    assert main(["dump", "--model", str(w2_checkpoint), "--out", str(dump), "--no-mlir", "--no-progress"]) == 0
+    report = json.loads((dump / "report.json").read_text())
+    assert report["graphs"][0]["counters"]["fuse_stages_prepacked"] == 15
+    assert "phase_quant_ptq" not in report["graphs"][0]["counters"]  # nothing quantized again
+
+
+def test_kept_real_layers_of_a_checkpoint_stay_real_when_compiled(tmp_path, capsys):
+    ckpt = tmp_path / "skip.safetensors"
+    assert main(["quantize", "--stages", "1", "--skip", "*.down_proj", "--out", str(ckpt), "--no-progress"]) == 0
+    dump = tmp_path / "dump"
+    assert main(["dump", "--model", str(ckpt), "--out", str(dump), "--no-mlir", "--no-progress"]) == 0
+    layers = {r["name"]: r for r in json.loads((dump / "report.json").read_text())["layers"]}
+    down = [r for name, r in layers.items() if name.endswith("down_proj")]
+    assert len(down) == 2 and all(r["action"] == "kept_real" for r in down), down
+    assert "13 layers converted, 2 kept real" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--out", "{tmp}/w2.pt"], "must end in .safetensors"),
+    (["quantize", "--out", "{tmp}"], "is a folder; give a file path ending in .safetensors"),
+    (["quantize", "--stages", "9", "--out", "{tmp}/x.safetensors"], "option 'stages' must be in 1..4"),
+    (["quantize", "--model", "{ckpt}", "--out", "{tmp}/x.safetensors"], "is already a packed checkpoint"),
+    (["bench", "--model", "{tmp}/nope.safetensors"], "no such file; write a packed checkpoint with `fairy2i quantize"),
+    (["bench", "--model", "{ckpt}", "--stages", "1"], "is a packed checkpoint (stages=2, granularity='tensor'); "
+                                                      "--stages do not apply to it"),
+    (["bench", "--model", "{ckpt}", "--dtype", "float16"], "--dtype does not apply to a packed checkpoint"),
+    (["dump", "--model", "{half}", "--out", "{tmp}/d"], "not a readable safetensors file (truncated or corrupt?)"),
+    (["bench", "--model", "{plain}"], "not a fairy2i packed checkpoint (metadata 'format' is None"),
+    (["eval", "--model", "{ckpt}"], "has no tokenizer"),
+])
+def test_checkpoint_bad_input_is_exit_2_with_a_message(argv, message, w2_checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    data = w2_checkpoint.read_bytes()
+    (tmp_path / "half.safetensors").write_bytes(data[: len(data) // 2])
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    names = {"tmp": tmp_path, "ckpt": w2_checkpoint, "half": tmp_path / "half.safetensors",
+             "plain": tmp_path / "plain.safetensors"}
+    argv = [a.format(**names) for a in argv]
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fairy2i {argv[0]}: error: ") and message in err and "\n" == err[-1:], err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "w2.pt").exists()
