@@ -16,6 +16,8 @@ as placeholder inputs, linears as `torch._C._nn.linear`). The backend
                   compiles a model in about a second, where Inductor takes
                   15-35 s per graph cold; the fairy2i ops are opaque library
                   calls either way, so the eager runner loses little for them.
+                  In inference graphs, packed ops on CPU become direct calls of
+                  the C++ kernel (codegen/lower.py).
        "inductor" Inductor compiles everything around the fairy2i ops.
 
 With `dump_dir` set, every stage's graph, what each pass changed, the forward
@@ -84,7 +86,25 @@ class Fairy2iBackend:
         compiled = _lower(gm, example_inputs, config, dumper, report)
         if report.mlir is not None:
             self._write_report(dumper, report, dump_graphs)
+        packed = report.counters.get("fuse_stages_fused", 0) + report.counters.get("fuse_stages_prepacked", 0)
+        if packed and (config.dump_dir is not None or os.environ.get("TORCH_TRACE")):
+            compiled = self._dump_kernels_after_first_call(compiled, dumper, report, dump_graphs)
         return compiled
+
+    def _dump_kernels_after_first_call(self, compiled, dumper: GraphDumper, report: GraphReport, dump_graphs):
+        """Kernels are built on first use: copy their sources into the dump once the graph has run."""
+        done: List[bool] = []
+
+        def run(*args):
+            out = compiled(*args)
+            if not done:
+                done.append(True)
+                dumper.copy_kernels(_kernel_sources(), report)
+                self._write_report(dumper, report, dump_graphs)
+            return out
+
+        run._boxed_call = getattr(compiled, "_boxed_call", False)  # type: ignore[attr-defined]
+        return run
 
     def _write_report(self, dumper: GraphDumper, report: GraphReport, dump_graphs) -> None:
         with _DUMP_LOCK:
@@ -97,6 +117,19 @@ class Fairy2iBackend:
         with _DUMP_LOCK:
             graphs = _DUMP_GRAPHS.setdefault(key, [])
             return len(graphs), graphs
+
+
+def _kernel_sources() -> List[str]:
+    """Sources of the packed-op kernels this process has built so far (never imports triton)."""
+    import sys
+
+    from .codegen import cpu_packed
+
+    sources = [str(cpu_packed.SOURCE)] if cpu_packed.cpu_kernel_library() is not None else []
+    triton_mod = sys.modules.get("fairy2i_compile.codegen.triton_packed")
+    if triton_mod is not None:
+        sources += [str(p) for p in triton_mod.generated_sources()]
+    return sources
 
 
 def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: GraphDumper, report: GraphReport):
@@ -131,10 +164,19 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
     def run_eager(graph, inputs, **kwargs):
         return make_boxed_func(graph.forward)
 
+    def run_eager_inference(graph, inputs, **kwargs):
+        # after the dump and MLIR export (they show the ops): CPU packed ops -> direct kernel calls
+        from .codegen.lower import lower_packed_for_eager
+
+        lowered = lower_packed_for_eager(graph)
+        if lowered:
+            report.counters["lowered_cpu_direct"] = report.counters.get("lowered_cpu_direct", 0) + lowered
+        return make_boxed_func(graph.forward)
+
     return aot_autograd(
         fw_compiler=dumping("aot_forward", aot_index, run_eager),
         bw_compiler=dumping("aot_backward", aot_index + 1, run_eager),
-        inference_compiler=dumping("aot_inference", aot_index, run_eager),
+        inference_compiler=dumping("aot_inference", aot_index, run_eager_inference),
     )(gm, example_inputs)
 
 

@@ -14,6 +14,9 @@ one graph):
     mlir/graph_0/02_aot_inference.torch.mlir               torch-mlir, `torch` dialect
     mlir/graph_0/02_aot_inference.linalg-on-tensors.mlir   and `linalg-on-tensors`
     mlir/graph_0/mlir_error.txt                            only when the export failed (why)
+    kernels/                          the kernel sources the packed ops ran (copied after the
+                                      graph's first call): generated Triton kernels
+                                      (<name>_<hash>.py) and/or the C++ CPU kernel (cpu_packed.cpp)
 
 graph_N/ holds exactly one `.py` per stage: each is the graph's `print_readable()`
 code with a header naming the stage. MLIR export runs torch-mlir in a subprocess
@@ -162,6 +165,20 @@ class GraphDumper:
             trace_artifact(f"fairy2i_{stage}_mlir_error", lambda: result["error"])
         return result
 
+    # ----------------------------------------------------------------- kernel sources
+    def copy_kernels(self, sources: Sequence[str], report: GraphReport) -> List[str]:
+        """Copy kernel source files into dump_dir/kernels/ (and the trace); record them in `report`."""
+        copied = []
+        for src in sources:
+            name = os.path.basename(str(src))
+            text = _read(str(src))
+            trace_artifact(f"fairy2i_kernel_{os.path.splitext(name)[0]}", lambda t=text: t)
+            if self.root is not None:
+                atomic_write_text(os.path.join(self.root, "kernels", name), text)
+            copied.append(f"kernels/{name}")
+        report.kernels = sorted(set(report.kernels) | set(copied))
+        return copied
+
     # ----------------------------------------------------------------- report.json + summary.md
     def write_report(self, config: dict, report: GraphReport, graphs: Optional[List[GraphReport]],
                      skip_patterns: Sequence[str] = ()) -> None:
@@ -204,6 +221,8 @@ def write_summary(path: str, graphs: List[GraphReport]) -> None:
             if len(shown) > 12:
                 lines.append(f"- ... and {len(shown) - 12} more (report.json)")
             lines.append("")
+        if g.kernels:
+            lines += ["### kernels the packed ops ran", ""] + [f"- `{k}`" for k in g.kernels] + [""]
         m = g.mlir
         if m is not None:
             lines += [f"### MLIR of `{m.get('stage')}` ({m.get('seconds', 0):.1f} s)", ""]

@@ -56,6 +56,7 @@ __all__ = [
     "pack_layer",
     "cached_ptq_value",
     "replace_ptq_slot_value",
+    "ptq_packed_linear_direct",
 ]
 
 
@@ -251,6 +252,16 @@ def _ptq_packed_linear(x, a, bias, slot, stages, granularity, name, kernel):
 
 
 _LIB.impl("ptq_packed_linear", _ptq_packed_linear, "CompositeExplicitAutograd")
+
+
+def ptq_packed_linear_direct(x, a, bias, slot, stages, granularity, name, kernel):
+    """`fairy2i.ptq_packed_linear` for the eager runner's CPU inference graphs (codegen/lower.py):
+    the op's signature, cache lookup + the C++ kernel, no dispatcher (validated at compile time)."""
+    from .codegen.cpu_packed import cpu_forward
+
+    pk = _packed_for(a, slot, stages, granularity, name)
+    return cpu_forward(x if x.is_contiguous() else x.contiguous(), pk.codes, pk.scales, bias, pk.m,
+                       pk.group_size or 0)
 
 # The dense A_hat of a packed PTQ layer, rebuilt from its cached codes as a fresh tensor:
 # only the backward of ptq_packed_linear (dL/dx = g @ A_hat) uses it. An op of its own

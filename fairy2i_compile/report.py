@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from .cache import atomic_write_text
 
 __all__ = ["LayerReport", "GraphReport", "atomic_write_text", "summarize"]
 
@@ -49,6 +49,7 @@ class GraphReport:
     counters: Dict[str, int] = field(default_factory=dict)
     passes: List[Dict[str, Any]] = field(default_factory=list)   # per pass: nodes added/removed, layers changed
     mlir: Optional[Dict[str, Any]] = None                         # torch-mlir export: files, error, seconds
+    kernels: List[str] = field(default_factory=list)              # kernel sources copied into dump_dir/kernels
 
     def converted(self) -> List[str]:
         return [r.name for r in self.layers if r.action != "kept_real"]
@@ -71,26 +72,12 @@ def summarize(graphs: List[GraphReport], skip_patterns=()) -> dict:
     }
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp file + os.replace: a reader never sees a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(path: str, config: dict, graphs: List[GraphReport], skip_patterns=()) -> None:
     payload = {
         "config": config,
         "summary": summarize(graphs, skip_patterns),
-        "graphs": [{"graph": g.graph, "counters": g.counters, "passes": g.passes, "mlir": g.mlir} for g in graphs],
+        "graphs": [{"graph": g.graph, "counters": g.counters, "passes": g.passes, "mlir": g.mlir,
+                    "kernels": g.kernels} for g in graphs],
         "layers": [r.to_dict() for g in graphs for r in g.layers],
     }
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")

@@ -377,3 +377,37 @@ def test_pack_model_keeps_odd_and_skipped_layers_real():
         PackedLinear(3, 4)
     with pytest.raises(ValueError, match="option 'stages'"):
         pack_model(model, stages=7)
+
+
+# ------------------------------------------------------------------ lowering for the eager runner, kernel dumps
+@needs_cpu_kernel
+def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_path):
+    import json
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (1, 6))
+    c, backend = compiled(model, mode="ptq", dump_dir=str(tmp_path))
+    ref, ref_backend = compiled(model, mode="ptq", kernel="torch")
+    with torch.no_grad():
+        got = c(ids).logits
+        want = ref(ids).logits
+    assert backend.reports[0].counters["lowered_cpu_direct"] == 15
+    assert "lowered_cpu_direct" not in ref_backend.reports[0].counters  # the reference keeps the op
+    assert_fp32_close(got, want)
+    # the dumped inference graph still shows the op (what is computed), the kernel source sits beside it
+    assert "fairy2i.ptq_packed_linear" in (tmp_path / "graph_0" / "04_aot_inference.py").read_text()
+    assert (tmp_path / "kernels" / "cpu_packed.cpp").read_text() == cpu_packed.SOURCE.read_text()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["graphs"][0]["kernels"] == ["kernels/cpu_packed.cpp"]
+    assert "kernels/cpu_packed.cpp" in (tmp_path / "summary.md").read_text()
+
+
+def test_training_graphs_keep_the_packed_op():
+    # grad mode: AOT builds forward/backward graphs, which must keep the op (its backward formula)
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (1, 6))
+    c, backend = compiled(model, mode="ptq")
+    out = c(ids, labels=ids)
+    out.loss.backward()
+    assert "lowered_cpu_direct" not in backend.reports[0].counters
+    assert model.model.norm.weight.grad is not None

@@ -47,7 +47,7 @@ static const vi SH_HI[2] = {{30, 28, 26, 24, 22, 20, 18, 16}, {14, 12, 10, 8, 6,
 
 template <int MT>
 static void fold_rows(const float* pq, const int32_t* codes, int64_t P, int64_t n, int64_t KW,
-                      int64_t M, int64_t t0, float* y, int64_t j) {
+                      int64_t M, int64_t t0, const float* bias, float* y, int64_t j) {
   const int64_t mp = KW * 16;
   const vi SIGN = splat_i((int32_t)0x80000000u);
   vf ar[MT], ai[MT];
@@ -71,8 +71,8 @@ static void fold_rows(const float* pq, const int32_t* codes, int64_t P, int64_t 
     }
   }
   for (int t = 0; t < MT; ++t) {
-    y[(t0 + t) * 2 * n + j] = hsum(ar[t]);
-    y[(t0 + t) * 2 * n + n + j] = hsum(ai[t]);
+    y[(t0 + t) * 2 * n + j] = hsum(ar[t]) + (bias ? bias[j] : 0.f);
+    y[(t0 + t) * 2 * n + n + j] = hsum(ai[t]) + (bias ? bias[n + j] : 0.f);
   }
 }
 
@@ -162,21 +162,32 @@ void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < n; ++j) {
       int64_t t0 = 0;
-      for (; t0 + 4 <= M; t0 += 4) fold_rows<4>(pq, codes, P, n, KW, M, t0, y, j);
+      for (; t0 + 4 <= M; t0 += 4) fold_rows<4>(pq, codes, P, n, KW, M, t0, bias, y, j);
       switch (M - t0) {
-        case 3: fold_rows<3>(pq, codes, P, n, KW, M, t0, y, j); break;
-        case 2: fold_rows<2>(pq, codes, P, n, KW, M, t0, y, j); break;
-        case 1: fold_rows<1>(pq, codes, P, n, KW, M, t0, y, j); break;
+        case 3: fold_rows<3>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
+        case 2: fold_rows<2>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
+        case 1: fold_rows<1>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
         default: break;
       }
     }
   } else {
     const int64_t RB = 4;  // complex rows per block -> 8 real rows in the buffer
     const int64_t blocks = (n + RB - 1) / RB;
+    // the activations in the padded width [a (mp) | b (mp)], zeros past m, laid out once
+    // (as they are when m is a multiple of 16)
+    std::vector<float> xpad;
+    const float* xp = x;
+    if (m != mp) {
+      xpad.assign(M * 2 * mp, 0.f);
+      for (int64_t t = 0; t < M; ++t) {
+        std::memcpy(&xpad[t * 2 * mp], x + t * 2 * m, m * sizeof(float));
+        std::memcpy(&xpad[t * 2 * mp + mp], x + t * 2 * m + m, m * sizeof(float));
+      }
+      xp = xpad.data();
+    }
 #pragma omp parallel num_threads(nthreads)
     {
       std::vector<float> buf(2 * RB * 2 * mp);
-      std::vector<float> xp(2 * mp, 0.f);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t j0 = b * RB, rows = (n - j0 < RB) ? n - j0 : RB;
@@ -184,27 +195,20 @@ void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* 
           decode_row(codes, scales, P, n, KW, m, n_s, G, group, j0 + r, &buf[(2 * r) * 2 * mp],
                      &buf[(2 * r + 1) * 2 * mp]);
         for (int64_t t = 0; t < M; ++t) {
-          // token t re-laid out with the padded width: [a (mp) | b (mp)], zeros past m
-          const float* xt = x + t * 2 * m;
-          std::memcpy(&xp[0], xt, m * sizeof(float));
-          std::memcpy(&xp[mp], xt + m, m * sizeof(float));
+          const float* xt = xp + t * 2 * mp;
           vf acc[2 * RB];
           for (int64_t r = 0; r < 2 * rows; ++r) acc[r] = splat_f(0.f);
           for (int64_t k = 0; k < 2 * mp; k += 8) {
-            const vf xv = loadf(&xp[k]);
+            const vf xv = loadf(xt + k);
             for (int64_t r = 0; r < 2 * rows; ++r) acc[r] += loadf(&buf[r * 2 * mp + k]) * xv;
           }
           for (int64_t r = 0; r < rows; ++r) {
-            y[t * 2 * n + j0 + r] = hsum(acc[2 * r]);
-            y[t * 2 * n + n + j0 + r] = hsum(acc[2 * r + 1]);
+            y[t * 2 * n + j0 + r] = hsum(acc[2 * r]) + (bias ? bias[j0 + r] : 0.f);
+            y[t * 2 * n + n + j0 + r] = hsum(acc[2 * r + 1]) + (bias ? bias[n + j0 + r] : 0.f);
           }
         }
       }
     }
-  }
-  if (bias != nullptr) {
-    for (int64_t t = 0; t < M; ++t)
-      for (int64_t o = 0; o < 2 * n; ++o) y[t * 2 * n + o] += bias[o];
   }
 }
 

@@ -52,6 +52,7 @@ __all__ = [
     "cpu_kernel_library",
     "packed_linear_cpu",
     "cpu_forward",
+    "packed_linear_direct",
     "build_cpu_kernel",
 ]
 
@@ -63,6 +64,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
 _LIB_PATH: Optional[pathlib.Path] = None
+_FN = None   # the kernel's ctypes function, bound once (argtypes set)
 _ERROR: Optional[str] = None
 
 
@@ -117,7 +119,7 @@ def build_cpu_kernel(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
 
 
 def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
-    global _LIB, _LIB_PATH, _ERROR
+    global _LIB, _LIB_PATH, _FN, _ERROR
     with _LOCK:
         if _LIB is not None or _ERROR is not None:
             return _LIB, _ERROR
@@ -133,7 +135,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
             fn.restype = None
-            _LIB, _LIB_PATH = lib, path
+            _LIB, _LIB_PATH, _FN = lib, path, fn
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             _ERROR = str(e)
         return _LIB, _ERROR
@@ -169,25 +171,37 @@ def packed_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[T
     return cpu_forward(x, codes, scales, bias, m, group_size)
 
 
+_F32 = torch.float32
+
+
 def cpu_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
                 group_size: int) -> Tensor:
-    """:func:`packed_linear_cpu` without the checks: the op calls it after validating once."""
-    assert _LIB is not None, "cpu_forward before the kernel was loaded"
+    """:func:`packed_linear_cpu` without the checks, for arguments validated already.
+
+    Called once per layer per decoded token, so it does the least Python it can:
+    x must be contiguous; codes, scales and bias contiguous (packing and PackedLinear
+    make them so).
+    """
     P, n, kw = codes.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, 2 * m)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    M = x2.shape[0]
-    y = torch.empty((M, 2 * n), dtype=torch.float32)
-    if M:
+    if not codes.is_contiguous():
         codes = codes.contiguous()
-        s32 = (scales if scales.dtype == torch.float32 else scales.float()).contiguous()
-        b32 = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float()).contiguous()
-        n_s, G = s32.shape[2], s32.shape[3]
-        fold = int(n_s == 1 and G == 1 and M <= FOLD_MAX_TOKENS)
-        _LIB.fairy2i_packed_linear(
-            x2.data_ptr(), M, m, codes.data_ptr(), P, n, kw, s32.data_ptr(), n_s, G, group_size,
-            None if b32 is None else b32.data_ptr(), y.data_ptr(), fold, torch.get_num_threads(),
-        )
-    return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*lead, 2 * n)
+    if scales.dtype is not _F32 or not scales.is_contiguous():
+        scales = scales.float().contiguous()
+    xf = x if x.dtype is _F32 else x.float()
+    M = xf.numel() // (2 * m)
+    y = torch.empty(x.shape[:-1] + (2 * n,), dtype=_F32)
+    if M:
+        n_s, G = scales.shape[2], scales.shape[3]
+        if bias is not None and (bias.dtype is not _F32 or not bias.is_contiguous()):
+            bias = bias.float().contiguous()
+        _FN(xf.data_ptr(), M, m, codes.data_ptr(), P, n, kw, scales.data_ptr(), n_s, G, group_size,
+            None if bias is None else bias.data_ptr(), y.data_ptr(),
+            M <= FOLD_MAX_TOKENS and n_s == 1 and G == 1, torch.get_num_threads())
+    return y if x.dtype is _F32 else y.to(x.dtype)
+
+
+def packed_linear_direct(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
+                         group_size: int, kernel: str) -> Tensor:
+    """`fairy2i.packed_linear` for the eager runner's CPU inference graphs (codegen/lower.py):
+    the op's signature, the C++ kernel called straight from the graph, no dispatcher."""
+    return cpu_forward(x if x.is_contiguous() else x.contiguous(), codes, scales, bias, m, group_size)
