@@ -295,28 +295,10 @@ def _atomic_save_file(tensors: Dict[str, Tensor], path: pathlib.Path, metadata: 
 # ------------------------------------------------------------------ read the header
 def _read_header(path: pathlib.Path) -> Tuple[Dict[str, str], Dict[str, Tuple[List[int], str]]]:
     """(metadata, {key: (shape, safetensors dtype)}) without reading tensor data; format checked."""
-    from safetensors import safe_open
+    from .safetensors_io import read_header
 
-    if not path.is_file():
-        raise FileNotFoundError(f"no packed checkpoint at {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            header = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own SafetensorError (an Exception)
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{path}: not a fairy2i packed checkpoint (metadata 'format' is {meta.get('format')!r}, expected "
-            f"{FORMAT!r}); write one with fairy2i_compile.checkpoint.save_packed or `fairy2i quantize`"
-        )
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: packed checkpoint format_version is {version!r}, this fairy2i_compile reads version "
-            f"{FORMAT_VERSION!r}; load it with the fairy2i_compile version that wrote it, or write it again"
-        )
-    return meta, header
+    return read_header(path, FORMAT, FORMAT_VERSION, "packed checkpoint",
+                       "write one with fairy2i_compile.checkpoint.save_packed or `fairy2i quantize`")
 
 
 def _loads(meta: Mapping[str, str], key: str, path: pathlib.Path, kind: type) -> Any:

@@ -651,27 +651,10 @@ def _check_optimizer_state(path: pathlib.Path, optimizer: torch.optim.Optimizer,
 
 def _read_header(path: pathlib.Path):
     """(metadata, {key: (shape, dtype)}) of a checkpoint, after format and version checks."""
-    from safetensors import safe_open
+    from .safetensors_io import read_header
 
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            header = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a fairy2i training checkpoint (metadata 'format' is {meta.get('format')!r}, "
-            f"expected {FORMAT!r})"
-        )
-    version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise CheckpointError(
-            f"{path}: checkpoint format_version is {version!r}, this fairy2i_compile reads version {FORMAT_VERSION}; "
-            f"load it with the fairy2i_compile version that wrote it"
-        )
+    meta, header = read_header(path, FORMAT, str(FORMAT_VERSION), "training checkpoint",
+                               "write one with fairy2i_compile.train.train_qat", error=CheckpointError)
     if not meta.get("step", "").isdigit():
         raise CheckpointError(f"{path}: metadata 'step' is {meta.get('step')!r}, expected a non-negative int")
     return meta, header

@@ -240,7 +240,8 @@ def test_packed_ptq_equals_fake_quant_end_to_end(kernel):
     assert counters["fairy2i"]["ptq_quantize"] == 0  # packed once, at compile time
 
 
-def test_fused_graph_and_negative_cases(tmp_path):
+def test_fused_graph_and_negative_cases(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRY2I_MLIR", "0")  # the graphs are what this test reads (MLIR: test_dump.py)
     model = tiny_llama()
     ids = torch.randint(0, 96, (1, 6))
     _, backend = compiled(model, mode="ptq", dump_dir=str(tmp_path / "ptq"))
@@ -289,9 +290,10 @@ def test_fuse_pattern_requires_sole_use_of_the_dense_weights(extra_user, fused):
 
 
 @pytest.mark.parametrize("stages, min_ratio", [(2, 7.5), (1, 15.0)])
-def test_report_packed_bytes_vs_bf16(tmp_path, stages, min_ratio):
+def test_report_packed_bytes_vs_bf16(tmp_path, monkeypatch, stages, min_ratio):
     import json
 
+    monkeypatch.setenv("FAIRY2I_MLIR", "0")
     model = small_llama()
     c, _ = compiled(model, mode="ptq", stages=stages, dump_dir=str(tmp_path))
     with torch.no_grad():
@@ -381,9 +383,10 @@ def test_pack_model_keeps_odd_and_skipped_layers_real():
 
 # ------------------------------------------------------------------ lowering for the eager runner, kernel dumps
 @needs_cpu_kernel
-def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_path):
+def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_path, monkeypatch):
     import json
 
+    monkeypatch.setenv("FAIRY2I_MLIR", "0")
     model = tiny_llama()
     ids = torch.randint(0, 96, (1, 6))
     c, backend = compiled(model, mode="ptq", dump_dir=str(tmp_path))

@@ -265,12 +265,12 @@ def test_truncated_file_is_named(saved, keep):
 def test_wrong_format_version_is_named(saved, tmp_path):
     path, _, _ = saved
     _rewrite(path, tmp_path / "v99.st", format_version="99")
-    with pytest.raises(CheckpointError, match=r"v99\.st: checkpoint format_version is '99'.*reads version 1"):
+    with pytest.raises(CheckpointError, match=r"v99\.st: training checkpoint format_version is '99'.*reads version '1'"):
         load_checkpoint(tmp_path / "v99.st", tiny_llama())
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.st"))
     with pytest.raises(CheckpointError, match="not a fairy2i training checkpoint"):
         load_checkpoint(tmp_path / "plain.st", tiny_llama())
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="no training checkpoint at"):
         load_checkpoint(tmp_path / "missing.st", tiny_llama())
 
 
