@@ -119,6 +119,11 @@ class Fairy2iBackend:
             return len(graphs), graphs
 
 
+def _count(report: GraphReport, counter: str, by: int) -> None:
+    if by:
+        report.counters[counter] = report.counters.get(counter, 0) + by
+
+
 def _kernel_sources() -> List[str]:
     """Sources of the packed-op kernels this process has built so far (never imports triton)."""
     import sys
@@ -154,6 +159,10 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
             dumper.write(stage, graph, index=aot_index + int(backward))
             if not backward:
                 dumper.export_mlir(stage, aot_index, graph, inputs, report)
+            if inference:
+                from .codegen.lower import lower_packed_for_inference
+
+                _count(report, "lowered_infer", lower_packed_for_inference(graph))
             return compile_fx_inner(graph, inputs, **kwargs)
 
         return compile_fx(gm, example_inputs, inner_compile=inner)
@@ -165,12 +174,12 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
         return make_boxed_func(graph.forward)
 
     def run_eager_inference(graph, inputs, **kwargs):
-        # after the dump and MLIR export (they show the ops): CPU packed ops -> direct kernel calls
-        from .codegen.lower import lower_packed_for_eager
+        # after the dump and MLIR export (they show the ops): CPU packed ops -> direct kernel calls,
+        # the others -> their no-autograd twins
+        from .codegen.lower import lower_packed_for_eager, lower_packed_for_inference
 
-        lowered = lower_packed_for_eager(graph)
-        if lowered:
-            report.counters["lowered_cpu_direct"] = report.counters.get("lowered_cpu_direct", 0) + lowered
+        _count(report, "lowered_cpu_direct", lower_packed_for_eager(graph))
+        _count(report, "lowered_infer", lower_packed_for_inference(graph))
         return make_boxed_func(graph.forward)
 
     return aot_autograd(

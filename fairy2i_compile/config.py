@@ -29,7 +29,7 @@ __all__ = [
 MODES = ("exact", "ptq", "qat")
 METHODS = ("phase", "binary", "ternary")
 GRANULARITIES = ("tensor", "row")  # or a positive int group size
-KERNELS = ("auto", "triton", "cpu", "torch")
+KERNELS = ("auto", "triton", "cpu", "inductor", "torch")
 COMPILERS = ("eager", "inductor")
 MAX_STAGES = 4
 
@@ -54,8 +54,9 @@ class Fairy2iConfig:
     dump_dir:          where graph dumps and report.json go (None: no dumps).
     kernel:            packed-op implementation: "auto" (Triton on CUDA, the C++ kernel on
                        CPU), "triton" (generated Triton kernels; CPU only under
-                       TRITON_INTERPRET=1), "cpu" (the C++ kernel), "torch" (the pure-torch
-                       reference: unpack, dequantize, one GEMM).
+                       TRITON_INTERPRET=1), "cpu" (the C++ kernel), "inductor" (decode-sized
+                       packed layers as torch ops that Inductor fuses; the rest as "auto"),
+                       "torch" (the pure-torch reference: unpack, dequantize, one GEMM).
     compiler:          what runs the graph after AOTAutograd: "eager" (default: no
                        code generation, compiles in about a second on CPU) or
                        "inductor" (generated code; 15-35 s per graph cold on 2 cores).

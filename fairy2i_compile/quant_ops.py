@@ -254,6 +254,27 @@ def _ptq_packed_linear(x, a, bias, slot, stages, granularity, name, kernel):
 _LIB.impl("ptq_packed_linear", _ptq_packed_linear, "CompositeExplicitAutograd")
 
 
+def _ptq_packed_linear_infer(x, a, bias, slot, stages, granularity, name, kernel):
+    from . import packed_ops
+
+    pk = _packed_for(a, slot, stages, granularity, name)
+    return packed_ops.run_packed(x, pk.codes, pk.scales, bias, pk.m, pk.group_size or 0, kernel)
+
+
+# ptq_packed_linear for inference graphs (codegen/lower.py): no autograd formula, no checks
+# (see fairy2i::packed_linear_infer in packed_ops.py)
+_LIB.define(
+    "ptq_packed_linear_infer(Tensor x, Tensor a, Tensor? bias, int slot, int stages, str granularity, "
+    "str name, str kernel) -> Tensor"
+)
+_LIB.impl("ptq_packed_linear_infer", _ptq_packed_linear_infer, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fairy2i::ptq_packed_linear_infer", lib=_LIB)
+def _(x, a, bias, slot, stages, granularity, name, kernel):
+    return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
 def ptq_packed_linear_direct(x, a, bias, slot, stages, granularity, name, kernel):
     """`fairy2i.ptq_packed_linear` for the eager runner's CPU inference graphs (codegen/lower.py):
     the op's signature, cache lookup + the C++ kernel, no dispatcher (validated at compile time)."""

@@ -46,7 +46,7 @@ def test_unknown_option_names_the_allowed_ones():
         ({"skip": [""]}, r"option 'skip' must be a list of non-empty"),
         ({"skip": 3}, r"option 'skip'"),
         ({"dump_dir": 3}, r"option 'dump_dir' must be a path"),
-        ({"kernel": "cuda"}, r"option 'kernel' must be one of \['auto', 'triton', 'cpu', 'torch'\]"),
+        ({"kernel": "cuda"}, r"option 'kernel' must be one of \['auto', 'triton', 'cpu', 'inductor', 'torch'\]"),
         ({"compiler": "tvm"}, r"option 'compiler' must be one of \['eager', 'inductor'\]"),
     ],
 )

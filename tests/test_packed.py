@@ -395,7 +395,9 @@ def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_pat
         got = c(ids).logits
         want = ref(ids).logits
     assert backend.reports[0].counters["lowered_cpu_direct"] == 15
-    assert "lowered_cpu_direct" not in ref_backend.reports[0].counters  # the reference keeps the op
+    # the reference keeps the op, in its no-autograd inference form
+    assert "lowered_cpu_direct" not in ref_backend.reports[0].counters
+    assert ref_backend.reports[0].counters["lowered_infer"] == 15
     assert_fp32_close(got, want)
     # the dumped inference graph still shows the op (what is computed), the kernel source sits beside it
     assert "fairy2i.ptq_packed_linear" in (tmp_path / "graph_0" / "04_aot_inference.py").read_text()
@@ -412,5 +414,49 @@ def test_training_graphs_keep_the_packed_op():
     c, backend = compiled(model, mode="ptq")
     out = c(ids, labels=ids)
     out.loss.backward()
-    assert "lowered_cpu_direct" not in backend.reports[0].counters
+    counters_ = backend.reports[0].counters
+    assert "lowered_cpu_direct" not in counters_ and "lowered_infer" not in counters_
     assert model.model.norm.weight.grad is not None
+
+
+# ------------------------------------------------------------------ the Inductor decomposition (kernel="inductor")
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_decomposition_matches_reference(stages, granularity):
+    from fairy2i_compile.codegen.inductor_packed import packed_linear_decomposed
+
+    a, pk = packed_layer(14, 46, stages, granularity, seed=stages)
+    for tokens in (1, 4):
+        x, b = torch.randn(2, tokens, 46)[0], torch.randn(14)
+        want = packed_ops.packed_linear_reference(x, *args_of(pk)[:2], b, pk.m, pk.group_size or 0)
+        got = packed_linear_decomposed(x, *args_of(pk)[:2], b, pk.m, pk.group_size or 0)
+        assert_fp32_close(got, want)
+
+
+def test_decompose_pass_takes_decode_batches_only():
+    from fairy2i_compile.packed_model import pack_model
+
+    model = tiny_llama()
+    pack_model(model, stages=2)
+    for kernel, tokens, decomposed in (("inductor", 1, 15), ("inductor", 6, 0), ("cpu", 1, 0)):
+        torch._dynamo.reset()
+        backend = Fairy2iBackend({"kernel": kernel})
+        ids = torch.randint(0, 96, (1, tokens))
+        with torch.no_grad():
+            got = torch.compile(model, backend=backend)(ids).logits
+            want = model(ids).logits
+        assert backend.reports[0].counters.get("decompose_packed_decomposed", 0) == decomposed
+        assert_fp32_close(got, want)
+
+
+def test_decomposed_layer_through_inductor():
+    from fairy2i_compile.packed_model import PackedLinear
+
+    layer = PackedLinear.from_linear(torch.nn.Linear(64, 32), stages=2, granularity=16)
+    x = torch.randn(1, 64)
+    backend = Fairy2iBackend({"kernel": "inductor", "compiler": "inductor"})
+    with torch.no_grad():
+        got = torch.compile(layer, backend=backend)(x)
+        want = packed_ops.packed_linear_reference(x, layer.codes, layer.scales, layer.bias, 32, 16)
+    assert backend.reports[0].counters["decompose_packed_decomposed"] == 1
+    assert_fp32_close(got, want)

@@ -50,7 +50,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"kernel='cpu': the C++ kernel is unavailable ({why}); use kernel='torch'")
         return "cpu"
-    if kernel == "auto":
+    if kernel in ("auto", "inductor"):  # "inductor": layers the pass did not decompose run as "auto"
         if device.type == "cuda":
             return "triton"
         if device.type == "cpu":
@@ -58,4 +58,4 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
             return "cpu" if cpu_kernel_available()[0] else "torch"
         return "torch"
-    raise ValueError(f"kernel must be one of 'auto', 'triton', 'cpu', 'torch', got {kernel!r}")
+    raise ValueError(f"kernel must be one of 'auto', 'triton', 'cpu', 'inductor', 'torch', got {kernel!r}")

@@ -1,22 +1,29 @@
-"""Lowering of the packed ops in the graphs the eager runner executes.
+"""Lowering of the packed ops in the inference graphs the backend runs.
 
-The eager runner (`compiler="eager"`, backend.py) runs AOTAutograd's inference graph
-op by op. A packed op on CPU tensors whose `kernel` resolves to the C++ kernel is
-then replaced by a direct call of that kernel with the op's signature:
+Both runners, inference graphs only (AOTAutograd's graph when nothing records gradients):
+
+    fairy2i.packed_linear      -> fairy2i.packed_linear_infer
+    fairy2i.ptq_packed_linear  -> fairy2i.ptq_packed_linear_infer
+
+the same computation without an autograd formula and without per-call argument checks
+(the fake implementations checked shapes and dtypes while the graph was traced, and
+Dynamo's guards recompile when they change). Inductor calls these as extern kernels.
+
+The eager runner (`compiler="eager"`, backend.py) goes one step further for CPU tensors
+whose `kernel` resolves to the C++ kernel: a direct call of that kernel with the op's
+signature, no dispatcher at all:
 
     fairy2i.packed_linear(x, codes, scales, b, m, g, k)   -> cpu_packed.packed_linear_direct(...)
     fairy2i.ptq_packed_linear(x, A, b, slot, T, g, n, k)  -> quant_ops.ptq_packed_linear_direct(...)
 
-Same computation, minus the dispatcher and the per-call validation (the fake
-implementations checked shapes and dtypes while the graph was traced, and Dynamo's
-guards recompile when they change): about 60 us less per layer per decoded token on
-this project's 2-core CPU, where a whole SmolLM2 token has 211 such calls
-(benchmarks/bench_cpu.py). Training graphs keep the ops (their backward needs
-the autograd formulas), as does Inductor, which calls them as extern kernels.
+Measured on this project's 2-core CPU: the op costs ~70 us of Python and dispatcher per
+call with autograd registered, ~50 us as *_infer, ~10 us called directly; a SmolLM2 token
+makes 211 such calls (benchmarks/bench_cpu.py). Training graphs keep the ops (their
+backward needs the autograd formulas).
 
-The dumps and the MLIR export see the graph before this step (the ops, which say
-what is computed); the report's counter `lowered_cpu_direct` says how many calls
-were lowered.
+The dumps and the MLIR export see the graph before this step (the ops, which say what is
+computed); the report's counters `lowered_infer` and `lowered_cpu_direct` say how many
+calls were lowered.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch.fx as fx
 
 from . import resolve_kernel
 
-__all__ = ["lower_packed_for_eager"]
+__all__ = ["lower_packed_for_eager", "lower_packed_for_inference"]
 
 
 def _direct_targets():
@@ -36,7 +43,26 @@ def _direct_targets():
     return {
         torch.ops.fairy2i.packed_linear.default: (packed_linear_direct, 6),
         torch.ops.fairy2i.ptq_packed_linear.default: (quant_ops.ptq_packed_linear_direct, 7),
+        torch.ops.fairy2i.packed_linear_infer.default: (packed_linear_direct, 6),
+        torch.ops.fairy2i.ptq_packed_linear_infer.default: (quant_ops.ptq_packed_linear_direct, 7),
     }
+
+
+def lower_packed_for_inference(gm: fx.GraphModule) -> int:
+    """Swap packed ops for their no-autograd, no-check *_infer twins in `gm`; returns how many."""
+    twins = {
+        torch.ops.fairy2i.packed_linear.default: torch.ops.fairy2i.packed_linear_infer.default,
+        torch.ops.fairy2i.ptq_packed_linear.default: torch.ops.fairy2i.ptq_packed_linear_infer.default,
+    }
+    lowered = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in twins:
+            node.target = twins[node.target]
+            lowered += 1
+    if lowered:
+        gm.graph.lint()
+        gm.recompile()
+    return lowered
 
 
 def _device_of(node) -> "torch.device | None":
