@@ -1,20 +1,27 @@
 """The packed op on CPU: a vectorised C++ kernel, built once with the system compiler.
 
-Why C++ and not an Inductor decomposition (measured on this project's 2-core AVX2 EPYC,
-torch 2.13, SmolLM2's lm_head shape 49152 x 576, batch 1; benchmarks/bench_cpu.py has
-the full comparison):
+Why C++ and not an Inductor decomposition (the issue asked for an engine first, and a
+hand-written kernel only if no engine gets within 2x). Measured on this project's 2-core
+AVX2 EPYC, torch 2.13, batch 1 (benchmarks/results/bench_cpu.md, one run):
 
-    fp32 F.linear (MKL)                                 10.1-11.6 ms   (memory-bound, 113 MB)
-    Inductor, best of 4 decompositions (select, xor,    6.2-6.8 ms     T=1
-      sign-multiply, row-vectorised layout)              8.6-9.9 ms    T=2
-    this kernel (fold path)                              1.5 ms  T=1,  3.0 ms  T=2
+    per layer            fp32 F.linear   this kernel T=1 / T=2   Inductor decomposition T=1 / T=2
+    49152 x 576 (head)   13.9 ms         2.1 / 3.2 ms            4.7 / 6.1 ms
+    1536 x 576           0.11 ms         0.10 / 0.18 ms          0.16 / 0.31 ms
 
-Inductor does fuse the unpack/select/reduce into one OpenMP loop nest, but it
-re-derives the scaled activations inside the inner loop, cannot express a float
-sign flip as an xor (bitcasts are emulated through memory) and spills; the result is
-4-5x slower than the hand-written loop, outside the 2x margin the issue allows. A
-general-purpose LUT formulation (T-MAC style) was slower still under Inductor (gathers
-are emulated with scalar loads).
+    whole SmolLM2 (separate run)         W1 decode    W2 decode    compile (plain Inductor: ~190 s)
+    C++ kernel (kernel="auto")           30.2 tok/s   20.1 tok/s   157-178 s
+    decomposition (kernel="inductor")    34.5 tok/s   15.6 tok/s   441 / 690 s
+
+The decomposition (codegen/inductor_packed.py, the best of five formulations tried) is
+1.5-2.2x slower per layer and fused into the graph has no per-call dispatch, so it wins
+W1 and loses W2 end to end; but compiling 211 decomposed layers takes 2.3-3.5x as long as
+compiling the plain model, over the issue's 2x bar, and for more than a few tokens it
+would repeat the per-code work per token. So this kernel is the CPU default and the
+decomposition is opt-in (`kernel="inductor"`). Inductor's trouble spots, seen in its
+generated code: it recomputes the scaled activations inside the loop, emulates a float
+sign flip by bitcast through memory, and a formulation with a token dimension made it
+pick a worse loop order (2.8x slower); a LUT formulation (T-MAC style) was slower still
+(gathers become scalar loads).
 
 The source (cpu_packed.cpp, portable C++ with GCC/Clang vector extensions) is compiled
 with `c++ -O3 -march=native -fopenmp` into `kernel_cache_dir()/cpu/` under a name that
