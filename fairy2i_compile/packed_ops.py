@@ -165,11 +165,13 @@ def _packed_linear_impl(x, codes, scales, bias, m, group_size, kernel):
 _LIB.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("fairy2i::packed_linear", lib=_LIB)
-def _(x, codes, scales, bias, m, group_size, kernel):
+def _packed_linear_fake(x, codes, scales, bias, m, group_size, kernel):
     _check_kernel(kernel)
     _, n, _ = check_packed_linear(x, codes, scales, bias, m, group_size)
     return x.new_empty((*x.shape[:-1], 2 * n))
+
+
+torch.library.register_fake("fairy2i::packed_linear", _packed_linear_fake, lib=_LIB)
 
 
 def _packed_setup(ctx, inputs, output):
@@ -201,13 +203,7 @@ _LIB.define(
     "-> Tensor"
 )
 _LIB.impl("packed_linear_infer", run_packed, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("fairy2i::packed_linear_infer", lib=_LIB)
-def _(x, codes, scales, bias, m, group_size, kernel):
-    _check_kernel(kernel)
-    _, n, _ = check_packed_linear(x, codes, scales, bias, m, group_size)
-    return x.new_empty((*x.shape[:-1], 2 * n))
+torch.library.register_fake("fairy2i::packed_linear_infer", _packed_linear_fake, lib=_LIB)
 
 
 packed_linear = torch.ops.fairy2i.packed_linear.default

@@ -103,6 +103,9 @@ def test_op_passes_opcheck_and_gives_x_its_gradient():
     x = torch.randn(4, 10, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
     torch.library.opcheck(torch.ops.fairy2i.packed_linear.default, (x, pk.codes, pk.scales, b, pk.m, 0, "torch"))
+    torch.library.opcheck(torch.ops.fairy2i.packed_linear_infer.default,
+                          (x.detach(), pk.codes, pk.scales, b.detach(), pk.m, 0, "auto"))
+    torch.library.opcheck(torch.ops.fairy2i.ptq_packed_linear.default, (x, a, b, -1, 2, "row", "w", "torch"))
     y = packed_ops.packed_linear(x, pk.codes, pk.scales, b, pk.m, 0, "torch")
     y.square().sum().backward()
     x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
