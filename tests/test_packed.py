@@ -118,7 +118,7 @@ def test_op_passes_opcheck_and_gives_x_its_gradient():
 @needs_cpu_kernel
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("stages", [1, 2, 3])
-@pytest.mark.parametrize("tokens", [1, 3, 5, 17])
+@pytest.mark.parametrize("tokens", [1, 3, 5, 17, 70])  # fold, fold (3 tokens), tiled dots, tiled dots, blocked GEMM
 def test_cpu_kernel_matches_reference(stages, granularity, tokens):
     # ragged on purpose: m = 23 and 40 are not multiples of 16, n = 7 is odd
     for out_f, in_f in ((14, 46), (64, 80)):

@@ -15,11 +15,14 @@
 //         vectors per plane and token, Pre|Qre|Pim|Qim, so the inner loop per code is one
 //         select (by lo) and one sign flip (xor of hi into the float sign bit) per output:
 //         no multiplications.
-//  decode (any scales, any M): rebuild one block of 4 complex rows of A_hat (as the 8 real
-//         rows [A11 | A12] and [A21 | A22], each 2m long) in a thread-local buffer by
-//         selects only, summing the stages in order exactly as quant.dequant_phase does
+//  decode (any scales, a few tokens): rebuild one block of 4 complex rows of A_hat (as the
+//         8 real rows [A11 | A12] and [A21 | A22], each 2m long) in a thread-local buffer
+//         by selects only, summing the stages in order exactly as quant.dequant_phase does
 //         (so the buffer equals the reference weight bit for bit), then take the dot
 //         products with every token. The buffer is 8 rows, never the whole weight.
+//  decode_rows (many tokens): the same rows, a block of a few hundred at a time, handed
+//         back to the caller, which multiplies each block with the BLAS GEMM
+//         (cpu_packed.py); again never the whole weight.
 
 #include <cstdint>
 #include <cstring>
@@ -121,7 +124,7 @@ static void decode_row(const int32_t* codes, const float* scales, int64_t P, int
 
 extern "C" {
 
-int fairy2i_cpu_abi_version() { return 2; }
+int fairy2i_cpu_abi_version() { return 3; }
 
 // [P, M, 4, mp] = (Pre, Qre, Pim, Qim) per plane and token, scales and conj folded in.
 // With code k = 2*hi + lo and the sign (-1)^hi applied in the loop:
@@ -208,6 +211,31 @@ void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* 
           }
         }
       }
+    }
+  }
+}
+
+
+// Rows j0 .. j1-1 of A_hat as a dense float32 block out[2, R, 2m] (R = j1 - j0): out[0, r] is
+// real output row j0 + r ([A11 | A12]), out[1, r] is real output row n + j0 + r ([A21 | A22]),
+// bit-identical to the reference weight. The prefill path (many tokens) decodes the layer a
+// block of rows at a time into such a buffer and hands it to the BLAS GEMM (packed_ops.py).
+void fairy2i_decode_rows(const int32_t* codes, int64_t P, int64_t n, int64_t KW, int64_t m,
+                         const float* scales, int64_t n_s, int64_t G, int64_t group, int64_t j0,
+                         int64_t j1, float* out, int nthreads) {
+  const int64_t mp = KW * 16, R = j1 - j0;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> rr(2 * mp), ri(2 * mp);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      decode_row(codes, scales, P, n, KW, m, n_s, G, group, j0 + r, rr.data(), ri.data());
+      float* o_re = out + r * 2 * m;
+      float* o_im = out + (R + r) * 2 * m;
+      std::memcpy(o_re, rr.data(), m * sizeof(float));
+      std::memcpy(o_re + m, rr.data() + mp, m * sizeof(float));
+      std::memcpy(o_im, ri.data(), m * sizeof(float));
+      std::memcpy(o_im + m, ri.data() + mp, m * sizeof(float));
     }
   }
 }

@@ -64,14 +64,17 @@ __all__ = [
 ]
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
-ABI_VERSION = 2
+ABI_VERSION = 3
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
+GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
+_BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
 _LIB_PATH: Optional[pathlib.Path] = None
 _FN = None   # the kernel's ctypes function, bound once (argtypes set)
+_DECODE_ROWS = None
 _ERROR: Optional[str] = None
 
 
@@ -126,7 +129,7 @@ def build_cpu_kernel(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
 
 
 def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
-    global _LIB, _LIB_PATH, _FN, _ERROR
+    global _LIB, _LIB_PATH, _FN, _DECODE_ROWS, _ERROR
     with _LOCK:
         if _LIB is not None or _ERROR is not None:
             return _LIB, _ERROR
@@ -142,7 +145,10 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
             fn.restype = None
-            _LIB, _LIB_PATH, _FN = lib, path, fn
+            dec = lib.fairy2i_decode_rows
+            dec.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
+            dec.restype = None
+            _LIB, _LIB_PATH, _FN, _DECODE_ROWS = lib, path, fn, dec
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             _ERROR = str(e)
         return _LIB, _ERROR
@@ -196,6 +202,9 @@ def cpu_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor]
         scales = scales.float().contiguous()
     xf = x if x.dtype is _F32 else x.float()
     M = xf.numel() // (2 * m)
+    if M >= GEMM_MIN_TOKENS:
+        y = _blocked_gemm(xf.reshape(M, 2 * m), codes, scales, bias, m, group_size).reshape(x.shape[:-1] + (2 * n,))
+        return y if x.dtype is _F32 else y.to(x.dtype)
     y = torch.empty(x.shape[:-1] + (2 * n,), dtype=_F32)
     if M:
         n_s, G = scales.shape[2], scales.shape[3]
@@ -205,6 +214,30 @@ def cpu_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor]
             None if bias is None else bias.data_ptr(), y.data_ptr(),
             M <= FOLD_MAX_TOKENS and n_s == 1 and G == 1, torch.get_num_threads())
     return y if x.dtype is _F32 else y.to(x.dtype)
+
+
+def _blocked_gemm(x2: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
+                  group_size: int) -> Tensor:
+    """Many tokens: decode a few hundred rows of A_hat at a time (C++, bit-identical to the
+    reference weight) and multiply each block with torch.mm (MKL/OpenBLAS): x2 [M, 2m] -> [M, 2n]."""
+    P, n, kw = codes.shape
+    n_s, G = scales.shape[2], scales.shape[3]
+    rows = max(16, min(n, _BLOCK_BYTES // (2 * 2 * m * 4)))
+    y = torch.empty((x2.shape[0], 2 * n), dtype=_F32)
+    block = torch.empty((2, rows, 2 * m), dtype=_F32)
+    threads = torch.get_num_threads()
+    for j0 in range(0, n, rows):
+        j1 = min(n, j0 + rows)
+        R = j1 - j0
+        blk = block if R == rows else torch.empty((2, R, 2 * m), dtype=_F32)
+        _DECODE_ROWS(codes.data_ptr(), P, n, kw, m, scales.data_ptr(), n_s, G, group_size, j0, j1,
+                     blk.data_ptr(), threads)
+        out = torch.mm(x2, blk.view(2 * R, 2 * m).t())      # [M, 2R]: Re rows, then Im rows
+        y[:, j0:j1] = out[:, :R]
+        y[:, n + j0:n + j1] = out[:, R:]
+    if bias is not None:
+        y += bias.to(_F32)
+    return y
 
 
 def packed_linear_direct(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
