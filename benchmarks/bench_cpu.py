@@ -55,6 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from results_io import write_results  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu"
 CONFIGS = ("fp32-eager", "fp32-inductor", "w1", "w2", "w1-decomposed", "w2-decomposed", "w2-eager", "w2-torch")
 DEFAULT_CONFIGS = ("fp32-eager", "fp32-inductor", "w1", "w2", "w1-decomposed", "w2-decomposed", "w2-eager")
@@ -284,11 +286,7 @@ def main(argv=None) -> int:
     }
     if args.kernels:
         result["kernels"] = kernel_table(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from fairy2i_compile.cache import atomic_write_text
-
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out.with_suffix(".md"), markdown(result))
+    write_results(args.out, result, markdown(result), indent=2)
     print(markdown(result))
     return 0
 

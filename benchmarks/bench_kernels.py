@@ -24,13 +24,13 @@ name and torch / triton versions. Without CUDA it prints why and exits 1, writin
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from results_io import write_results
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"
 DEFAULT_BATCHES = "1,4,16,64,256"
@@ -220,12 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows += bench_shape(out_f, in_f, args.batches, stages, bench, device, bandwidth)
             torch.cuda.empty_cache()
 
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md_path.write_text(to_markdown(meta, rows))
-    print(f"wrote {json_path} and {md_path}")
+    write_results(args.out, {"meta": meta, "rows": rows}, to_markdown(meta, rows), indent=2)
     return 0
 
 

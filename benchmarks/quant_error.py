@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from results_io import write_results  # noqa: E402
+
 from fairy2i_compile.ops import real_to_widely, widely_to_real  # noqa: E402
 from fairy2i_compile.quant import (  # noqa: E402
     bits_per_real_weight,
@@ -204,17 +206,6 @@ def table(rows, title: str) -> str:
     return "\n".join(out)
 
 
-def _json_safe(x):
-    """inf / nan -> strings, so the JSON is strict."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=1024, help="Gaussian matrices are size x size (default 1024)")
@@ -266,10 +257,6 @@ def main(argv=None) -> int:
     text = "\n".join(md)
     print(text)
 
-    out = Path(args.out)
-    if out.suffix in (".json", ".md"):
-        out = out.with_suffix("")
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {"size": args.size, "seed": args.seed, "granularity": grans,
                    "checkpoint": args.checkpoint, "match": args.match, "command": " ".join(sys.argv), "torch": torch.__version__,
@@ -278,9 +265,7 @@ def main(argv=None) -> int:
         "checkpoint_per_layer": per_layer,
         "checkpoint_skipped": skipped,
     }
-    out.with_suffix(".json").write_text(json.dumps(_json_safe(payload), indent=1, allow_nan=False) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.out, payload, text)
     return 0
 
 
