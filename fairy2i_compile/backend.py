@@ -99,7 +99,7 @@ class Fairy2iBackend:
             out = compiled(*args)
             if not done:
                 done.append(True)
-                dumper.copy_kernels(_kernel_sources(), report)
+                dumper.copy_kernels(_kernel_sources(report), report)
                 self._write_report(dumper, report, dump_graphs)
             return out
 
@@ -124,13 +124,16 @@ def _count(report: GraphReport, counter: str, by: int) -> None:
         report.counters[counter] = report.counters.get(counter, 0) + by
 
 
-def _kernel_sources() -> List[str]:
-    """Sources of the packed-op kernels this process has built so far (never imports triton)."""
+def _kernel_sources(report: GraphReport) -> List[str]:
+    """Sources of the packed-op kernels this process has built so far (never imports triton);
+    the C++ op registration's only when this graph calls it."""
     import sys
 
     from .codegen import cpu_packed
 
     sources = [str(cpu_packed.SOURCE)] if cpu_packed.cpu_kernel_library() is not None else []
+    if report.counters.get("lowered_cpu_op"):
+        sources.append(str(cpu_packed.OP_SOURCE))
     triton_mod = sys.modules.get("fairy2i_compile.codegen.triton_packed")
     if triton_mod is not None:
         sources += [str(p) for p in triton_mod.generated_sources()]
@@ -160,12 +163,18 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
             if not backward:
                 dumper.export_mlir(stage, aot_index, graph, inputs, report)
             if inference:
-                from .codegen.lower import lower_packed_for_inference
+                from .codegen.lower import lower_packed_for_cpu_op, lower_packed_for_inference
 
+                _count(report, "lowered_cpu_op", lower_packed_for_cpu_op(graph))
                 _count(report, "lowered_infer", lower_packed_for_inference(graph))
             return compile_fx_inner(graph, inputs, **kwargs)
 
-        return compile_fx(gm, example_inputs, inner_compile=inner)
+        # AOTAutograd's cache would hand back a whole compiled graph without calling `inner`:
+        # no lowering decisions for this process (C++ op available or not), no aot_* dumps,
+        # no lowered_* counters. Inductor's own FX graph cache, keyed on the lowered graph
+        # inside compile_fx_inner, still spares the code generation on a warm cache.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, inner_compile=inner)
 
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -174,10 +183,11 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
         return make_boxed_func(graph.forward)
 
     def run_eager_inference(graph, inputs, **kwargs):
-        # after the dump and MLIR export (they show the ops): CPU packed ops -> direct kernel calls,
-        # the others -> their no-autograd twins
-        from .codegen.lower import lower_packed_for_eager, lower_packed_for_inference
+        # after the dump and MLIR export (they show the ops): CPU packed layers -> the C++ op,
+        # other CPU packed ops -> direct kernel calls, the rest -> their no-autograd twins
+        from .codegen.lower import lower_packed_for_cpu_op, lower_packed_for_eager, lower_packed_for_inference
 
+        _count(report, "lowered_cpu_op", lower_packed_for_cpu_op(graph))
         _count(report, "lowered_cpu_direct", lower_packed_for_eager(graph))
         _count(report, "lowered_infer", lower_packed_for_inference(graph))
         return make_boxed_func(graph.forward)

@@ -16,7 +16,8 @@ one graph):
     mlir/graph_0/mlir_error.txt                            only when the export failed (why)
     kernels/                          the kernel sources the packed ops ran (copied after the
                                       graph's first call): generated Triton kernels
-                                      (<name>_<hash>.py) and/or the C++ CPU kernel (cpu_packed.cpp)
+                                      (<name>_<hash>.py) and/or the C++ CPU kernel (cpu_packed.cpp,
+                                      and cpu_packed_op.cpp when its op registration ran)
 
 graph_N/ holds exactly one `.py` per stage: each is the graph's `print_readable()`
 code with a header naming the stage. MLIR export runs torch-mlir in a subprocess

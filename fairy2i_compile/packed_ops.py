@@ -26,6 +26,13 @@ No dense quantized weight is kept anywhere: "triton" and "cpu" read the codes in
 their inner loop; "torch" rebuilds the dense weight as a temporary per call (it is
 the reference, not the fast path).
 
+For CPU inference graphs, codegen/lower.py swaps a packed layer on the C++ kernel for
+
+    fairy2i::packed_linear_cpu(x, codes, scales, bias, m, group_size) -> y
+
+(the same arguments less `kernel`; no autograd), whose CPU kernel codegen/cpu_packed_op.cpp
+registers in C++; its Python implementation here runs the same kernel through ctypes.
+
 Autograd: no gradient to codes/scales/m (they are not trainable); x and bias get
 theirs (dL/dx = g @ A_hat, rebuilt from the codes in the backward only).
 """
@@ -204,6 +211,29 @@ _LIB.define(
 )
 _LIB.impl("packed_linear_infer", run_packed, "CompositeExplicitAutograd")
 torch.library.register_fake("fairy2i::packed_linear_infer", _packed_linear_fake, lib=_LIB)
+
+
+# The C++ kernel as an op of its own, for CPU inference graphs (codegen/lower.py swaps it in
+# where `kernel` resolves to "cpu"): codegen/cpu_packed_op.cpp registers its CPU kernel in C++,
+# so Inductor's call goes through the dispatcher straight into C++ (~5 us instead of ~50 us
+# through a Python implementation). Until that library is built and loaded (or where it
+# cannot be), this Python implementation runs the same kernel through ctypes.
+_LIB.define("packed_linear_cpu(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int m, int group_size) -> Tensor")
+
+
+def _packed_linear_cpu_fallback(x, codes, scales, bias, m, group_size):
+    from .codegen.cpu_packed import packed_linear_cpu
+
+    return packed_linear_cpu(x.contiguous(), codes, scales, bias, m, group_size)
+
+
+def _packed_linear_cpu_fake(x, codes, scales, bias, m, group_size):
+    _, n, _ = check_packed_linear(x, codes, scales, bias, m, group_size)
+    return x.new_empty((*x.shape[:-1], 2 * n))
+
+
+_LIB.impl("packed_linear_cpu", _packed_linear_cpu_fallback, "CompositeExplicitAutograd")
+torch.library.register_fake("fairy2i::packed_linear_cpu", _packed_linear_cpu_fake, lib=_LIB)
 
 
 packed_linear = torch.ops.fairy2i.packed_linear.default

@@ -410,6 +410,97 @@ def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_pat
     assert "kernels/cpu_packed.cpp" in (tmp_path / "summary.md").read_text()
 
 
+# ------------------------------------------------------------------ the C++ op registration (packed_linear_cpu)
+needs_cpu_op = pytest.mark.skipif(not cpu_packed.cpu_op_available()[0],
+                                  reason=f"C++ op registration unavailable: {cpu_packed.cpu_op_available()[1]}")
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("granularity", ["tensor", "row", 6])
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 5, 70])  # fold, tiled dots, blocked GEMM (at::mm)
+def test_cpu_op_matches_reference_and_the_ctypes_path(stages, granularity, tokens):
+    for out_f, in_f in ((14, 46), (64, 80)):
+        a, pk = packed_layer(out_f, in_f, stages, granularity, seed=stages + tokens)
+        x, b = torch.randn(2, tokens, in_f), torch.randn(out_f)
+        for bias in (None, b):
+            args = (pk.codes, pk.scales, bias, pk.m, pk.group_size or 0)
+            got = torch.ops.fairy2i.packed_linear_cpu.default(x, *args)
+            assert_fp32_close(got, packed_ops.packed_linear_reference(x, *args))
+            # the same C++ kernel behind ctypes: the same numbers, bit for bit
+            torch.testing.assert_close(got, cpu_packed.cpu_forward(x, *args), atol=0, rtol=0)
+    x16 = torch.randn(3, 80).to(torch.bfloat16)
+    got16 = torch.ops.fairy2i.packed_linear_cpu.default(x16, pk.codes, pk.scales, None, pk.m, pk.group_size or 0)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16, cpu_packed.cpu_forward(x16, pk.codes, pk.scales, None, pk.m, pk.group_size or 0),
+                               atol=0, rtol=0)
+
+
+@needs_cpu_op
+def test_cpu_op_passes_opcheck_and_rejects_bad_input():
+    a, pk = packed_layer(6, 10, 2, "row")
+    x, b = torch.randn(4, 10), torch.randn(6)
+    torch.library.opcheck(torch.ops.fairy2i.packed_linear_cpu.default, (x, pk.codes, pk.scales, b, pk.m, 0))
+    with pytest.raises(RuntimeError, match=r"last dim 2\*m = 10"):
+        torch.ops.fairy2i.packed_linear_cpu.default(torch.randn(4, 12), pk.codes, pk.scales, b, pk.m, 0)
+    with pytest.raises(RuntimeError, match="codes must be int32"):
+        torch.ops.fairy2i.packed_linear_cpu.default(x, pk.codes.long(), pk.scales, b, pk.m, 0)
+    # the Python implementation (used until or unless the C++ one loads) is the same kernel
+    torch.testing.assert_close(packed_ops._packed_linear_cpu_fallback(x, pk.codes, pk.scales, b, pk.m, 0),
+                               torch.ops.fairy2i.packed_linear_cpu.default(x, pk.codes, pk.scales, b, pk.m, 0),
+                               atol=0, rtol=0)
+
+
+def _packed_mlp():
+    from fairy2i_compile.packed_model import pack_model
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32, bias=False))
+    pack_model(model, stages=2)
+    return model
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_compiled_packed_model_calls_the_cpu_op(compiler, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRY2I_MLIR", "0")
+    model, x = _packed_mlp(), torch.randn(3, 32)
+    with torch.no_grad():
+        want = model(x)  # PackedLinear eagerly: the autograd-capable op
+        backend = Fairy2iBackend({"mode": "ptq", "compiler": compiler, "dump_dir": str(tmp_path)})
+        got = torch.compile(model, backend=backend)(x)
+    counters_ = backend.reports[0].counters
+    assert counters_["lowered_cpu_op"] == 2 and "lowered_cpu_direct" not in counters_
+    assert_fp32_close(got, want)
+    assert (tmp_path / "kernels" / "cpu_packed_op.cpp").read_text() == cpu_packed.OP_SOURCE.read_text()
+    # compiled again on warm caches: the backend's lowering still runs and reports (Inductor's
+    # AOTAutograd cache would otherwise return the graph without calling it)
+    torch._dynamo.reset()
+    again = Fairy2iBackend({"mode": "ptq", "compiler": compiler})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=again)(x), got, atol=0, rtol=0)
+    assert again.reports[0].counters == counters_
+
+
+@needs_cpu_kernel
+def test_cpu_op_build_failure_warns_and_falls_back(monkeypatch):
+    def no_headers(cache_dir=None):
+        raise RuntimeError("building cpu_packed_op.cpp failed: torch/library.h: No such file")
+
+    monkeypatch.setattr(cpu_packed, "_OP_PATH", None)
+    monkeypatch.setattr(cpu_packed, "_OP_ERROR", None)
+    monkeypatch.setattr(cpu_packed, "build_cpu_op", no_headers)
+    model, x = _packed_mlp(), torch.randn(3, 32)
+    backend = Fairy2iBackend({"mode": "ptq"})
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="torch/library.h: No such file.*FAIRY2I_CPU_OP=0"):
+        got = torch.compile(model, backend=backend)(x)
+    counters_ = backend.reports[0].counters
+    assert "lowered_cpu_op" not in counters_ and counters_["lowered_cpu_direct"] == 2
+    with torch.no_grad():
+        assert_fp32_close(got, model(x))
+    assert cpu_packed.cpu_op_available() == (False, "building cpu_packed_op.cpp failed: torch/library.h: No such file")
+
+
 def test_training_graphs_keep_the_packed_op():
     # grad mode: AOT builds forward/backward graphs, which must keep the op (its backward formula)
     model = tiny_llama()

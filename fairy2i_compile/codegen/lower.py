@@ -8,22 +8,31 @@ Both runners, inference graphs only (AOTAutograd's graph when nothing records gr
 the same computation without an autograd formula and without per-call argument checks
 (the fake implementations checked shapes and dtypes while the graph was traced, and
 Dynamo's guards recompile when they change). Inductor calls these as extern kernels.
+Where `kernel` resolves to the C++ kernel on CPU and its C++ op registration builds
+(cpu_packed.cpu_op_available), a packed layer goes one step further:
 
-The eager runner (`compiler="eager"`, backend.py) goes one step further for CPU tensors
-whose `kernel` resolves to the C++ kernel: a direct call of that kernel with the op's
+    fairy2i.packed_linear(x, codes, scales, b, m, g, k) -> fairy2i.packed_linear_cpu(x, codes, scales, b, m, g)
+
+whose CPU kernel is C++ (cpu_packed_op.cpp), so the dispatcher never calls back into Python.
+
+The eager runner (`compiler="eager"`, backend.py) turns the remaining CPU packed ops whose
+`kernel` resolves to the C++ kernel into direct calls of that kernel with the op's
 signature, no dispatcher at all:
 
     fairy2i.packed_linear(x, codes, scales, b, m, g, k)   -> cpu_packed.packed_linear_direct(...)
     fairy2i.ptq_packed_linear(x, A, b, slot, T, g, n, k)  -> quant_ops.ptq_packed_linear_direct(...)
 
-Measured on this project's 2-core CPU: the op costs ~70 us of Python and dispatcher per
-call with autograd registered, ~50 us as *_infer, ~10 us called directly; a SmolLM2 token
-makes 211 such calls (benchmarks/bench_cpu.py). Training graphs keep the ops (their
-backward needs the autograd formulas).
+Measured on this project's 2-core CPU: a SmolLM2 layer's op call costs ~70 us of Python
+and dispatcher with autograd registered, ~50 us as *_infer, ~10 us called directly; on a
+32 x 32 layer (kernel time ~0) *_infer costs 32 us, the direct call 17 us and
+packed_linear_cpu 9 us. A SmolLM2 token makes 211 such calls (benchmarks/bench_cpu.py).
+So both runners use packed_linear_cpu where they can; the eager runner's direct calls
+remain for the stage-fused PTQ op and for when the C++ registration is unavailable.
+Training graphs keep the ops (their backward needs the autograd formulas).
 
 The dumps and the MLIR export see the graph before this step (the ops, which say what is
 computed); the report's counters `lowered_infer` and `lowered_cpu_direct` say how many
-calls were lowered.
+calls were lowered, and `lowered_cpu_op` how many became packed_linear_cpu.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import torch.fx as fx
 
 from . import resolve_kernel
 
-__all__ = ["lower_packed_for_eager", "lower_packed_for_inference"]
+__all__ = ["lower_packed_for_cpu_op", "lower_packed_for_eager", "lower_packed_for_inference"]
 
 
 def _direct_targets():
@@ -65,9 +74,45 @@ def lower_packed_for_inference(gm: fx.GraphModule) -> int:
     return lowered
 
 
+def lower_packed_for_cpu_op(gm: fx.GraphModule) -> int:
+    """Swap CPU packed layers whose `kernel` resolves to the C++ kernel for packed_linear_cpu
+    (when its C++ registration builds and loads); returns how many."""
+    from .cpu_packed import cpu_op_available
+
+    lowered = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.fairy2i.packed_linear.default:
+            continue
+        if not _runs_cpu_kernel(node, 6) or not cpu_op_available()[0]:
+            continue
+        node.target = torch.ops.fairy2i.packed_linear_cpu.default
+        node.args = tuple(node.args[:6])
+        if "eager_input_vals" in node.meta:  # Inductor matches these against the new schema
+            vals, kwargs = node.meta["eager_input_vals"]
+            node.meta["eager_input_vals"] = (tuple(vals[:6]), kwargs)
+        lowered += 1
+    if lowered:
+        gm.graph.lint()
+        gm.recompile()
+    return lowered
+
+
 def _device_of(node) -> "torch.device | None":
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val.device if isinstance(val, torch.Tensor) else None
+
+
+def _runs_cpu_kernel(node: fx.Node, kernel_index: int) -> bool:
+    """Whether the packed-op call `node` runs on CPU tensors with `kernel` resolving to C++."""
+    if node.kwargs or len(node.args) <= kernel_index:
+        return False
+    device = _device_of(node.args[0])
+    if device is None or device.type != "cpu":
+        return False
+    try:
+        return resolve_kernel(node.args[kernel_index], device) == "cpu"
+    except RuntimeError:
+        return False  # the op raises the same error, with its message, when it runs
 
 
 def lower_packed_for_eager(gm: fx.GraphModule) -> int:
@@ -75,17 +120,10 @@ def lower_packed_for_eager(gm: fx.GraphModule) -> int:
     targets = _direct_targets()
     lowered = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in targets or node.kwargs:
+        if node.op != "call_function" or node.target not in targets:
             continue
         direct, kernel_index = targets[node.target]
-        device = _device_of(node.args[0])
-        if device is None or device.type != "cpu":
-            continue
-        try:
-            impl = resolve_kernel(node.args[kernel_index], device)
-        except RuntimeError:
-            continue  # the op raises the same error, with its message, when it runs
-        if impl != "cpu":
+        if not _runs_cpu_kernel(node, kernel_index):
             continue
         node.target = direct
         lowered += 1

@@ -1,0 +1,80 @@
+// fairy2i::packed_linear_cpu: the CPU kernel of cpu_packed.cpp registered as the CPU
+// implementation of a torch.library op, so a compiled graph calls it through the dispatcher
+// straight into C++ (~40 us less per call than a Python implementation; codegen/lower.py).
+//
+// The op's schema, its fake implementation and a Python fallback (the same kernel through
+// ctypes) live in packed_ops.py; this file only adds the CPU kernel. It computes exactly
+// what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
+//   M <  gemm_min_tokens: fairy2i_packed_linear (fold when M <= fold_max_tokens and the
+//                         scales are per tensor, else 4-row decode + dot products);
+//   M >= gemm_min_tokens: fairy2i_decode_rows in blocks of `block_rows` rows + at::mm.
+// The thresholds come from cpu_packed.py as -D definitions at build time, so that file stays
+// their one source of truth (they are part of the build's cache key).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_packed.cpp"
+
+namespace {
+
+#if !defined(FAIRY2I_FOLD_MAX_TOKENS) || !defined(FAIRY2I_GEMM_MIN_TOKENS) || !defined(FAIRY2I_BLOCK_BYTES)
+#error "build through fairy2i_compile.codegen.cpu_packed, which defines the thresholds"
+#endif
+constexpr int64_t g_fold_max_tokens = FAIRY2I_FOLD_MAX_TOKENS;
+constexpr int64_t g_gemm_min_tokens = FAIRY2I_GEMM_MIN_TOKENS;
+constexpr int64_t g_block_bytes = FAIRY2I_BLOCK_BYTES;
+
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, const at::Tensor& scales_in,
+                             const std::optional<at::Tensor>& bias_in, int64_t m, int64_t group_size) {
+  TORCH_CHECK(x.device().is_cpu() && codes_in.device().is_cpu(),
+              "fairy2i.packed_linear_cpu needs CPU tensors, got ", x.device());
+  TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kInt,
+              "fairy2i.packed_linear_cpu: codes must be int32 [P, n, KW], got ", codes_in.sizes(), " ",
+              codes_in.scalar_type());
+  TORCH_CHECK(x.size(-1) == 2 * m, "fairy2i.packed_linear_cpu: activations must have last dim 2*m = ", 2 * m,
+              ", got ", x.sizes());
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t P = codes.size(0), n = codes.size(1), KW = codes.size(2);
+  const int64_t n_s = scales.size(2), G = scales.size(3);
+  const int64_t M = m > 0 ? xf.numel() / (2 * m) : 0;
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = 2 * n;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
+
+  at::Tensor y;
+  if (M >= g_gemm_min_tokens) {
+    const at::Tensor x2 = xf.reshape({M, 2 * m});
+    y = at::empty({M, 2 * n}, xf.options());
+    const int64_t rows = std::max<int64_t>(16, std::min<int64_t>(n, g_block_bytes / (2 * 2 * m * 4)));
+    at::Tensor block = at::empty({2, rows, 2 * m}, xf.options());
+    for (int64_t j0 = 0; j0 < n; j0 += rows) {
+      const int64_t j1 = std::min(n, j0 + rows), R = j1 - j0;
+      at::Tensor blk = R == rows ? block : at::empty({2, R, 2 * m}, xf.options());
+      fairy2i_decode_rows(codes.data_ptr<int32_t>(), P, n, KW, m, scales.data_ptr<float>(), n_s, G, group_size,
+                          j0, j1, blk.data_ptr<float>(), nthreads);
+      const at::Tensor out = at::mm(x2, blk.view({2 * R, 2 * m}).t());  // [M, 2R]: Re rows, then Im rows
+      y.slice(1, j0, j1).copy_(out.slice(1, 0, R));
+      y.slice(1, n + j0, n + j1).copy_(out.slice(1, R, 2 * R));
+    }
+    if (bias.defined()) y.add_(bias);
+    y = y.view(out_shape);
+  } else {
+    y = at::empty(out_shape, xf.options());
+    if (M > 0)
+      fairy2i_packed_linear(xf.data_ptr<float>(), M, m, codes.data_ptr<int32_t>(), P, n, KW,
+                            scales.data_ptr<float>(), n_s, G, group_size,
+                            bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                            M <= g_fold_max_tokens && n_s == 1 && G == 1, nthreads);
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fairy2i, CPU, lib) { lib.impl("packed_linear_cpu", &packed_linear_cpu); }
