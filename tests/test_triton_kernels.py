@@ -20,7 +20,10 @@ Tolerances (kernel vs `packed_linear_reference` on the same fp32 inputs):
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton and fairy2i_compile are imported
+import torch
+
+if not torch.cuda.is_available():  # on a GPU the compiled kernels are what is tested
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton and fairy2i_compile are imported
 
 import ast  # noqa: E402
 import pathlib  # noqa: E402
@@ -28,7 +31,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -353,3 +355,31 @@ def test_kernel_spec_validation():
         KernelSpec("gemv", 1, "group")
     assert choose_spec(16, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemv"
     assert choose_spec(17, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemm"
+
+
+# --------------------------------------------------------------------------- #
+# a compiled model on the GPU (this project's CPU machines cannot run it: it was run on the
+# lent GPU machine, see benchmarks/results/gpu_tests.md)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiled (not interpreted) Triton kernels inside torch.compile need CUDA")
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, monkeypatch):
+    from helpers import tiny_llama
+
+    from fairy2i_compile import Fairy2iBackend
+
+    monkeypatch.setenv("FAIRY2I_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(tp, "_KERNELS", {})  # kernels this model needs are generated into tmp_path
+    model = tiny_llama().cuda().eval()
+    ptq = torch.compile(model, backend=Fairy2iBackend({"mode": "ptq", "stages": 2, "compiler": compiler}))
+    qat = torch.compile(model, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
+    for shape in ((2, 10), (1, 3)):  # 20 rows: GEMM; 3 rows: GEMV
+        ids = torch.randint(0, 96, shape, device="cuda")
+        with torch.no_grad():
+            got = ptq(ids).logits
+            want = qat(ids).logits
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=TOL[torch.float32], atol=TOL[torch.float32] * scale)
+    names = [p.name for p in (tmp_path / "triton").iterdir()]
+    assert any(s.startswith("fairy2i_gemm_t2_") for s in names) and any(s.startswith("fairy2i_gemv_t2_") for s in names), names
