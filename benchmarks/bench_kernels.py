@@ -68,12 +68,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES),
                    help=f"real layer shapes OUTxIN, comma-separated (default {DEFAULT_SHAPES})")
     p.add_argument("--batches", type=lambda s: _ints(s, "batches"), default=_ints(DEFAULT_BATCHES, "batches"),
-                   help=f"activation rows M (default {DEFAULT_BATCHES}); M <= 16 runs the GEMV")
+                   help=f"activation rows M (default {DEFAULT_BATCHES}); M <= 2 runs the GEMV")
     p.add_argument("--stages", type=lambda s: _ints(s, "stages"), default=_ints(DEFAULT_STAGES, "stages"),
                    help=f"residual stages T (default {DEFAULT_STAGES})")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                    help="output path without suffix: writes OUT.json and OUT.md "
                         "(default benchmarks/results/bench_kernels)")
+    p.add_argument("--gemv-max-m", type=int, default=None, metavar="M",
+                   help="route only batches <= M to the GEMV (default: the library's GEMV_MAX_M); "
+                        "e.g. 1 times the tensor-core GEMM at small batches")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
     return p.parse_args(argv)
@@ -200,6 +203,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     device = "cuda"
+    from fairy2i_compile.codegen import triton_packed
+
+    if args.gemv_max_m is not None:
+        triton_packed.GEMV_MAX_M = args.gemv_max_m
 
     def bench(fn: Callable) -> float:  # median ms
         return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
@@ -210,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "cuda": torch.version.cuda, "hbm_copy_GBps": bandwidth / 1e9,
         "timer": f"triton.testing.do_bench median (warmup {args.warmup} ms, rep {args.rep} ms)",
         "shapes": [f"{o}x{i}" for o, i in args.shapes], "batches": args.batches, "stages": args.stages,
+        "gemv_max_m": triton_packed.GEMV_MAX_M,
     }
     print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
           f"HBM copy {meta['hbm_copy_GBps']:.0f} GB/s")

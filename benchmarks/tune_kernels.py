@@ -32,9 +32,12 @@ from results_io import write_results
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "tune_kernels"
 BF16_TOL = 2e-2  # relative to the output scale, as bench_kernels.py
 # (out, in, M, T): the decode and prefill sizes of LLaMA-7B-class layers the issue names
-CASES = [(4096, 11008, 1, 2), (11008, 4096, 1, 2), (4096, 11008, 256, 2), (4096, 11008, 1, 1),
-         (4096, 4096, 1, 2), (4096, 11008, 16, 2), (11008, 4096, 64, 2)]
-GEMV_GRID = dict(block_n=(4, 8, 16, 32), block_k=(128, 256, 512), num_warps=(2, 4, 8), num_stages=(2,))
+CASES = [(4096, 11008, 1, 2), (4096, 11008, 256, 2), (11008, 4096, 1, 2), (4096, 4096, 64, 2),
+         (4096, 11008, 1, 1), (4096, 11008, 16, 2), (4096, 11008, 256, 1), (4096, 4096, 1, 2), (11008, 4096, 256, 2)]
+# small batches: the GEMV decodes the codes once per activation row, the GEMM once per 16-row tile;
+# for 1 < M <= 16 both paths are timed (the GEMM candidates below) to place GEMV_MAX_M
+SMALL_M_GEMM_GRID = dict(block_m=(16,), block_n=(32, 64, 128), block_k=(32, 64), num_warps=(4,), num_stages=(3,))
+GEMV_GRID = dict(block_n=(4, 8, 16), block_k=(128, 256, 512), num_warps=(1, 2, 4), num_stages=(2,))
 GEMM_GRID = dict(block_m=(32, 64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8), num_stages=(3,))
 
 
@@ -65,11 +68,16 @@ def run_case(out_f: int, in_f: int, M: int, T: int, bench, deadline: float, devi
     y = torch.empty(M, out_f, device=device, dtype=torch.bfloat16)
     current = choose_spec(M, n, m, T, 0, False, torch.bfloat16, False, device == "cpu")
     rows = []
-    for spec in [current] + [s for s in candidates(current, M) if s != current]:
+    others = [s for s in candidates(current, M) if s != current]
+    if 1 < M <= 16 and current.path == "gemv":
+        gemm = dataclasses.replace(current, path="gemm", block_m=16, block_n=64, block_k=64, num_stages=3)
+        others += [dataclasses.replace(gemm, **dict(zip(SMALL_M_GEMM_GRID, v)))
+                   for v in itertools.product(*SMALL_M_GEMM_GRID.values())]
+    for spec in [current] + others:
         if time.monotonic() > deadline:
             break
         row = {"spec": {k: getattr(spec, k) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")},
-               "current": spec == current}
+               "path": spec.path, "current": spec == current}
         try:
             launch_packed_linear(spec, x, codes, scales, None, m, out=y)
             err = (y.float() - ref).abs().max().item() / scale
@@ -84,12 +92,16 @@ def run_case(out_f: int, in_f: int, M: int, T: int, bench, deadline: float, devi
             row["us"] = 1e3 * bench(lambda: launch_packed_linear(spec, x, codes, scales, None, m, out=y))
         rows.append(row)
     t_bf16 = 1e3 * bench(lambda: F.linear(x, w))
-    timed = [r for r in rows if "us" in r]
+    timed = [r for r in rows if "us" in r and r["path"] == current.path]
     best = min(timed, key=lambda r: r["us"]) if timed else None
     cur = next((r for r in rows if r["current"] and "us" in r), None)
+    other = [r for r in rows if "us" in r and r["path"] != current.path]
+    alt = min(other, key=lambda r: r["us"]) if other else None
     return {"shape": f"{out_f}x{in_f}", "M": M, "stages": T, "path": current.path, "bf16_us": t_bf16,
             "current_us": cur["us"] if cur else None, "best_us": best["us"] if best else None,
-            "best_spec": best["spec"] if best else None, "n_candidates": len(rows), "candidates": rows}
+            "best_spec": best["spec"] if best else None, "n_candidates": len(rows),
+            "gemm_instead_us": alt["us"] if alt else None, "gemm_instead_spec": alt["spec"] if alt else None,
+            "candidates": rows}
 
 
 def to_markdown(meta: Dict, cases: List[Dict]) -> str:
@@ -100,8 +112,10 @@ def to_markdown(meta: Dict, cases: List[Dict]) -> str:
         "bf16 activations, tensor scales; every timed candidate matched the reference within "
         f"{BF16_TOL} of the output scale first.",
         "",
-        "| shape | M | T | path | bf16 us | current us | best us | best / current | best spec | tried |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "gemm instead: for 1 < M <= 16 in GEMV territory, the fastest tensor-core GEMM candidate (one 16-row tile).",
+        "",
+        "| shape | M | T | path | bf16 us | current us | best us | best / current | best spec | tried | gemm instead us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         gain = f"{c['current_us'] / c['best_us']:.2f}x" if c["current_us"] and c["best_us"] else "-"
@@ -109,7 +123,8 @@ def to_markdown(meta: Dict, cases: List[Dict]) -> str:
         cur = f"{c['current_us']:.2f}" if c["current_us"] else "-"
         best = f"{c['best_us']:.2f}" if c["best_us"] else "-"
         lines.append(f"| {c['shape']} | {c['M']} | {c['stages']} | {c['path']} | {c['bf16_us']:.2f} | {cur} | "
-                     f"{best} | {gain} | {spec} | {c['n_candidates']} |")
+                     f"{best} | {gain} | {spec} | {c['n_candidates']} | "
+                     f"{'-' if c['gemm_instead_us'] is None else format(c['gemm_instead_us'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output path without suffix")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting candidates after this (default 150)")
     p.add_argument("--rep", type=int, default=30, help="do_bench repetition time, ms (default 30)")
+    p.add_argument("--write-configs", type=pathlib.Path, default=None, metavar="JSON",
+                   help="also write each case's fastest config into this table (the format of "
+                        "fairy2i_compile/codegen/triton_configs.json; entries of other devices are kept)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_kernels: no CUDA device here; nothing written.", file=sys.stderr)
@@ -141,7 +159,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{c['shape']} M={M} T={T} {c['path']}: bf16 {c['bf16_us']:.2f} us, current {c['current_us']} us, "
               f"best {c['best_us']} us {c['best_spec']} ({c['n_candidates']} tried)", flush=True)
         write_results(args.out, {"meta": meta, "cases": cases}, to_markdown(meta, cases), indent=1)
+        if args.write_configs is not None:
+            write_configs(args.write_configs, meta["device"], cases)
     return 0
+
+
+def write_configs(path: pathlib.Path, device: str, cases: List[Dict]) -> None:
+    """Merge the fastest config of each case into the table `choose_spec` reads (atomic write)."""
+    import json
+
+    from fairy2i_compile.cache import atomic_write_text
+
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    entries = [{"path": c["path"], "stages": c["stages"], "M": c["M"], "n": int(c["shape"].split("x")[0]) // 2,
+                "m": int(c["shape"].split("x")[1]) // 2, "config": c["best_spec"], "us": round(c["best_us"], 2),
+                "bf16_us": round(c["bf16_us"], 2)} for c in cases if c["best_spec"]]
+    table[device] = entries
+    atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

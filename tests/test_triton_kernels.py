@@ -229,7 +229,7 @@ def test_triton_op_is_registered_without_interpreter(tmp_path):
         "    raise Seen(gm.code)\n"
         "f = lambda x, c, s: torch.ops.fairy2i.packed_linear_triton(x, c, s, None, 40, 0)\n"
         "try:\n"
-        "    aot_function(f, fw_compiler=grab)(torch.randn(3, 80), pk.codes, pk.scales)\n"
+        "    aot_function(f, fw_compiler=grab)(torch.randn(2, 80), pk.codes, pk.scales)\n"
         "except Seen as e:\n"
         "    print(e)\n"
     )
@@ -353,8 +353,10 @@ def test_kernel_spec_validation():
         KernelSpec("gemm", 1, "tensor", block_m=8, block_n=16, block_k=16)
     with pytest.raises(ValueError, match="group_size"):
         KernelSpec("gemv", 1, "group")
-    assert choose_spec(16, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemv"
-    assert choose_spec(17, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemm"
+    assert tp.GEMV_MAX_M == 2  # the measured crossover (choose_spec's docstring)
+    assert choose_spec(2, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemv"
+    assert choose_spec(3, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemm"
+    assert choose_spec(3, 8, 8, 1, 0, False, torch.float32, False, False).block_m == 16  # one 16-row tile
 
 
 # --------------------------------------------------------------------------- #
@@ -374,7 +376,7 @@ def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, m
     model = tiny_llama().cuda().eval()
     ptq = torch.compile(model, backend=Fairy2iBackend({"mode": "ptq", "stages": 2, "compiler": compiler}))
     qat = torch.compile(model, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
-    for shape in ((2, 10), (1, 3)):  # 20 rows: GEMM; 3 rows: GEMV
+    for shape in ((2, 10), (1, 2)):  # 20 rows: GEMM; 2 rows: GEMV
         ids = torch.randint(0, 96, shape, device="cuda")
         with torch.no_grad():
             got = ptq(ids).logits
@@ -383,3 +385,60 @@ def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, m
         torch.testing.assert_close(got, want, rtol=TOL[torch.float32], atol=TOL[torch.float32] * scale)
     names = [p.name for p in (tmp_path / "triton").iterdir()]
     assert any(s.startswith("fairy2i_gemm_t2_") for s in names) and any(s.startswith("fairy2i_gemv_t2_") for s in names), names
+
+
+# --------------------------------------------------------------------------- #
+# the measured config table (benchmarks/tune_kernels.py --write-configs)
+
+
+def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
+    import json
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    gemv = {"block_m": 1, "block_n": 4, "block_k": 512, "num_warps": 1, "num_stages": 2}
+    table = {device: [
+        {"path": "gemv", "stages": 2, "M": 1, "n": 2048, "m": 5504, "config": gemv},
+        {"path": "gemv", "stages": 2, "M": 1, "n": 64, "m": 64, "config": dict(gemv, block_n=16)},
+        {"path": "gemm", "stages": 2, "M": 256, "n": 2048, "m": 5504,
+         "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}},
+    ], "some other GPU": [{"path": "gemv", "stages": 1, "M": 1, "n": 8, "m": 8, "config": dict(gemv, block_n=64)}]}
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("FAIRY2I_TRITON_CONFIGS", str(path))
+    choose_spec.cache_clear()
+    try:
+        assert tp.tuned_config("gemv", 2, 2000, 5000, 1) == gemv  # nearest layer size
+        assert tp.tuned_config("gemv", 1, 50, 70, 1)["block_n"] == 16  # other T, nearest size
+        s = choose_spec(1, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert (s.block_n, s.block_k, s.num_warps) == (4, 512, 1)
+        s = choose_spec(1, 2048, 5504, 2, 32, True, torch.bfloat16, False, False)  # groups cap BLOCK_K
+        assert (s.scale, s.block_k) == ("group", 32)
+        s = choose_spec(64, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert (s.block_m, s.block_n, s.num_warps) == (128, 128, 8)
+        s = choose_spec(32, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert s.block_m == 32  # fewer than 64 rows: no 128-row tiles of masked work
+        assert choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, True).block_n == 16  # interpreter: no table
+        path.write_text("{not json")
+        tp._config_table.cache_clear()
+        with pytest.raises(ValueError, match="cannot be read as JSON.*tune_kernels.py"):
+            tp.tuned_config("gemv", 2, 8, 8, 1)
+        monkeypatch.setenv("FAIRY2I_TRITON_CONFIGS", str(tmp_path / "missing.json"))
+        with pytest.raises(FileNotFoundError, match="FAIRY2I_TRITON_CONFIGS=.*missing.json"):
+            tp.tuned_config("gemv", 2, 8, 8, 1)
+    finally:
+        choose_spec.cache_clear()
+        tp._config_table.cache_clear()
+
+
+def test_shipped_config_table_is_valid():
+    import json
+
+    table = json.loads(tp.CONFIGS_FILE.read_text())
+    assert table, "the shipped table names at least one measured GPU"
+    for device, entries in table.items():
+        tp._config_table.cache_clear()
+        assert tp._config_table(str(tp.CONFIGS_FILE), device) == entries and entries
+        for e in entries:
+            spec = KernelSpec(e["path"], e["stages"], "tensor", **e["config"])  # valid block sizes
+            assert spec.path == ("gemv" if e["M"] <= tp.GEMV_MAX_M else "gemm")
+    tp._config_table.cache_clear()

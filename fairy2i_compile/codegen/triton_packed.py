@@ -10,7 +10,7 @@ b = x[:, m:]) and plane p = 2t + (0 for U_t, 1 for W_t):
 
 and s is s_re for the +-1 codes (0, 2) and s_im for the +-i codes (1, 3).
 
-GEMV (decode, M <= 16): grid (cdiv(n, BLOCK_N), M), one program per BLOCK_N
+GEMV (decode, M <= GEMV_MAX_M = 2): grid (cdiv(n, BLOCK_N), M), one program per BLOCK_N
 complex output rows of one activation row. Per code, i**k z (U) or i**k conj(z)
 (W) is a signed pick of a or b (`sign_table.TABLE`, expanded with sympy), so
 the inner loop is selects, negations and adds: it sums, per plane, the picks of
@@ -25,7 +25,7 @@ its word is computed per column, which costs a few integer ops but no multiply.
 The region between the `inner loop: begin/end` markers of every GEMV source has
 no `*` (the tests parse it).
 
-GEMM (prefill, M > 16): grid (cdiv(n, BLOCK_N), cdiv(M, BLOCK_M)). Per K step
+GEMM (prefill and batched decode, M > 2): grid (cdiv(n, BLOCK_N), cdiv(M, BLOCK_M)). Per K step
 the codes of all 2T planes are decoded into fp32 tiles [BLOCK_K, BLOCK_N] of
 Re/Im U and W summed over stages, scales applied during decode (a select of
 +-s, group scales gathered per column), then the four real blocks of A_hat^T
@@ -113,7 +113,7 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = 1
-GEMV_MAX_M = 16  # decode: M <= 16 rows take the multiplication-free GEMV
+GEMV_MAX_M = 2  # M <= 2 rows take the multiplication-free GEMV (measured crossover: see choose_spec)
 INNER_LOOP_BEGIN = "# --- inner loop: begin (selects, negations and adds only) ---"
 INNER_LOOP_END = "# --- inner loop: end ---"
 
@@ -204,6 +204,11 @@ class KernelSpec:
         if self.block_k % 16:
             return False
         return self.scale != "group" or self.group_size % 16 == 0
+
+    @property
+    def group_per_block(self) -> bool:
+        """Group scales whose groups each hold whole K steps (GROUP % BLOCK_K == 0): one scale per row and step."""
+        return self.scale == "group" and self.group_size % self.block_k == 0
 
     @property
     def name(self) -> str:
@@ -311,9 +316,7 @@ _GEMV_INNER_HEAD = """\
 a = tl.load(x_re + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
 b = tl.load(x_im + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
 na = -a
-nb = -b
-mask_nk = mask_n[:, None] & mask_k[None, :]
-words = code_rows + (kk // 16)[None, :]"""
+nb = -b"""
 
 _EPILOGUE = """\
 $bias
@@ -354,6 +357,8 @@ def $name(
     x_im = x_re + m                           # b = Im z
     # weight tiles are [BLOCK_K, BLOCK_N]: input columns down, output rows across
     code_cols = offs_n[None, :] * KW
+    offs_w = tl.arange(0, BLOCK_K // 16)  # code words per K step (16 codes each)
+    lane_shift = (tl.arange(0, 16) * 2)[None, :, None]  # bit offset of code j in its word
 $setup
     acc_re = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_im = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -361,11 +366,11 @@ $setup
         kk = k + offs_k
         mask_k = kk < m  # columns past m load a = b = 0, so the padding codes add nothing
         mask_mk = mask_m[:, None] & mask_k[None, :]
-        mask_kn = mask_k[:, None] & mask_n[None, :]
+        wi = k // 16 + offs_w  # word index of this step's codes (BLOCK_K is a multiple of 16)
+        mask_wn = (wi < KW)[:, None] & mask_n[None, :]
         a = tl.load(x_re + kk[None, :], mask=mask_mk, other=0.0)$x_cast
         b = tl.load(x_im + kk[None, :], mask=mask_mk, other=0.0)$x_cast
-        words = code_cols + (kk // 16)[:, None]
-        shift = ((kk % 16) * 2)[:, None]
+        words = code_cols + wi[:, None]  # [BLOCK_K // 16, BLOCK_N]: each word loaded once
 $decode
         # the real blocks of A_hat, transposed (DESIGN.md 1.1)
         a11 = (u_re + w_re).to($dot_ty)
@@ -477,8 +482,9 @@ def _gemv_source(spec: KernelSpec) -> str:
     depth = 12 if grouped else 8  # indentation of the inner loop body
 
     setup = []
-    if spec.word_aligned:
-        setup.append("    shift = ((offs_k % 16) * 2)[None, :]  # blocks start on word boundaries")
+    if spec.word_aligned:  # each code word is loaded once and split into its 16 codes in registers
+        setup.append("    offs_w = tl.arange(0, BLOCK_K // 16)  # code words per inner step (16 codes each)")
+        setup.append("    lane_shift = (tl.arange(0, 16) * 2)[None, None, :]  # bit offset of code j in its word")
     setup.append("    # plane p of the codes starts at p * n * KW")
     for p, tag, _, label in planes:
         setup.append(f"    {tag}_codes = {_plane_base(p)}  # {label}")
@@ -489,12 +495,21 @@ def _gemv_source(spec: KernelSpec) -> str:
             for _, tag, _, _ in planes for part in ("re1", "im1", "rei", "imi")]
 
     inner = [_GEMV_INNER_HEAD]
-    if not spec.word_aligned:
-        inner.append("shift = ((kk % 16) << 1)[None, :]  # blocks start inside a word (group size % 16 != 0)")
+    if spec.word_aligned:
+        inner += ["wi = k // 16 + offs_w  # word index of this block's codes",
+                  "mask_w = mask_n[:, None] & (wi < KW)[None, :]",
+                  "words = code_rows + wi[None, :]  # [BLOCK_N, BLOCK_K // 16]"]
+        load = ("c = tl.reshape((tl.load({codes} + words, mask=mask_w, other=0)[:, :, None] >> lane_shift) & 3, "
+                "[BLOCK_N, BLOCK_K])")
+    else:  # blocks start inside a word (group size % 16 != 0): one word load per column
+        inner += ["mask_nk = mask_n[:, None] & mask_k[None, :]",
+                  "words = code_rows + (kk // 16)[None, :]",
+                  "shift = ((kk % 16) << 1)[None, :]"]
+        load = "c = (tl.load({codes} + words, mask=mask_nk, other=0) >> shift) & 3"
     for p, tag, conj, label in planes:
         what = "i**k conj(z)" if conj else "i**k z"
         inner.append(f"# {label} (plane {p}): {what}, code k -> (re, im)  {describe(conj)}")
-        inner.append(f"c = (tl.load({tag}_codes + words, mask=mask_nk, other=0) >> shift) & 3")
+        inner.append(load.format(codes=f"{tag}_codes"))
         for axis, suffix in ((0, "1"), (1, "i")):
             for comp, cname in ((0, "re"), (1, "im")):
                 picks = [(k, term_expr(TABLE[(conj, k)][comp], _NAMES)) for k in codes_on_axis(axis)]
@@ -550,17 +565,24 @@ def _gemm_source(spec: KernelSpec) -> str:
                 setup.append(f"    {tag}_n{sname} = -{tag}_{sname}")
 
     decode = []
-    if spec.scale == "group":
+    if spec.group_per_block:  # GROUP % BLOCK_K == 0: one scale per output row in this K step
+        decode.append("scale_cols = k // GROUP")
+        scale_mask = "mask_n[None, :]"
+    elif spec.scale == "group":  # groups narrower than the step, or not aligned to it: gathered per column
         decode.append("scale_cols = (kk // GROUP)[:, None]")
+        decode.append("mask_kn = mask_k[:, None] & mask_n[None, :]")
+        scale_mask = "mask_kn"
     first = {False: True, True: True}
     for p, tag, conj, label in planes:
         which = "w" if conj else "u"
         units = "  ".join(f"{k}: ({UNIT[k][0]:+d}, {UNIT[k][1]:+d})" for k in range(4))
         decode.append(f"# {label} (plane {p}): i**k -> (Re, Im)  {units}, times s_re (+-1 codes) / s_im (+-i codes)")
-        decode.append(f"c = (tl.load({tag}_codes + words, mask=mask_kn, other=0) >> shift) & 3")
+        decode.append(f"c = tl.reshape((tl.load({tag}_codes + words, mask=mask_wn, other=0)[:, None, :] "
+                      f">> lane_shift) & 3, [BLOCK_K, BLOCK_N])")
         if spec.scale == "group":
             for sname in ("sre", "sim"):
-                decode.append(f"{tag}_{sname} = tl.load({tag}_{sname}_ptr + scale_cols, mask=mask_kn, other=0.0)")
+                decode.append(f"{tag}_{sname} = tl.load({tag}_{sname}_ptr + scale_cols, mask={scale_mask}, "
+                              f"other=0.0)")
                 decode.append(f"{tag}_n{sname} = -{tag}_{sname}")
         for comp, cname in ((0, "re"), (1, "im")):
             picks = []
@@ -676,11 +698,19 @@ def _clamp_pow2(v: int, lo: int, hi: int) -> int:
 @functools.lru_cache(maxsize=256)
 def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales: bool, act_dtype: torch.dtype,
                 has_bias: bool, interpret: bool) -> KernelSpec:
-    """The kernel for a call: GEMV for M <= 16, else GEMM, with block sizes for GPU or interpreter.
+    """The kernel for a call: GEMV for M <= GEMV_MAX_M (2), else GEMM, with block sizes for GPU or interpreter.
+
+    The crossover was measured on an H200 (benchmarks/results/bench_kernels_small_m_*.md): the
+    GEMV decodes the codes once per activation row, so its time grows with M (4096x11008, T=2:
+    92 / 168 / 319 / 1180 us at M = 1 / 2 / 4 / 16) while the GEMM decodes each tile once for
+    up to 16 rows (236-239 us at M = 2..16); summed over the two LLaMA MLP shapes and T = 1, 2
+    the GEMV is ahead at M = 2 (434 vs 521 us) and behind from M = 4 (797 vs 522 us).
 
     row_scales: the scales have one row per output (n_s = n) rather than one per tensor.
-    The interpreter's cost grows with programs x loop steps, so it gets large blocks; the GPU
-    blocks are reasonable starting points, not tuned (this project's machines have no GPU).
+    The interpreter's cost grows with programs x loop steps, so it gets large blocks. On GPU the
+    block sizes and launch config come from the measured table (:func:`tuned_config`, written by
+    benchmarks/tune_kernels.py) for this device, path and T, nearest layer size; without an
+    entry, from the defaults below. Group scales then cap BLOCK_K so blocks tile the groups.
     """
     G = -(-m // group_size) if group_size else 1
     if group_size and G > 1:
@@ -688,22 +718,84 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
     else:  # g >= m is one group per row: the same scales as "row"
         scale, g = ("row" if (row_scales or group_size) else "tensor"), 0
     dtype = {v: k for k, v in _ACT_DTYPES.items()}[act_dtype]
-    if M <= GEMV_MAX_M:
-        block_n = _clamp_pow2(n, 16, 64) if interpret else 16
-        block_k = _clamp_pow2(m, 16, 128) if interpret else 256
+    path = "gemv" if M <= GEMV_MAX_M else "gemm"
+    tuned = None if interpret else tuned_config(path, stages, n, m, M)
+    if path == "gemv":
+        if interpret:
+            cfg = dict(block_n=_clamp_pow2(n, 16, 64), block_k=_clamp_pow2(m, 16, 128), num_warps=4, num_stages=2)
+        else:
+            cfg = dict(block_n=8, block_k=256, num_warps=2, num_stages=2)  # H200 run 1 sweep: small row blocks
+        cfg.update(tuned or {})
+        cfg["block_m"] = 1
         if scale == "group":
             if g % 16 == 0:  # the largest power of two dividing g: blocks tile each group exactly
-                block_k = min(block_k, g & -g)
+                cfg["block_k"] = min(cfg["block_k"], g & -g)
             else:  # blocks start at each group's first column: one (or a few) per group
-                block_k = min(block_k, max(8, _next_pow2(g)))
-        return KernelSpec("gemv", stages, scale, g, dtype, has_bias, 1, block_n, block_k,
-                          num_warps=4, num_stages=2, interpret=interpret)
-    if interpret:
-        bm, bn, bk = _clamp_pow2(M, 16, 64), _clamp_pow2(n, 16, 64), _clamp_pow2(m, 16, 64)
+                cfg["block_k"] = min(cfg["block_k"], max(8, _next_pow2(g)))
     else:
-        bm, bn, bk = (64 if M >= 64 else 32), 64, 64
-    return KernelSpec("gemm", stages, scale, g, dtype, has_bias, bm, bn, bk,
-                      num_warps=4, num_stages=3, interpret=interpret)
+        if interpret:
+            cfg = dict(block_m=_clamp_pow2(M, 16, 64), block_n=_clamp_pow2(n, 16, 64), block_k=_clamp_pow2(m, 16, 64),
+                       num_warps=4, num_stages=3)
+        else:
+            cfg = dict(block_m=64 if M >= 64 else 32, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        cfg.update(tuned or {})
+        if M < 64:  # no 64/128-row tiles of mostly masked rows
+            cfg["block_m"] = min(cfg["block_m"], 16 if M <= 16 else 32)
+        if scale == "group":
+            if g % 16 == 0:  # whole K steps per group: one scale load per row and step
+                cfg["block_k"] = min(cfg["block_k"], g & -g)
+            else:  # scales gathered per column: small steps, no pipelining (the gathers are [BLOCK_K, BLOCK_N])
+                cfg["block_k"], cfg["num_stages"] = 16, 1
+    return KernelSpec(path, stages, scale, g, dtype, has_bias, cfg["block_m"], cfg["block_n"], cfg["block_k"],
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], interpret=interpret)
+
+
+_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+CONFIGS_FILE = pathlib.Path(__file__).with_name("triton_configs.json")
+
+
+@functools.lru_cache(maxsize=8)
+def _config_table(path: str, device_name: str) -> List[Dict[str, Any]]:
+    try:
+        table = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if path != str(CONFIGS_FILE):
+            raise FileNotFoundError(f"FAIRY2I_TRITON_CONFIGS={path!r}: no such file (unset it to use the "
+                                    f"shipped table {CONFIGS_FILE})") from None
+        return []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Triton config table {path!r} cannot be read as JSON ({e}); regenerate it with "
+                         f"benchmarks/tune_kernels.py --write-configs") from None
+    entries = table.get(device_name, []) if isinstance(table, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and {"path", "stages", "M", "n", "m", "config"} <= set(e) for e in entries):
+        raise ValueError(f"Triton config table {path!r}: expected {{device name: [{{path, stages, M, n, m, "
+                         f"config}}, ...]}}; regenerate it with benchmarks/tune_kernels.py --write-configs")
+    return entries
+
+
+def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dict[str, int]]:
+    """The measured block sizes / launch config for this CUDA device, or None.
+
+    Table: `$FAIRY2I_TRITON_CONFIGS` or the shipped ``codegen/triton_configs.json``, as
+    ``{torch.cuda.get_device_name(): [{"path", "stages", "M", "n", "m", "config"}, ...]}``.
+    Entries of the same path are ranked by (other T, |log n/n_e| + |log m/m_e|, |log M/M_e|):
+    block sizes transfer between nearby layer sizes, so the nearest measured layer is used.
+    """
+    import math
+
+    table = _config_table(os.environ.get("FAIRY2I_TRITON_CONFIGS") or str(CONFIGS_FILE),
+                          torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+    entries = [e for e in table if e["path"] == path]
+    if not entries:
+        return None
+
+    def rank(e: Dict[str, Any]) -> Tuple[bool, float, float]:
+        size = abs(math.log(e["n"] / max(1, n))) + abs(math.log(e["m"] / max(1, m)))
+        return (e["stages"] != stages, size, abs(math.log(e["M"] / max(1, M))))
+
+    cfg = min(entries, key=rank)["config"]
+    return {k: int(cfg[k]) for k in _CONFIG_KEYS if k in cfg}
 
 
 def launch_packed_linear(spec: KernelSpec, x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
@@ -740,12 +832,14 @@ def launch_packed_linear(spec: KernelSpec, x: Tensor, codes: Tensor, scales: Ten
 def _spec_rows(M: Any, interpret: bool) -> int:
     """A concrete row count that picks the same spec as M, which is a SymInt under dynamic-shape tracing.
 
-    On GPU the spec depends on M only through M <= 16 and M >= 64, so tracing guards on those two
+    On GPU the spec depends on M only through M <= GEMV_MAX_M, M <= 16 and M >= 64, so tracing guards on those
     comparisons rather than on M itself; the interpreter's blocks follow M (specialised, tests only).
     """
     if interpret:
         return int(M)
-    return 1 if M <= GEMV_MAX_M else (64 if M >= 64 else 32)
+    if M <= GEMV_MAX_M:
+        return 1
+    return 16 if M <= 16 else (32 if M < 64 else 64)
 
 
 def _run(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int, group_size: int, n: int,
@@ -838,7 +932,7 @@ def packed_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, bias: Optiona
     m:      complex input width;  group_size: the scale group size, 0 for tensor / row scales
     -> y:   [..., 2n] in x's dtype (y[..., :n] = Re, y[..., n:] = Im)
 
-    GEMV (multiplication-free) for M = prod(x.shape[:-1]) <= 16, else decode-to-tile GEMM.
+    GEMV (multiplication-free) for M = prod(x.shape[:-1]) <= GEMV_MAX_M (2), else decode-to-tile GEMM.
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Eager calls launch directly;
     traced calls (torch.compile, make_fx, export) go through the op fairy2i::packed_linear_triton.
     """
