@@ -15,6 +15,8 @@ PTQ (inference; quantized once per weight version, see below; no gradient to A)
         makes of ptq_phase_quant + widely_linear. Its cache entry is the packed layer
         (2-bit codes + scales, packing.PackedWidely), never a dense copy; the codes stay
         inside the op (they are not graph values, so no compiler can reuse their memory).
+        CPU inference graphs call ptq_packed_linear_cpu(x, a, bias, slot, stages, granularity, name)
+        instead, whose C++ kernel skips Python while the weight key is unchanged.
 
 `granularity` travels as a string ("tensor", "row", or the group size in
 digits, e.g. "64") because op schemas have no Union type; `name` is the layer's
@@ -272,6 +274,36 @@ _LIB.impl("ptq_packed_linear_infer", _ptq_packed_linear_infer, "CompositeExplici
 
 @torch.library.register_fake("fairy2i::ptq_packed_linear_infer", lib=_LIB)
 def _(x, a, bias, slot, stages, granularity, name, kernel):
+    return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
+# The stage-fused PTQ op for CPU inference graphs (codegen/lower.py), like packed_ops'
+# packed_linear_cpu: its CPU kernel is C++ (codegen/cpu_packed_op.cpp), which keeps weak
+# references to this cache's codes per slot and asks ptq_pack_slot only when the weight key
+# changed or the codes were freed; this Python implementation (the same cache + the kernel
+# through ctypes) runs until that library is loaded, or where it cannot be built.
+_LIB.define(
+    "ptq_packed_linear_cpu(Tensor x, Tensor a, Tensor? bias, int slot, int stages, str granularity, str name) "
+    "-> Tensor"
+)
+_LIB.define("ptq_pack_slot(Tensor a, int slot, int stages, str granularity, str name) -> (Tensor, Tensor, int)")
+
+
+def _ptq_packed_linear_cpu_fallback(x, a, bias, slot, stages, granularity, name):
+    return ptq_packed_linear_direct(x, a, bias, slot, stages, granularity, name, "cpu")
+
+
+def _ptq_pack_slot(a, slot, stages, granularity, name):
+    pk = _packed_for(a, slot, stages, granularity, name)
+    return pk.codes, pk.scales, int(pk.group_size or 0)
+
+
+_LIB.impl("ptq_packed_linear_cpu", _ptq_packed_linear_cpu_fallback, "CompositeExplicitAutograd")
+_LIB.impl("ptq_pack_slot", _ptq_pack_slot, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fairy2i::ptq_packed_linear_cpu", lib=_LIB)
+def _(x, a, bias, slot, stages, granularity, name):
     return x.new_empty((*x.shape[:-1], a.shape[0]))
 
 

@@ -386,9 +386,16 @@ def test_pack_model_keeps_odd_and_skipped_layers_real():
 
 # ------------------------------------------------------------------ lowering for the eager runner, kernel dumps
 @needs_cpu_kernel
-def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu_op", [True, False], ids=["cpp_op", "direct"])
+def test_eager_runner_lowers_the_ptq_op_and_dumps_its_source(cpu_op, tmp_path, monkeypatch):
+    """The stage-fused PTQ op on CPU becomes ptq_packed_linear_cpu (C++ op registration), or,
+    where that library is unavailable, a direct call of the kernel through ctypes."""
     import json
 
+    if cpu_op and not cpu_packed.cpu_op_available()[0]:
+        pytest.skip(f"C++ op registration unavailable: {cpu_packed.cpu_op_available()[1]}")
+    if not cpu_op:
+        monkeypatch.setattr(cpu_packed, "cpu_op_available", lambda: (False, "disabled by the test"))
     monkeypatch.setenv("FAIRY2I_MLIR", "0")
     model = tiny_llama()
     ids = torch.randint(0, 96, (1, 6))
@@ -397,17 +404,24 @@ def test_eager_runner_calls_the_cpu_kernel_directly_and_dumps_its_source(tmp_pat
     with torch.no_grad():
         got = c(ids).logits
         want = ref(ids).logits
-    assert backend.reports[0].counters["lowered_cpu_direct"] == 15
+    counters_ = backend.reports[0].counters
+    assert counters_["lowered_cpu_op" if cpu_op else "lowered_cpu_direct"] == 15
+    assert ("lowered_cpu_direct" if cpu_op else "lowered_cpu_op") not in counters_
     # the reference keeps the op, in its no-autograd inference form
     assert "lowered_cpu_direct" not in ref_backend.reports[0].counters
     assert ref_backend.reports[0].counters["lowered_infer"] == 15
     assert_fp32_close(got, want)
     # the dumped inference graph still shows the op (what is computed), the kernel source sits beside it
     assert "fairy2i.ptq_packed_linear" in (tmp_path / "graph_0" / "04_aot_inference.py").read_text()
-    assert (tmp_path / "kernels" / "cpu_packed.cpp").read_text() == cpu_packed.SOURCE.read_text()
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["graphs"][0]["kernels"] == ["kernels/cpu_packed.cpp"]
-    assert "kernels/cpu_packed.cpp" in (tmp_path / "summary.md").read_text()
+    kernels = report["graphs"][0]["kernels"]
+    if cpu_op:
+        assert "kernels/cpu_packed_op.cpp" in kernels
+        assert (tmp_path / "kernels" / "cpu_packed_op.cpp").read_text() == cpu_packed.OP_SOURCE.read_text()
+    else:
+        assert kernels == ["kernels/cpu_packed.cpp"]
+        assert (tmp_path / "kernels" / "cpu_packed.cpp").read_text() == cpu_packed.SOURCE.read_text()
+    assert kernels[-1] in (tmp_path / "summary.md").read_text()
 
 
 # ------------------------------------------------------------------ the C++ op registration (packed_linear_cpu)
@@ -480,6 +494,58 @@ def test_compiled_packed_model_calls_the_cpu_op(compiler, tmp_path, monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend=again)(x), got, atol=0, rtol=0)
     assert again.reports[0].counters == counters_
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_ptq_cpu_op_skips_python_until_the_weight_changes(compiler):
+    """Compiled dense model, mode='ptq': ptq_packed_linear_cpu runs from its C++ per-slot key
+    (no Python cache lookups), repacks through the PTQ cache after an in-place update, and
+    holds the cache's codes weakly (freed with the parameter)."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (1, 6))
+    backend = GraphKeepingBackend({"mode": "ptq", "stages": 2, "compiler": compiler})
+    c = torch.compile(model, backend=backend)
+    qat = torch.compile(model, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
+    with torch.no_grad():
+        c(ids)  # first call: the C++ side asks Python once per layer
+        counters.clear()
+        got = c(ids).logits
+        c(ids)
+    assert backend.reports[0].counters["lowered_cpu_op"] == 15
+    assert counters["fairy2i"]["ptq_cache_hit"] == 0 and counters["fairy2i"]["ptq_quantize"] == 0
+    assert_fp32_close(got, qat(ids).logits.detach())
+
+    w = model.model.layers[1].self_attn.o_proj.weight
+    with torch.no_grad():
+        w.mul_(-2.0)  # in place: bumps _version
+        got = c(ids).logits
+        c(ids)
+    assert counters["fairy2i"]["ptq_quantize"] == 1  # the changed layer only; the others never left C++
+    assert counters["fairy2i"]["ptq_cache_hit"] == 0
+    assert_fp32_close(got, qat(ids).logits.detach())
+
+    slots = [n.args[3] for g in backend.graphs for n in g.graph.nodes
+             if n.target is torch.ops.fairy2i.ptq_packed_linear.default]
+    codes = [weakref.ref(quant_ops.cached_ptq_value(s).codes) for s in slots]
+    del model, c, qat, backend, w, got
+    gc.collect()
+    assert all(r() is None for r in codes)  # the C++ side kept no reference
+
+
+@needs_cpu_op
+def test_ptq_cpu_op_rejects_mismatched_activations():
+    a = torch.randn(8, 12)
+    with pytest.raises(RuntimeError, match=r"ptq_packed_linear_cpu \(layers.0.q\): activations \[2, 10\] do not "
+                                           r"match the weight \[8, 12\]"):
+        torch.ops.fairy2i.ptq_packed_linear_cpu(torch.randn(2, 10), a, None, -1, 2, "tensor", "layers.0.q")
+    x = torch.randn(2, 12)
+    y = torch.ops.fairy2i.ptq_packed_linear_cpu(x, a, None, -1, 2, "tensor", "layers.0.q")  # slot -1: no cache
+    pk = quant_ops.pack_layer(a, 2, "tensor", "layers.0.q")
+    assert_fp32_close(y, packed_ops.packed_linear_reference(x, pk.codes, pk.scales, None, pk.m, 0))
 
 
 @needs_cpu_kernel

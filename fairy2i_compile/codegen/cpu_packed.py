@@ -32,10 +32,12 @@ reference under kernel="auto"); `FAIRY2I_CXX` picks the compiler.
 
 The same source is also compiled, with cpu_packed_op.cpp and against torch's own headers
 (~15 s, once per machine and torch version), into a library that registers the C++ CPU
-kernel of the op `fairy2i::packed_linear_cpu` (cpu_op_available). Compiled inference
-graphs call that op (codegen/lower.py): from Python it costs ~9 us a call, against ~17 us
-for the ctypes call and ~32 us for an op implemented in Python (measured on a 32 x 32
-layer, batch 1). `FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the op
+kernel of the ops `fairy2i::packed_linear_cpu` and `fairy2i::ptq_packed_linear_cpu`
+(cpu_op_available). Compiled inference graphs call those ops (codegen/lower.py): from
+Python packed_linear_cpu costs ~9 us a call, against ~17 us for the ctypes call and ~32 us
+for an op implemented in Python (measured on a 32 x 32 layer, batch 1); a compiled 8-layer
+64 x 64 dense PTQ stack went from 529 / 568 us (eager / Inductor runner) to 338 / 284 us
+per batch-1 call with ptq_packed_linear_cpu, as fast as the same stack after pack_model. `FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the op
 runs the ctypes path.
 
 Activations in bf16/fp16 are converted to float32 for the kernel and the result
@@ -209,7 +211,7 @@ def cpu_kernel_available() -> Tuple[bool, str]:
 
 
 def cpu_op_available() -> Tuple[bool, str]:
-    """Build (once) and load the C++ registration of `fairy2i::packed_linear_cpu`.
+    """Build (once) and load the C++ registrations of `fairy2i::packed_linear_cpu` and `ptq_packed_linear_cpu`.
 
     (True, library path) when the op's CPU kernel is C++; (False, why) otherwise, with one
     warning naming the reason: the op then runs the same kernel through ctypes (its Python

@@ -2,6 +2,15 @@
 // implementation of a torch.library op, so a compiled graph calls it through the dispatcher
 // straight into C++ (~40 us less per call than a Python implementation; codegen/lower.py).
 //
+// fairy2i::ptq_packed_linear_cpu: the same for the stage-fused PTQ op (a dense weight `a`
+// whose packed codes live in the PTQ cache, quant_ops.py). The cache stays in Python, the
+// one place that packs; this file keeps, per slot, the weight key it was packed for
+// (data_ptr, _version, shape, dtype) and WEAK references to the codes and scales. A call
+// whose key matches and whose codes are still alive runs without Python; anything else
+// (first call, an in-place update of the weight, a freed or replaced cache entry) asks
+// Python through the op fairy2i::ptq_pack_slot, which returns the cache's tensors (packing
+// them if the weight changed). Weak references: freeing the parameter frees its codes.
+//
 // The op's schema, its fake implementation and a Python fallback (the same kernel through
 // ctypes) live in packed_ops.py; this file only adds the CPU kernel. It computes exactly
 // what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
@@ -13,7 +22,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "cpu_packed.cpp"
 
@@ -75,6 +92,67 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct PtqEntry {
+  const void* ptr;
+  int64_t version;
+  std::vector<int64_t> sizes;
+  c10::ScalarType dtype;
+  WeakTensor codes, scales;
+  int64_t group_size;
+};
+
+std::mutex g_ptq_mutex;
+std::unordered_map<int64_t, PtqEntry> g_ptq;
+
+bool ptq_lookup(int64_t slot, const at::Tensor& a, at::Tensor& codes, at::Tensor& scales, int64_t& group_size) {
+  std::lock_guard<std::mutex> lock(g_ptq_mutex);
+  auto it = g_ptq.find(slot);
+  if (it == g_ptq.end()) return false;
+  const PtqEntry& e = it->second;
+  if (e.ptr != a.data_ptr() || e.version != a._version() || e.dtype != a.scalar_type() || a.sizes() != e.sizes)
+    return false;
+  auto c = e.codes.lock();
+  auto s = e.scales.lock();
+  if (!c.defined() || !s.defined()) return false;  // the Python cache dropped or replaced them
+  codes = at::Tensor(std::move(c));
+  scales = at::Tensor(std::move(s));
+  group_size = e.group_size;
+  return true;
+}
+
+at::Tensor ptq_packed_linear_cpu(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& bias,
+                                 int64_t slot, int64_t stages, c10::string_view granularity, c10::string_view name) {
+  TORCH_CHECK(a.dim() == 2 && x.size(-1) == a.size(1), "fairy2i.ptq_packed_linear_cpu (", std::string(name),
+              "): activations ", x.sizes(), " do not match the weight ", a.sizes());
+  at::Tensor codes, scales;
+  int64_t group_size = 0;
+  if (slot < 0 || !ptq_lookup(slot, a, codes, scales, group_size)) {
+    static const c10::OperatorHandle pack =
+        c10::Dispatcher::singleton().findSchemaOrThrow("fairy2i::ptq_pack_slot", "");
+    torch::jit::Stack stack{c10::IValue(a), c10::IValue(slot), c10::IValue(stages),
+                            c10::IValue(std::string(granularity)), c10::IValue(std::string(name))};
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // packing records no gradient
+      pack.callBoxed(&stack);
+    }
+    codes = stack[0].toTensor();
+    scales = stack[1].toTensor();
+    group_size = stack[2].toInt();
+    if (slot >= 0) {
+      std::lock_guard<std::mutex> lock(g_ptq_mutex);
+      g_ptq.insert_or_assign(slot, PtqEntry{a.data_ptr(), a._version(), a.sizes().vec(), a.scalar_type(),
+                                            WeakTensor(codes.getIntrusivePtr()), WeakTensor(scales.getIntrusivePtr()),
+                                            group_size});
+    }
+  }
+  return packed_linear_cpu(x, codes, scales, bias, a.size(1) / 2, group_size);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fairy2i, CPU, lib) { lib.impl("packed_linear_cpu", &packed_linear_cpu); }
+TORCH_LIBRARY_IMPL(fairy2i, CPU, lib) {
+  lib.impl("packed_linear_cpu", &packed_linear_cpu);
+  lib.impl("ptq_packed_linear_cpu", &ptq_packed_linear_cpu);
+}

@@ -11,9 +11,11 @@ Dynamo's guards recompile when they change). Inductor calls these as extern kern
 Where `kernel` resolves to the C++ kernel on CPU and its C++ op registration builds
 (cpu_packed.cpu_op_available), a packed layer goes one step further:
 
-    fairy2i.packed_linear(x, codes, scales, b, m, g, k) -> fairy2i.packed_linear_cpu(x, codes, scales, b, m, g)
+    fairy2i.packed_linear(x, codes, scales, b, m, g, k)     -> fairy2i.packed_linear_cpu(x, codes, scales, b, m, g)
+    fairy2i.ptq_packed_linear(x, A, b, slot, T, g, n, k)   -> fairy2i.ptq_packed_linear_cpu(x, A, b, slot, T, g, n)
 
-whose CPU kernel is C++ (cpu_packed_op.cpp), so the dispatcher never calls back into Python.
+whose CPU kernels are C++ (cpu_packed_op.cpp), so the dispatcher never calls back into
+Python (the PTQ one only when its weight changed: it then asks the PTQ cache to repack).
 
 The eager runner (`compiler="eager"`, backend.py) turns the remaining CPU packed ops whose
 `kernel` resolves to the C++ kernel into direct calls of that kernel with the op's
@@ -27,12 +29,13 @@ and dispatcher with autograd registered, ~50 us as *_infer, ~10 us called direct
 32 x 32 layer (kernel time ~0) *_infer costs 32 us, the direct call 17 us and
 packed_linear_cpu 9 us. A SmolLM2 token makes 211 such calls (benchmarks/bench_cpu.py).
 So both runners use packed_linear_cpu where they can; the eager runner's direct calls
-remain for the stage-fused PTQ op and for when the C++ registration is unavailable.
+remain for when the C++ registration is unavailable.
 Training graphs keep the ops (their backward needs the autograd formulas).
 
 The dumps and the MLIR export see the graph before this step (the ops, which say what is
 computed); the report's counters `lowered_infer` and `lowered_cpu_direct` say how many
-calls were lowered, and `lowered_cpu_op` how many became packed_linear_cpu.
+calls were lowered, and `lowered_cpu_op` how many became packed_linear_cpu or
+ptq_packed_linear_cpu.
 """
 
 from __future__ import annotations
@@ -79,17 +82,22 @@ def lower_packed_for_cpu_op(gm: fx.GraphModule) -> int:
     (when its C++ registration builds and loads); returns how many."""
     from .cpu_packed import cpu_op_available
 
+    ops = {  # op -> (its C++ twin, index of `kernel`, which the twin drops)
+        torch.ops.fairy2i.packed_linear.default: (torch.ops.fairy2i.packed_linear_cpu.default, 6),
+        torch.ops.fairy2i.ptq_packed_linear.default: (torch.ops.fairy2i.ptq_packed_linear_cpu.default, 7),
+    }
     lowered = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.fairy2i.packed_linear.default:
+        if node.op != "call_function" or node.target not in ops:
             continue
-        if not _runs_cpu_kernel(node, 6) or not cpu_op_available()[0]:
+        target, k = ops[node.target]
+        if not _runs_cpu_kernel(node, k) or not cpu_op_available()[0]:
             continue
-        node.target = torch.ops.fairy2i.packed_linear_cpu.default
-        node.args = tuple(node.args[:6])
+        node.target = target
+        node.args = tuple(node.args[:k])
         if "eager_input_vals" in node.meta:  # Inductor matches these against the new schema
             vals, kwargs = node.meta["eager_input_vals"]
-            node.meta["eager_input_vals"] = (tuple(vals[:6]), kwargs)
+            node.meta["eager_input_vals"] = (tuple(vals[:k]), kwargs)
         lowered += 1
     if lowered:
         gm.graph.lint()
