@@ -250,7 +250,7 @@ _GEMM_NOTE = """\
 #     i**k -> (Re, Im):  $unit_table
 """
 
-_GEMV_TEMPLATE = """\
+_KERNEL_HEAD = """\
 $header
 import triton
 import triton.language as tl
@@ -265,6 +265,9 @@ def $name(
     scales_ptr,  # [$planes, 2, n_s, G] float32, contiguous$bias_param
     y_ptr,       # [M, 2n] $act_dtype: y[:, :n] = Re, y[:, n:] = Im
     # sizes
+"""
+
+_GEMV_TEMPLATE = _KERNEL_HEAD + """\
     n, m, KW, G,
     # blocks
     BLOCK_N: tl.constexpr,  # complex output rows per program
@@ -325,21 +328,7 @@ $bias
     tl.store(y_out + n, acc_im.to(y_ptr.dtype.element_ty), mask=mask_out)
 """
 
-_GEMM_TEMPLATE = """\
-$header
-import triton
-import triton.language as tl
-
-
-@triton.autotune(configs=[triton.Config({}, num_warps=$num_warps, num_stages=$num_stages)], key=[])
-@triton.jit
-def $name(
-    # pointers
-    x_ptr,       # [M, 2m] $act_dtype, contiguous
-    codes_ptr,   # [$planes, n, KW] int32, contiguous
-    scales_ptr,  # [$planes, 2, n_s, G] float32, contiguous$bias_param
-    y_ptr,       # [M, 2n] $act_dtype: y[:, :n] = Re, y[:, n:] = Im
-    # sizes
+_GEMM_TEMPLATE = _KERNEL_HEAD + """\
     M, n, m, KW, G,
     # blocks
     BLOCK_M: tl.constexpr,  # activation rows per program
@@ -781,6 +770,9 @@ def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dic
     ``{torch.cuda.get_device_name(): [{"path", "stages", "M", "n", "m", "config"}, ...]}``.
     Entries of the same path are ranked by (other T, |log n/n_e| + |log m/m_e|, |log M/M_e|):
     block sizes transfer between nearby layer sizes, so the nearest measured layer is used.
+    The table is read once per process, and choose_spec caches its picks: set the variable
+    before the first kernel launch (or call choose_spec.cache_clear() and
+    _config_table.cache_clear()).
     """
     import math
 
