@@ -131,6 +131,22 @@ def test_cpu_kernel_matches_reference(stages, granularity, tokens):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("granularity", ["row", 16, 32, 48, 8, 24])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+def test_cpu_fold_path_with_row_and_group_scales(granularity, tokens):
+    """Decode-sized batches with per-row scales or groups of whole code words (16, 32, 48) take
+    the fold path with per-output scales; groups of 8 / 24 columns take the decode path. m = 75:
+    5 code words, the last group partial."""
+    for stages in (1, 2, 3):
+        a, pk = packed_layer(18, 150, stages, granularity, seed=stages + tokens)
+        x, b = torch.randn(tokens, 150), torch.randn(18)
+        for bias in (None, b):
+            want = packed_ops.packed_linear_reference(x, *args_of(pk)[:2], bias, pk.m, pk.group_size or 0)
+            got = cpu_packed.packed_linear_cpu(x, *args_of(pk)[:2], bias, pk.m, pk.group_size or 0)
+            assert_fp32_close(got, want)
+
+
+@needs_cpu_kernel
 @settings(max_examples=15)
 @given(n=st.integers(1, 20), m=st.integers(1, 50), tokens=st.integers(1, 9), stages=st.integers(1, 3),
        granularity=st.sampled_from(["tensor", "row", 1, 5, 8, 16, 64]), seed=st.integers(0, 2**31))

@@ -7,14 +7,18 @@
 //
 // Two paths, both multi-threaded over output rows (OpenMP):
 //
-//  fold   (per-tensor scales, M <= 4 tokens: decode). Code k = 2*hi + lo means i^k, and
+//  fold   (M <= 4 tokens: decode; tensor scales, or row / group scales when the groups
+//         hold whole code words). Code k = 2*hi + lo means i^k, and
 //         i^k * z contributes to (Re y, Im y):
 //             U (z = a + ib):      lo=0: (+-a, +-b) * s_re     lo=1: (-+b, +-a) * s_im
 //             W (conj z = a - ib): lo=0: (+-a, -+b) * s_re     lo=1: (+-b, +-a) * s_im
 //         with the sign (-1)^hi. The caller folds the scales and the conj into four
 //         vectors per plane and token, Pre|Qre|Pim|Qim, so the inner loop per code is one
 //         select (by lo) and one sign flip (xor of hi into the float sign bit) per output:
-//         no multiplications.
+//         no multiplications. Row / group scales differ per output row (and group), so
+//         they cannot be folded into the activations: the vectors are then unscaled and the
+//         loop keeps the +-1-coded (lo = 0) and +-i-coded (lo = 1) sums apart, per plane and
+//         group, multiplying them by s_re / s_im once per output, plane and group.
 //  decode (any scales, a few tokens): rebuild one block of 4 complex rows of A_hat (as the
 //         8 real rows [A11 | A12] and [A21 | A22], each 2m long) in a thread-local buffer
 //         by selects only, summing the stages in order exactly as quant.dequant_phase does
@@ -79,6 +83,56 @@ static void fold_rows(const float* pq, const int32_t* codes, int64_t P, int64_t 
   }
 }
 
+// Fold with per-row (n_s = n) or per-group (G > 1, group % 16 == 0: groups hold whole code
+// words) scales: pq holds the UNSCALED vectors (fold_vectors with unit scales). Per plane
+// and group, the lo = 0 (+-1) and lo = 1 (+-i) terms are summed apart by masking, then
+// multiplied by s_re / s_im: the only multiplications, once per output, plane and group
+// (on the 8-lane partial sums, so each output needs one horizontal sum, not one per group).
+template <int MT>
+static void fold_rows_scaled(const float* pq, const int32_t* codes, const float* scales, int64_t P, int64_t n,
+                             int64_t KW, int64_t M, int64_t t0, int64_t n_s, int64_t G, int64_t group,
+                             const float* bias, float* y, int64_t j) {
+  const int64_t mp = KW * 16;
+  const int64_t wpg = G > 1 ? group / 16 : KW;  // code words per scale group
+  const vi SIGN = splat_i((int32_t)0x80000000u);
+  vf yr[MT], yi[MT];  // lane sums of the scaled terms; one horizontal sum per output at the end
+  for (int t = 0; t < MT; ++t) { yr[t] = splat_f(0.f); yi[t] = yr[t]; }
+  for (int64_t p = 0; p < P; ++p) {
+    const int32_t* w = codes + (p * n + j) * KW;
+    const float* s_re = scales + ((p * 2 + 0) * n_s + (n_s > 1 ? j : 0)) * G;
+    const float* s_im = scales + ((p * 2 + 1) * n_s + (n_s > 1 ? j : 0)) * G;
+    for (int64_t g0 = 0, gi = 0; g0 < KW; g0 += wpg, ++gi) {
+      const int64_t g1 = g0 + wpg < KW ? g0 + wpg : KW;
+      vf r1[MT], ri[MT], i1[MT], ii[MT];  // (Re, Im) x (+-1-coded, +-i-coded)
+      for (int t = 0; t < MT; ++t) { r1[t] = splat_f(0.f); ri[t] = r1[t]; i1[t] = r1[t]; ii[t] = r1[t]; }
+      for (int64_t kw = g0; kw < g1; ++kw) {
+        const vi wv = splat_i(w[kw]);
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = kw * 16 + h * 8;
+          const vi lo = (wv << SH_LO[h]) < 0;     // all-ones lanes where lo = 1
+          const vi hs = (wv << SH_HI[h]) & SIGN;  // float sign bit = hi
+          for (int t = 0; t < MT; ++t) {
+            const float* base = pq + ((p * M) + t0 + t) * 4 * mp;
+            r1[t] += (vf)(((vi)loadf(base + k) ^ hs) & ~lo);
+            ri[t] += (vf)(((vi)loadf(base + mp + k) ^ hs) & lo);
+            i1[t] += (vf)(((vi)loadf(base + 2 * mp + k) ^ hs) & ~lo);
+            ii[t] += (vf)(((vi)loadf(base + 3 * mp + k) ^ hs) & lo);
+          }
+        }
+      }
+      const vf sr = splat_f(s_re[G > 1 ? gi : 0]), si = splat_f(s_im[G > 1 ? gi : 0]);
+      for (int t = 0; t < MT; ++t) {
+        yr[t] += sr * r1[t] + si * ri[t];
+        yi[t] += sr * i1[t] + si * ii[t];
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    y[(t0 + t) * 2 * n + j] = hsum(yr[t]) + (bias ? bias[j] : 0.f);
+    y[(t0 + t) * 2 * n + n + j] = hsum(yi[t]) + (bias ? bias[n + j] : 0.f);
+  }
+}
+
 // Scale of plane p, axis ax (0: re, 1: im) for row j and the 8 columns starting at k.
 static inline vf scale_vec(const float* scales, int64_t p, int ax, int64_t j, int64_t k, int64_t n_s,
                            int64_t G, int64_t group, int64_t m) {
@@ -124,7 +178,7 @@ static void decode_row(const int32_t* codes, const float* scales, int64_t P, int
 
 extern "C" {
 
-int fairy2i_cpu_abi_version() { return 3; }
+int fairy2i_cpu_abi_version() { return 4; }
 
 // [P, M, 4, mp] = (Pre, Qre, Pim, Qim) per plane and token, scales and conj folded in.
 // With code k = 2*hi + lo and the sign (-1)^hi applied in the loop:
@@ -152,25 +206,34 @@ static void fold_vectors(const float* x, int64_t M, int64_t m, int64_t mp, const
 }
 
 // x: [M, 2m] fp32 (contiguous); codes [P, n, KW] int32; scales [P, 2, n_s, G] fp32;
-// bias [2n] fp32 or null; y: [M, 2n] fp32. fold != 0 selects the fold path (it needs
-// per-tensor scales: n_s == G == 1); otherwise the decode path runs.
+// bias [2n] fp32 or null; y: [M, 2n] fp32. fold != 0 asks for the fold path, which runs
+// for tensor and row scales and for groups of whole code words (group % 16 == 0); other
+// group sizes, and fold == 0, take the decode path.
 void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* codes, int64_t P,
                            int64_t n, int64_t KW, const float* scales, int64_t n_s, int64_t G,
                            int64_t group, const float* bias, float* y, int fold, int nthreads) {
   const int64_t mp = KW * 16;
-  if (fold && n_s == 1 && G == 1) {
+  const bool per_tensor = n_s == 1 && G == 1;
+  if (fold && (per_tensor || G == 1 || group % 16 == 0)) {
     std::vector<float> pq_buf(P * M * 4 * mp);
     const float* pq = pq_buf.data();
-    fold_vectors(x, M, m, mp, scales, P, pq_buf.data());
+    std::vector<float> unit(2 * P, 1.f);  // row / group scales are applied per output instead
+    fold_vectors(x, M, m, mp, per_tensor ? scales : unit.data(), P, pq_buf.data());
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < n; ++j) {
       int64_t t0 = 0;
-      for (; t0 + 4 <= M; t0 += 4) fold_rows<4>(pq, codes, P, n, KW, M, t0, bias, y, j);
-      switch (M - t0) {
-        case 3: fold_rows<3>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
-        case 2: fold_rows<2>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
-        case 1: fold_rows<1>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
-        default: break;
+      if (per_tensor) {
+        for (; t0 + 4 <= M; t0 += 4) fold_rows<4>(pq, codes, P, n, KW, M, t0, bias, y, j);
+        switch (M - t0) {
+          case 3: fold_rows<3>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
+          case 2: fold_rows<2>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
+          case 1: fold_rows<1>(pq, codes, P, n, KW, M, t0, bias, y, j); break;
+          default: break;
+        }
+      } else {
+        for (; t0 + 2 <= M; t0 += 2)
+          fold_rows_scaled<2>(pq, codes, scales, P, n, KW, M, t0, n_s, G, group, bias, y, j);
+        if (t0 < M) fold_rows_scaled<1>(pq, codes, scales, P, n, KW, M, t0, n_s, G, group, bias, y, j);
       }
     }
   } else {

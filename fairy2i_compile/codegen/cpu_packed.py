@@ -79,7 +79,7 @@ __all__ = [
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
 OP_SOURCE = pathlib.Path(__file__).with_name("cpu_packed_op.cpp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
 GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
@@ -295,7 +295,7 @@ def cpu_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor]
             bias = bias.float().contiguous()
         _FN(xf.data_ptr(), M, m, codes.data_ptr(), P, n, kw, scales.data_ptr(), n_s, G, group_size,
             None if bias is None else bias.data_ptr(), y.data_ptr(),
-            M <= FOLD_MAX_TOKENS and n_s == 1 and G == 1, torch.get_num_threads())
+            M <= FOLD_MAX_TOKENS, torch.get_num_threads())
     return y if x.dtype is _F32 else y.to(x.dtype)
 
 

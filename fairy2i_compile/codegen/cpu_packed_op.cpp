@@ -14,8 +14,8 @@
 // The op's schema, its fake implementation and a Python fallback (the same kernel through
 // ctypes) live in packed_ops.py; this file only adds the CPU kernel. It computes exactly
 // what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
-//   M <  gemm_min_tokens: fairy2i_packed_linear (fold when M <= fold_max_tokens and the
-//                         scales are per tensor, else 4-row decode + dot products);
+//   M <  gemm_min_tokens: fairy2i_packed_linear (fold when M <= fold_max_tokens, for tensor,
+//                         row and word-aligned group scales; else 4-row decode + dot products);
 //   M >= gemm_min_tokens: fairy2i_decode_rows in blocks of `block_rows` rows + at::mm.
 // The thresholds come from cpu_packed.py as -D definitions at build time, so that file stays
 // their one source of truth (they are part of the build's cache key).
@@ -87,7 +87,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
       fairy2i_packed_linear(xf.data_ptr<float>(), M, m, codes.data_ptr<int32_t>(), P, n, KW,
                             scales.data_ptr<float>(), n_s, G, group_size,
                             bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(),
-                            M <= g_fold_max_tokens && n_s == 1 && G == 1, nthreads);
+                            M <= g_fold_max_tokens, nthreads);
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
