@@ -513,6 +513,41 @@ def test_compiled_packed_model_calls_the_cpu_op(compiler, tmp_path, monkeypatch)
 
 
 @needs_cpu_op
+def test_eager_packed_linear_takes_the_cpu_op_only_for_inference():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fairy2i_compile import PackedLinear
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    lin = torch.nn.Linear(48, 32)
+    layer = PackedLinear.from_linear(lin, 2, "row", "auto", "layer")
+    x = torch.randn(3, 48)
+    with torch.no_grad(), Record() as rec:
+        fast = layer(x)
+    assert "fairy2i.packed_linear_cpu.default" in rec.ops and "fairy2i.packed_linear.default" not in rec.ops
+    xg = x.clone().requires_grad_(True)
+    with Record() as rec:
+        slow = layer(xg)
+    assert "fairy2i.packed_linear.default" in rec.ops  # gradients: the autograd-capable op
+    slow.sum().backward()
+    assert xg.grad is not None and layer.bias.grad is not None
+    torch.testing.assert_close(fast, slow.detach(), atol=0, rtol=0)  # the same C++ kernel
+    torch_layer = PackedLinear.from_linear(lin, 2, "row", "torch", "layer")
+    with torch.no_grad(), Record() as rec:
+        ref = torch_layer(x)
+    assert "fairy2i.packed_linear.default" in rec.ops  # kernel="torch" keeps the reference
+    assert_fp32_close(fast, ref)
+
+
+@needs_cpu_op
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_ptq_cpu_op_skips_python_until_the_weight_changes(compiler):
     """Compiled dense model, mode='ptq': ptq_packed_linear_cpu runs from its C++ per-slot key
