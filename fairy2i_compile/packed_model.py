@@ -138,14 +138,10 @@ def _eager_cpu_op(kernel: str) -> bool:
     """Whether `kernel` on CPU tensors means the C++ kernel and its op registration is loaded."""
     hit = _EAGER_CPU_OP.get(kernel)
     if hit is None:
-        from .codegen import resolve_kernel
+        from .codegen import runs_cpu_kernel
         from .codegen.cpu_packed import cpu_op_available
 
-        try:
-            hit = resolve_kernel(kernel, torch.device("cpu")) == "cpu" and cpu_op_available()[0]
-        except RuntimeError:
-            hit = False  # the op raises the same error, with its message
-        _EAGER_CPU_OP[kernel] = hit
+        hit = _EAGER_CPU_OP[kernel] = runs_cpu_kernel(kernel, torch.device("cpu")) and cpu_op_available()[0]
     return hit
 
 

@@ -10,7 +10,8 @@ One kernel family per file:
 
 `resolve_kernel(kernel, device)` turns the `kernel` option into the implementation
 that runs ("triton", "cpu" or "torch"), with a clear error when the choice cannot
-run on that device.
+run on that device; `runs_cpu_kernel(kernel, device)` asks only whether it is the C++
+CPU kernel (what the CPU lowerings and PackedLinear's eager fast path check).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-__all__ = ["resolve_kernel", "triton_interpreter_enabled"]
+__all__ = ["resolve_kernel", "runs_cpu_kernel", "triton_interpreter_enabled"]
 
 
 def triton_interpreter_enabled() -> bool:
@@ -59,3 +60,14 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
             return "cpu" if cpu_kernel_available()[0] else "torch"
         return "torch"
     raise ValueError(f"kernel must be one of 'auto', 'triton', 'cpu', 'inductor', 'torch', got {kernel!r}")
+
+
+def runs_cpu_kernel(kernel: str, device: torch.device) -> bool:
+    """Whether `kernel` on tensors on `device` runs the C++ CPU kernel. False where
+    resolve_kernel raises: the op raises that error, with its message, when it runs."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        return resolve_kernel(kernel, device) == "cpu"
+    except RuntimeError:
+        return False

@@ -214,10 +214,11 @@ void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* 
                            int64_t group, const float* bias, float* y, int fold, int nthreads) {
   const int64_t mp = KW * 16;
   const bool per_tensor = n_s == 1 && G == 1;
-  if (fold && (per_tensor || G == 1 || group % 16 == 0)) {
+  if (fold && (G == 1 || group % 16 == 0)) {
     std::vector<float> pq_buf(P * M * 4 * mp);
     const float* pq = pq_buf.data();
-    std::vector<float> unit(2 * P, 1.f);  // row / group scales are applied per output instead
+    // row / group scales are applied per output instead: fold unit scales into the vectors
+    const std::vector<float> unit(per_tensor ? 0 : 2 * P, 1.f);
     fold_vectors(x, M, m, mp, per_tensor ? scales : unit.data(), P, pq_buf.data());
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < n; ++j) {

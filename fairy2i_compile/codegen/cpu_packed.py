@@ -37,8 +37,9 @@ kernel of the ops `fairy2i::packed_linear_cpu` and `fairy2i::ptq_packed_linear_c
 Python packed_linear_cpu costs ~9 us a call, against ~17 us for the ctypes call and ~32 us
 for an op implemented in Python (measured on a 32 x 32 layer, batch 1); a compiled 8-layer
 64 x 64 dense PTQ stack went from 529 / 568 us (eager / Inductor runner) to 338 / 284 us
-per batch-1 call with ptq_packed_linear_cpu, as fast as the same stack after pack_model. `FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the op
-runs the ctypes path.
+per batch-1 call with ptq_packed_linear_cpu, as fast as the same stack after pack_model.
+`FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the ops run the ctypes
+path.
 
 Activations in bf16/fp16 are converted to float32 for the kernel and the result
 converted back (the kernel accumulates in float32 either way).
@@ -173,8 +174,9 @@ def _op_libs() -> Tuple[str, ...]:
 
 
 def build_cpu_op(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
-    """Compile cpu_packed_op.cpp (the C++ CPU registration of `fairy2i::packed_linear_cpu`,
-    against this torch's headers: ~12 s once per machine and torch version) and return its path."""
+    """Compile cpu_packed_op.cpp (the C++ CPU registrations of `fairy2i::packed_linear_cpu` and
+    `ptq_packed_linear_cpu`, against this torch's headers: ~15 s once per machine and torch
+    version) and return its path."""
     return _build(OP_SOURCE, _op_flags(), "fairy2i_cpu_op", cache_dir, extra_sources=(SOURCE,), libs=_op_libs())
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import resolve_kernel
+from . import runs_cpu_kernel
 
 __all__ = ["lower_packed_for_cpu_op", "lower_packed_for_eager", "lower_packed_for_inference"]
 
@@ -115,12 +115,7 @@ def _runs_cpu_kernel(node: fx.Node, kernel_index: int) -> bool:
     if node.kwargs or len(node.args) <= kernel_index:
         return False
     device = _device_of(node.args[0])
-    if device is None or device.type != "cpu":
-        return False
-    try:
-        return resolve_kernel(node.args[kernel_index], device) == "cpu"
-    except RuntimeError:
-        return False  # the op raises the same error, with its message, when it runs
+    return device is not None and runs_cpu_kernel(node.args[kernel_index], device)
 
 
 def lower_packed_for_eager(gm: fx.GraphModule) -> int:
