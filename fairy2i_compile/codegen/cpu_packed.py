@@ -25,9 +25,16 @@ pick a worse loop order (2.8x slower); a LUT formulation (T-MAC style) was slowe
 
 The source (cpu_packed.cpp, portable C++ with GCC/Clang vector extensions) is compiled
 with `c++ -O3 -march=native -fopenmp` into `kernel_cache_dir()/cpu/` under a name that
-hashes the source, the flags, the compiler's version and the machine, written
-atomically; later processes load the built library (ctypes, no torch headers, about a
-second to build). `FAIRY2I_CPU_KERNEL=0` disables it (the op then uses the torch
+hashes the source, the flags, the compiler's version and the machine, flushed to disk and
+renamed into place, with its SHA-256 beside it (`<lib>.so.sha256`); later processes load
+the built library (ctypes, no torch headers, about a second to build).
+
+What is checked before a cached library is loaded (dlopen runs its code): the library and
+every folder above it pass cache.untrusted_reason (owned by this user or root, not
+writable by others), and its bytes match the recorded digest. A digest mismatch (a
+truncated file: dlopen would map past its end and the process die of SIGBUS) rebuilds it,
+with a warning; an untrusted folder or file, or a library without the kernel's symbols,
+is not loaded: one warning says why, and the pure-torch reference runs instead. `FAIRY2I_CPU_KERNEL=0` disables it (the op then uses the torch
 reference under kernel="auto"); `FAIRY2I_CXX` picks the compiler.
 
 The same source is also compiled, with cpu_packed_op.cpp and against torch's own headers
@@ -62,7 +69,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..cache import kernel_cache_dir
+from ..cache import atomic_write_text, file_sha256, kernel_cache_dir, make_private_dirs, untrusted_reason
 
 __all__ = [
     "SOURCE",
@@ -86,7 +93,7 @@ GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them wi
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 _LIB: Optional[ctypes.CDLL] = None
 _LIB_PATH: Optional[pathlib.Path] = None
 _FN = None   # the kernel's ctypes function, bound once (argtypes set)
@@ -115,12 +122,14 @@ def _compiler_version(cxx: str) -> str:
         return ""
 
 
-def _build(source_path: pathlib.Path, flags: list, name: str, cache_dir: Optional[pathlib.Path],
-           extra_sources: Tuple[pathlib.Path, ...] = (), libs: Tuple[str, ...] = ()) -> pathlib.Path:
-    """Compile `source_path` into `<cache>/cpu/lib<name>_<hash>.so` unless built already.
+class UntrustedCacheError(RuntimeError):
+    """A cached library, or the folder holding it, that others could have written: never loaded."""
 
-    The hash covers every source, the flags, the compiler's version and the machine; the
-    library is written under a temporary name and renamed, so concurrent builds are safe."""
+
+def _library_path(source_path: pathlib.Path, flags: list, name: str, cache_dir: Optional[pathlib.Path],
+                  extra_sources: Tuple[pathlib.Path, ...] = (), libs: Tuple[str, ...] = ()) -> Tuple[str, pathlib.Path]:
+    """(compiler, `<cache>/cpu/lib<name>_<hash>.so`): the hash covers every source, the flags, the
+    compiler's version and the machine."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (looked for c++, g++, clang++; set FAIRY2I_CXX)")
@@ -128,18 +137,62 @@ def _build(source_path: pathlib.Path, flags: list, name: str, cache_dir: Optiona
         b"\0".join([*(f.read_bytes() for f in (source_path, *extra_sources)), " ".join([*flags, *libs]).encode(),
                     _compiler_version(cxx).encode(), platform.machine().encode(), platform.processor().encode()])
     ).hexdigest()[:16]
-    folder = (cache_dir or kernel_cache_dir()) / "cpu"
-    lib_path = folder / f"lib{name}_{key}.so"
-    if lib_path.is_file():
-        return lib_path
-    folder.mkdir(parents=True, exist_ok=True)
+    return cxx, (cache_dir or kernel_cache_dir()) / "cpu" / f"lib{name}_{key}.so"
+
+
+def _digest_path(lib_path: pathlib.Path) -> pathlib.Path:
+    return lib_path.with_name(lib_path.name + ".sha256")
+
+
+def _digest_mismatch(lib_path: pathlib.Path) -> Optional[str]:
+    """None when the library's bytes match the digest recorded at build time, else why not."""
+    try:
+        recorded = _digest_path(lib_path).read_text().strip()
+    except FileNotFoundError:
+        return "no digest recorded"
+    actual = file_sha256(lib_path)
+    return None if actual == recorded else f"SHA-256 {actual[:16]}... != recorded {recorded[:16]}..."
+
+
+def _build(source_path: pathlib.Path, flags: list, name: str, cache_dir: Optional[pathlib.Path],
+           extra_sources: Tuple[pathlib.Path, ...] = (), libs: Tuple[str, ...] = ()) -> pathlib.Path:
+    """Compile `source_path` into `<cache>/cpu/lib<name>_<hash>.so` unless built already, and
+    return a path that is safe to load (module docstring: what is checked).
+
+    The library is compiled under a temporary name, fsynced, renamed into place, and its
+    digest recorded (atomically) beside it, so concurrent builds are safe and a crash
+    leaves either no library or one whose digest check fails (and is rebuilt).
+    Raises UntrustedCacheError when the folder or a cached library could be others'."""
+    cxx, lib_path = _library_path(source_path, flags, name, cache_dir, extra_sources, libs)
+    folder = lib_path.parent
+    make_private_dirs(folder)
+    problem = untrusted_reason(folder)
+    if problem:
+        raise UntrustedCacheError(f"the kernel cache folder {folder} is not private to this user: {problem}")
+    if os.path.lexists(lib_path):
+        digest = _digest_path(lib_path)
+        problem = untrusted_reason(lib_path) or (untrusted_reason(digest) if os.path.lexists(digest) else None)
+        if problem:
+            raise UntrustedCacheError(f"the cached library {lib_path} is not private to this user: {problem}")
+        mismatch = _digest_mismatch(lib_path)
+        if mismatch is None:
+            return lib_path
+        if mismatch != "no digest recorded":  # an older build without one is simply rebuilt
+            warnings.warn(f"fairy2i: the cached C++ kernel {lib_path} does not match the digest recorded when it "
+                          f"was built ({mismatch}: truncated, corrupted or replaced); rebuilding it",
+                          RuntimeWarning, stacklevel=3)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".so")
     os.close(fd)
     try:
         proc = subprocess.run([cxx, *flags, str(source_path), *libs, "-o", tmp], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"building {source_path.name} with {cxx} failed:\n{proc.stderr[-4000:]}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o700)
+        digest = file_sha256(tmp)
         os.replace(tmp, lib_path)
+        atomic_write_text(_digest_path(lib_path), digest + "\n")  # fsyncs the file and the folder
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -180,6 +233,17 @@ def build_cpu_op(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
     return _build(OP_SOURCE, _op_flags(), "fairy2i_cpu_op", cache_dir, extra_sources=(SOURCE,), libs=_op_libs())
 
 
+def _abi_of(lib: ctypes.CDLL, path: pathlib.Path) -> None:
+    """Raise RuntimeError unless `lib` exports the kernel's ABI marker with this module's ABI_VERSION."""
+    try:
+        abi = lib.fairy2i_cpu_abi_version
+    except AttributeError:
+        raise RuntimeError(f"{path} does not export fairy2i_cpu_abi_version: not a fairy2i kernel library") from None
+    abi.restype = ctypes.c_int
+    if abi() != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {abi()}, expected {ABI_VERSION}")
+
+
 def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     global _LIB, _LIB_PATH, _FN, _DECODE_ROWS, _ERROR
     with _LOCK:
@@ -188,21 +252,31 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
         if os.environ.get("FAIRY2I_CPU_KERNEL", "1").lower() in ("0", "off", "false", "no"):
             _ERROR = "disabled by FAIRY2I_CPU_KERNEL=0"
             return None, _ERROR
+        path = None
         try:
             path = build_cpu_kernel()
             lib = ctypes.CDLL(str(path))
-            if lib.fairy2i_cpu_abi_version() != ABI_VERSION:
-                raise RuntimeError(f"{path} has ABI {lib.fairy2i_cpu_abi_version()}, expected {ABI_VERSION}")
-            fn = lib.fairy2i_packed_linear
+            _abi_of(lib, path)
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            try:
+                fn, dec = lib.fairy2i_packed_linear, lib.fairy2i_decode_rows
+            except AttributeError as e:
+                raise RuntimeError(f"{path} lacks a kernel symbol ({e})") from None
             fn.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
             fn.restype = None
-            dec = lib.fairy2i_decode_rows
             dec.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
             dec.restype = None
             _LIB, _LIB_PATH, _FN, _DECODE_ROWS = lib, path, fn, dec
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             _ERROR = str(e)
+            if isinstance(e, UntrustedCacheError) or path is not None:  # refused or broken, not merely unbuildable
+                warnings.warn(
+                    f"fairy2i: not using the C++ CPU kernel: {_ERROR.strip()[:2000]}. Packed layers on CPU run the "
+                    f"pure-torch reference instead (slower; kernel='cpu' raises). To fix: give the kernel cache "
+                    f"folder to this user with mode 700 (chmod 700), or set FAIRY2I_KERNEL_CACHE to a folder only "
+                    f"you can write.",
+                    RuntimeWarning, stacklevel=3,
+                )
         return _LIB, _ERROR
 
 
@@ -212,12 +286,18 @@ def cpu_kernel_available() -> Tuple[bool, str]:
     return (True, str(_LIB_PATH)) if lib is not None else (False, err or "unknown error")
 
 
+def _op_registered() -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fairy2i::{op}", "CPU")
+               for op in ("packed_linear_cpu", "ptq_packed_linear_cpu"))
+
+
 def cpu_op_available() -> Tuple[bool, str]:
     """Build (once) and load the C++ registrations of `fairy2i::packed_linear_cpu` and `ptq_packed_linear_cpu`.
 
     (True, library path) when the op's CPU kernel is C++; (False, why) otherwise, with one
-    warning naming the reason: the op then runs the same kernel through ctypes (its Python
-    implementation in packed_ops.py), ~25 us more per call. `FAIRY2I_CPU_OP=0` skips the build."""
+    warning naming the reason and what runs instead: the same kernel through ctypes (its
+    Python implementation in packed_ops.py, ~25 us more per call), or the pure-torch
+    reference when that kernel is unavailable too. `FAIRY2I_CPU_OP=0` skips the build."""
     global _OP_PATH, _OP_ERROR
     with _LOCK:
         if _OP_PATH is None and _OP_ERROR is None:
@@ -226,15 +306,18 @@ def cpu_op_available() -> Tuple[bool, str]:
             else:
                 try:
                     path = build_cpu_op()
-                    ctypes.CDLL(str(path))  # its OSError names a missing symbol; load_library's does not
+                    _abi_of(ctypes.CDLL(str(path)), path)  # CDLL's OSError names a missing symbol; load_library's does not
                     torch.ops.load_library(str(path))
+                    if not _op_registered():
+                        raise RuntimeError(f"{path} loaded but registered no CPU kernel for fairy2i::packed_linear_cpu")
                     _OP_PATH = path
                 except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                     _OP_ERROR = str(e)
+                    instead = ("call the same kernel through Python instead (~25 us more per call)"
+                               if cpu_kernel_available()[0] else "run the pure-torch reference instead")
                     warnings.warn(
                         f"fairy2i: the C++ registration of the packed CPU op is unavailable ({_OP_ERROR.strip()[:2000]}); "
-                        f"packed layers call the same kernel through Python instead (~25 us more per call). "
-                        f"Set FAIRY2I_CPU_OP=0 to skip this build.",
+                        f"packed layers {instead}. Set FAIRY2I_CPU_OP=0 to skip this build.",
                         RuntimeWarning, stacklevel=2,
                     )
     return (True, str(_OP_PATH)) if _OP_PATH is not None else (False, _OP_ERROR or "unknown error")
