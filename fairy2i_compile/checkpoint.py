@@ -12,10 +12,19 @@ copy of it is made. The packed codes are the ones `pack_model` would give
 (same quantizer, same selection rules), so the two paths load to bit-identical models.
 
 `load_packed` never unpickles (safetensors + JSON only) and never materialises a
-dense quantized weight: it builds the transformers model from the stored config with
-its parameters on the meta device, swaps the recorded layers for `PackedLinear`,
-checks every tensor of the file against that skeleton (names, shapes, dtypes) and
-only then assigns the tensors (`load_state_dict(..., assign=True)`).
+dense quantized weight. In order, each step before the next, each failure a ValueError
+naming the file and the field or tensor:
+  1. the header (format, version, metadata JSON) and the config digest;
+  2. the config against the header, without building anything: the packed layers'
+     codes/scales shapes follow from their metadata, the input embedding is a
+     [vocab_size, hidden_size] tensor of the file, the file holds num_hidden_layers
+     blocks; model_class must be one transformers registers for the config's model_type;
+  3. the transformers model built from the config with its parameters on the meta
+     device (an allocation larger than any tensor the file can fill is refused), the
+     recorded layers swapped for `PackedLinear`, every tensor of the file checked against
+     that skeleton (names, shapes, dtypes);
+  4. the tensors read, every scale checked finite, and only then assigned
+     (`load_state_dict(..., assign=True)`).
 
 File format (one safetensors file; its tensors are the packed model's `state_dict`)
 --------------------------------------------------------------------------------
@@ -41,6 +50,9 @@ metadata (all values are strings; JSON where noted)
     dense_dtype     JSON dtype name the dense tensors were cast to, or null
     extra           JSON, anything the writer adds (the CLI records where the model came from)
     torch_version   the writer's torch
+    config_sha256   SHA-256 of model_class + "\n" + model_config (transformers models): fields that
+                    change the arithmetic without changing a shape (rms_norm_eps, hidden_act,
+                    rope_theta) are part of what the file claims, and load_packed verifies them
 
 Example (tiny Llama, W2, lm_head packed, embedding tied to nothing any more):
 
@@ -52,17 +64,24 @@ Example (tiny Llama, W2, lm_head packed, embedding tied to nothing any more):
     layers = {"lm_head": {"in_features": 32, "out_features": 96, "stages": 2, "granularity": "tensor",
                           "bias": false, "dtypes": {"codes": "int32", "scales": "float32", "bias": null}}, ...}
 
-Writes are atomic: the file is written under a temporary name in the target folder,
-fsync'ed and renamed over `path` with `os.replace`, so a failed or interrupted save
-leaves an existing checkpoint at `path` untouched.
+Writes are atomic: the file is written under a temporary name in the target folder
+(`.<name>.<pid>.<random>.partial`), fsync'ed and renamed over `path` with `os.replace`,
+so a failed or interrupted save leaves an existing checkpoint at `path` untouched; a
+partial file left by a process that was killed is removed by the next save to `path`.
+The bytes are deterministic (safetensors_io.write_safetensors): the same model and
+settings give the same file, so it can be content-hashed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
+import math
 import os
 import pathlib
+import re
 import tempfile
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -72,6 +91,7 @@ from torch import Tensor
 
 from .config import Fairy2iConfig
 from .packed_model import PackedLinear, _progress, _set_submodule, packable_reason
+from .packing import scale_shape, words_per_row
 from .train import _ST_DTYPES, _dedupe_state, _few, _standalone
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ARCH_FIELDS", "save_packed", "load_packed", "packed_state_info",
@@ -163,6 +183,8 @@ def save_packed(
         "extra": extra_json,
         "torch_version": torch.__version__,
     }
+    if hf_config is not None:
+        metadata["config_sha256"] = _config_digest(metadata["model_class"], metadata["model_config"])
     _atomic_save_file(tensors, path, metadata)
     return packed_state_info(path)
 
@@ -270,19 +292,22 @@ def _pack_float(model: nn.Module, settings: Fairy2iConfig,
 
 
 def _atomic_save_file(tensors: Dict[str, Tensor], path: pathlib.Path, metadata: Dict[str, str]) -> None:
-    """safetensors' save_file into a temp file beside `path`, fsync, os.replace.
+    """write_safetensors into a temp file beside `path`, fsync, os.replace.
 
-    The cache.atomic_write_bytes pattern, streaming: safetensors' `save` would first build
-    the whole file as one bytes object (twice the checkpoint in memory).
+    The cache.atomic_write_bytes pattern, streaming (safetensors' `save` would first build
+    the whole file as one bytes object, twice the checkpoint in memory). The temp name
+    carries the writer's pid, so partial files of killed writers can be told apart from a
+    save in progress and removed.
     """
-    from safetensors import torch as st
+    from . import safetensors_io
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
-    os.close(fd)
+    _remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".partial")
     try:
-        st.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            safetensors_io.write_safetensors(tensors, f, metadata)
+            f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is shared like any model file
         os.replace(tmp, path)
@@ -290,6 +315,30 @@ def _atomic_save_file(tensors: Dict[str, Tensor], path: pathlib.Path, metadata: 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_partials(path: pathlib.Path) -> None:
+    """Remove `.<name>.<pid>.*.partial` files beside `path` whose writer is no longer running."""
+    prefix = f".{path.name}."
+    for entry in path.parent.glob(f"{glob.escape(prefix)}*.partial"):
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if not hasattr(os, "getuid") or entry.lstat().st_uid == os.getuid():
+                entry.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: leave its file alone
+    return True
 
 
 # ------------------------------------------------------------------ read the header
@@ -415,11 +464,13 @@ def load_packed(
     config = _model_config(meta, path)
     if expected_config is not None:
         _check_expected_config(config, expected_config, path)
-    model = _skeleton(meta, config, layers, recorded, kernel, path)
+    _check_config_against_header(config, layers, header, aliases, path)
+    model = _skeleton(meta, config, layers, recorded, kernel, path, _allocation_cap(header, layers))
     expected = _expected_tensors(model, recorded, path)
     _check_tensors(header, recorded, aliases, expected, path)
 
     tensors = _read_tensors(path, device)
+    _check_scales_finite(tensors, layers, path)
     state = dict(tensors)
     state.update({alias: tensors[kept] for alias, kept in aliases.items()})
     model.load_state_dict(state, strict=True, assign=True)
@@ -446,6 +497,14 @@ def _model_config(meta: Mapping[str, str], path: pathlib.Path) -> Any:
     except ImportError:
         raise ValueError(f"{path}: loading a packed transformers model needs transformers: "
                          f"`pip install -c constraints.txt transformers`") from None
+    digest = meta.get("config_sha256")
+    if digest is None:
+        raise ValueError(f"{path}: metadata field 'config_sha256' is missing (written before fairy2i_compile "
+                         f"recorded the config's digest); write the checkpoint again with save_packed")
+    if digest != _config_digest(cls_name, config_json):
+        raise ValueError(f"{path}: metadata 'model_class'/'model_config' do not match their recorded digest "
+                         f"'config_sha256': the config was edited after the file was written (fields such as "
+                         f"rms_norm_eps, hidden_act or rope_theta change the results); write the file again")
     try:
         d = json.loads(config_json)
     except json.JSONDecodeError as err:
@@ -454,6 +513,117 @@ def _model_config(meta: Mapping[str, str], path: pathlib.Path) -> Any:
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}")
     return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+def _config_digest(model_class: str, model_config: str) -> str:
+    return hashlib.sha256(f"{model_class}\n{model_config}".encode("utf-8")).hexdigest()
+
+
+def _int_field(config: Any, name: str, path: pathlib.Path) -> Optional[int]:
+    value = getattr(config, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{path}: config field {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_config_against_header(config: Any, layers: Mapping[str, Any], header: Mapping[str, Tuple[List[int], str]],
+                                 aliases: Mapping[str, str], path: pathlib.Path) -> None:
+    """What the config and the layer metadata claim about sizes, against the tensors the header
+    lists: no model is built and nothing is allocated, so a forged config (a vocabulary of a
+    billion tokens, thousands of layers) fails here, in microseconds."""
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or not {"in_features", "out_features", "stages", "granularity"} <= set(spec):
+            raise ValueError(f"{path}: metadata of packed layer {name!r} is incomplete: {spec!r}")
+        i, o = spec["in_features"], spec["out_features"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 and v % 2 == 0 for v in (i, o)):
+            raise ValueError(f"{path}: packed layer {name!r} has in_features={i!r}, out_features={o!r}; "
+                             f"both must be even integers >= 2")
+        try:
+            settings = Fairy2iConfig(stages=spec["stages"], scale_granularity=spec["granularity"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: packed layer {name!r}: {err}") from err
+        n, m, planes = o // 2, i // 2, 2 * settings.stages
+        want = {"codes": ([planes, n, words_per_row(m)], torch.int32),
+                "scales": ([planes, 2, *scale_shape(n, m, settings.scale_granularity)], torch.float32)}
+        for part, (shape, dtype) in want.items():
+            key = f"{name}.{part}"
+            if key in header and (header[key][0] != shape or header[key][1] != _ST_DTYPES[dtype]):
+                raise ValueError(
+                    f"{path}: tensor {key!r} is {_dtype_name(_st_to_torch(header[key][1]))} {header[key][0]} in the "
+                    f"file, expected {_dtype_name(dtype)} {shape} for layer {name!r} (in={i}, out={o}, "
+                    f"stages={settings.stages}, granularity={settings.scale_granularity!r})")
+    shapes = [shape for shape, _ in header.values()]
+    vocab, hidden = _int_field(config, "vocab_size", path), _int_field(config, "hidden_size", path)
+    if vocab is not None and not any(len(s) == 2 and s[0] == vocab and (hidden is None or s[1] == hidden)
+                                     for s in shapes):
+        raise ValueError(f"{path}: the config claims vocab_size={vocab}, hidden_size={hidden}, but the file holds "
+                         f"no [{vocab}, {hidden}] embedding; the config does not describe these tensors")
+    blocks = _int_field(config, "num_hidden_layers", path)
+    if blocks is not None:
+        indices = {int(m.group(1)) for key in (*header, *aliases) for m in [re.search(r"\.(\d+)\.", key)] if m}
+        held = max(indices) + 1 if indices else 0
+        if blocks > held:
+            raise ValueError(f"{path}: the config claims num_hidden_layers={blocks}, but the file's tensors "
+                             f"hold {held} blocks")
+
+
+def _allocation_cap(header: Mapping[str, Tuple[List[int], str]], layers: Mapping[str, Any]) -> int:
+    """Elements any one tensor of the skeleton may have: 4x the largest the file can fill (a stored
+    tensor, or a packed layer's dense weight, checked against its codes already), at least 2**24."""
+    largest = max([math.prod(shape) for shape, _ in header.values()]
+                  + [spec["in_features"] * spec["out_features"] for spec in layers.values()] + [0])
+    return max(4 * largest, 1 << 24)
+
+
+class _AllocationCap(torch.overrides.TorchFunctionMode):
+    """Refuse factory calls (torch.empty & co.) asking for more than `cap` elements."""
+
+    _FACTORIES = frozenset([torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn,
+                            torch.empty_strided])
+
+    def __init__(self, cap: int, path: pathlib.Path):
+        super().__init__()
+        self.cap, self.path = cap, path
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FACTORIES:
+            size = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else \
+                args[:1] if func is torch.full else args
+            size = kwargs.get("size", size)
+            try:
+                numel = math.prod(int(d) for d in size)
+            except (TypeError, ValueError):
+                numel = 0
+            if numel > self.cap:
+                raise ValueError(f"{self.path}: the checkpoint's config asks for a tensor of {numel:,} elements "
+                                 f"({list(size)}), more than any tensor the file can fill; the config does not "
+                                 f"describe this file")
+        return func(*args, **kwargs)
+
+
+def _allowed_model_classes(model_type: str) -> List[str]:
+    """The model class names transformers' auto mappings register for `model_type`."""
+    from transformers.models.auto import modeling_auto
+
+    names: List[str] = []
+    for attr in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attr)
+        if attr.startswith("MODEL_") and attr.endswith("_MAPPING_NAMES") and isinstance(mapping, Mapping):
+            value = mapping.get(model_type)
+            for name in ([value] if isinstance(value, str) else list(value or ())):
+                if isinstance(name, str) and name not in names:
+                    names.append(name)
+    return names
+
+
+def _check_scales_finite(tensors: Mapping[str, Tensor], layers: Mapping[str, Any], path: pathlib.Path) -> None:
+    bad = [f"{name}.scales" for name in layers if not torch.isfinite(tensors[f"{name}.scales"]).all()]
+    if bad:
+        raise ValueError(f"{path}: tensors {_few(bad)} hold non-finite scales (NaN or Inf): every output of "
+                         f"those layers would be NaN; the file is corrupt or was altered, write it again")
 
 
 def _config_dict(config: Any) -> Dict[str, Any]:
@@ -509,17 +679,25 @@ def _build_dtype(recorded: Mapping[str, str], layers: Mapping[str, Any]) -> torc
 
 
 def _skeleton(meta: Mapping[str, str], config: Any, layers: Mapping[str, Any], recorded: Mapping[str, str],
-              kernel: str, path: pathlib.Path) -> nn.Module:
+              kernel: str, path: pathlib.Path, cap: int) -> nn.Module:
     """The model from its config with meta parameters and PackedLinear at the recorded layers."""
     import transformers
 
     cls_name = meta["model_class"]
-    cls = getattr(transformers, cls_name, None)
+    allowed = _allowed_model_classes(config.model_type)
+    cls = getattr(transformers, cls_name, None) if cls_name in allowed else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ValueError(f"{path}: model_class {cls_name!r} is not a transformers model class in "
-                         f"transformers {transformers.__version__}")
-    with _parameters_on_meta():
-        model = cls._from_config(config, dtype=_build_dtype(recorded, layers))
+        raise ValueError(f"{path}: model_class {cls_name!r} is not a transformers model class for model_type "
+                         f"{config.model_type!r} (transformers {transformers.__version__} has "
+                         f"{_few(sorted(allowed))}); the metadata is wrong or was altered")
+    try:
+        with _parameters_on_meta(), _AllocationCap(cap, path):
+            model = cls._from_config(config, dtype=_build_dtype(recorded, layers))
+    except ValueError:
+        raise
+    except Exception as err:  # transformers' own checks of a config it cannot build (any type)
+        raise ValueError(f"{path}: building {cls_name} from the checkpoint's config failed "
+                         f"({type(err).__name__}: {err})") from err
     for name, spec in layers.items():
         try:
             mod = model.get_submodule(name) if name else None

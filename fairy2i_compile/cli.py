@@ -431,10 +431,17 @@ def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("ex
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: `quantize --mode exact` is an error, not `--model exact`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     epilog="`fairy2i <command> --help` for each command's options.")
-    sub = parser.add_subparsers(dest="command", metavar="{dump,eval,bench,quantize}")
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                     epilog="`fairy2i <command> --help` for each command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="{dump,eval,bench,quantize}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("dump", help="compile a model with dump_dir and write every stage's graph, MLIR and report",

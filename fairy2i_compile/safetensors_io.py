@@ -1,17 +1,28 @@
-"""Reading the header of a fairy2i safetensors file (training checkpoints, packed models).
+"""Reading the header of a fairy2i safetensors file (training checkpoints, packed models),
+and writing one byte-deterministically.
 
 Both file kinds carry `format` and `format_version` in the safetensors metadata; this
 reads the metadata and every tensor's (shape, dtype) without touching tensor data,
 and checks the two fields, so a wrong, truncated or foreign file fails before
 anything is loaded, with the path and the fix in the message.
+
+`write_safetensors` writes the same format as safetensors' `save_file`, with one
+difference that matters for content hashing: `save_file` passes the metadata through a
+Rust HashMap, whose order changes from call to call, so the same tensors and metadata give
+different bytes each time. Here the header is built in Python: metadata sorted by key,
+tensors in safetensors' own order (larger element size first, then by name, so every
+tensor stays aligned), the header padded with spaces to a multiple of 8 bytes.
+Equal inputs give equal files.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
-from typing import Dict, List, Tuple, Type
+import struct
+from typing import BinaryIO, Dict, List, Mapping, Tuple, Type
 
-__all__ = ["read_header"]
+__all__ = ["read_header", "write_safetensors"]
 
 Header = Dict[str, Tuple[List[int], str]]
 
@@ -41,3 +52,35 @@ def read_header(path: pathlib.Path, fmt: str, version: str, what: str, hint: str
         raise error(f"{path}: {what} format_version is {found!r}, this fairy2i_compile reads version {version!r}; "
                     f"load it with the fairy2i_compile version that wrote it, or write it again")
     return meta, header
+
+
+def write_safetensors(tensors: Mapping[str, "torch.Tensor"], f: BinaryIO, metadata: Mapping[str, str]) -> None:
+    """Write `tensors` (contiguous CPU tensors) and `metadata` (str -> str) to the open file `f`
+    in the safetensors format, byte-deterministically (module docstring)."""
+    import torch
+
+    from .train import _ST_DTYPES
+
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"safetensors metadata must map str to str, got {key!r}: {type(value).__name__}")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: Dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"tensor {key!r} must be a contiguous CPU tensor")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for key in order:
+        t = tensors[key]
+        if t.numel():
+            f.write(t.detach().reshape(-1).view(torch.uint8).numpy().data)  # safetensors is little-endian, as are our hosts

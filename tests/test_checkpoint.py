@@ -4,6 +4,7 @@ and a clear error naming the tensor / field / path for every kind of bad file.""
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -132,25 +133,63 @@ def test_kept_real_tied_lm_head_is_stored_once_and_retied_with_dense_dtype(tmp_p
 
 
 def test_interrupted_save_leaves_the_existing_file_intact(tmp_path, monkeypatch):
-    import safetensors.torch
+    from fairy2i_compile import safetensors_io
 
     path = tmp_path / "w2.safetensors"
     save_packed(tiny_llama().eval(), path, {"stages": 2})
     good = path.read_bytes()
-    real_save_file = safetensors.torch.save_file
+    real_write = safetensors_io.write_safetensors
 
-    def save_half_then_fail(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
-        data = open(filename, "rb").read()
-        open(filename, "wb").write(data[: len(data) // 2])
+    def write_half_then_fail(tensors, f, metadata):
+        real_write(tensors, f, metadata)
+        f.truncate(f.tell() // 2)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_fail)
+    monkeypatch.setattr(safetensors_io, "write_safetensors", write_half_then_fail)
     with pytest.raises(OSError, match="simulated"):
         save_packed(tiny_llama(seed=1).eval(), path, {"stages": 1})
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["w2.safetensors"]  # no temp file left
     monkeypatch.undo()
     assert packed_state_info(path)["fairy2i"]["stages"] == 2
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import safetensors.torch, torch
+from fairy2i_compile import safetensors_io
+from fairy2i_compile.checkpoint import save_packed
+
+def die(*args, **kwargs):  # the writer is killed after the temp file exists, before it is renamed
+    os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = safetensors_io.write_safetensors = die
+torch.manual_seed(0)
+save_packed(torch.nn.Sequential(torch.nn.Linear(8, 6)), sys.argv[1], {"stages": 1})
+"""
+
+
+def test_a_killed_save_leaves_no_partial_file_after_the_next_save(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "seq.safetensors"
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(os.listdir(tmp_path)) == 1 and not path.exists()  # the killed writer's partial file
+    save_packed(nn.Sequential(nn.Linear(8, 6)), path, {"stages": 1})
+    assert os.listdir(tmp_path) == ["seq.safetensors"]
+
+
+def test_save_is_byte_deterministic(tmp_path):
+    # safetensors' save_file orders the metadata through a Rust HashMap: other bytes on every call
+    model = tiny_llama().eval()
+    save_packed(model, tmp_path / "a.safetensors", {"stages": 2})
+    save_packed(model, tmp_path / "b.safetensors", {"stages": 2})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    header = json.loads((tmp_path / "a.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (tmp_path / "a.safetensors").read_bytes()[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
 
 
 def test_load_never_quantizes_and_never_materialises_dense_linear_weights(w2_file, monkeypatch):
@@ -293,9 +332,103 @@ def test_layer_that_does_not_fit_the_config(w2_file, tmp_path):
         layers["lm_head"]["in_features"] = 64
         m["layers"] = json.dumps(layers)
 
+    # layer metadata that does not fit its own codes: caught from the header, before any model is built
     bad = _rewrite(w2_file, tmp_path / "bad.safetensors", meta=grow)
+    with pytest.raises(ValueError, match=r"tensor 'lm_head.codes' is int32 \[4, 48, 1\] in the file, expected int32 "
+                                         r"\[4, 48, 2\] for layer 'lm_head' \(in=64, out=96, stages=2, "
+                                         r"granularity='tensor'\)"):
+        load_packed(bad)
+    # metadata and codes agree with each other but not with the model the config builds
+    bad = _rewrite(w2_file, tmp_path / "bad2.safetensors", meta=grow,
+                   tensors=lambda t: t.__setitem__("lm_head.codes", torch.zeros(4, 48, 2, dtype=torch.int32)))
     with pytest.raises(ValueError, match="packed layer 'lm_head' is in=64, out=96, bias=False in the checkpoint "
                                          "but in=32, out=96, bias=False in LlamaForCausalLM"):
+        load_packed(bad)
+
+
+# ------------------------------------------------------------------ forged files
+def _forge_config(**fields):
+    """Edit the stored config and record a matching digest: only the checks against the tensors can object."""
+    def edit(m):
+        config = json.loads(m["model_config"])
+        config.update(fields)
+        m["model_config"] = json.dumps(config)
+        _resign(m)
+    return edit
+
+
+def _resign(m):
+    import hashlib
+
+    m["config_sha256"] = hashlib.sha256(f"{m['model_class']}\n{m['model_config']}".encode()).hexdigest()
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    from transformers import PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_packed built a model from a config the header contradicts")
+
+    monkeypatch.setattr(PreTrainedModel, "_from_config", classmethod(refuse))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vocab_size": 10**9}, "claims vocab_size=1000000000, hidden_size=32, but the file holds no [1000000000, 32] "
+                            "embedding"),
+    ({"hidden_size": 4096}, "claims vocab_size=96, hidden_size=4096, but the file holds no [96, 4096] embedding"),
+    ({"num_hidden_layers": 2000}, "claims num_hidden_layers=2000, but the file's tensors hold 2 blocks"),
+])
+def test_forged_config_is_refused_before_any_model_is_built(w2_file, tmp_path, no_model_built, fields, message):
+    bad = _rewrite(w2_file, tmp_path / "bad.safetensors", meta=_forge_config(**fields))
+    with pytest.raises(ValueError) as err:
+        load_packed(bad)
+    assert message in str(err.value) and str(bad) in str(err.value)
+
+
+def test_forged_size_the_header_cannot_show_is_refused_before_allocating(w2_file, tmp_path):
+    bad = _rewrite(w2_file, tmp_path / "bad.safetensors", meta=_forge_config(intermediate_size=10**9))
+    with pytest.raises(ValueError, match=r"asks for a tensor of 32,000,000,000 elements \(\[1000000000, 32\]\), "
+                                         r"more than any tensor the file can fill"):
+        load_packed(bad)
+
+
+@pytest.mark.parametrize("model_class, message", [
+    ("GPT2LMHeadModel", "model_class 'GPT2LMHeadModel' is not a transformers model class for model_type 'llama'"),
+    ("AutoModel", "model_class 'AutoModel' is not a transformers model class for model_type 'llama'"),
+    ("os", "model_class 'os' is not a transformers model class"),
+])
+def test_model_class_must_be_registered_for_the_config(w2_file, tmp_path, model_class, message):
+    def edit(m):
+        m["model_class"] = model_class
+        _resign(m)
+
+    bad = _rewrite(w2_file, tmp_path / "bad.safetensors", meta=edit)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_packed(bad)
+
+
+def test_config_fields_that_only_change_arithmetic_are_covered_by_the_digest(w2_file, tmp_path):
+    def eps(m):
+        config = json.loads(m["model_config"])
+        config["rms_norm_eps"] = 0.5
+        m["model_config"] = json.dumps(config)
+
+    bad = _rewrite(w2_file, tmp_path / "bad.safetensors", meta=eps)
+    with pytest.raises(ValueError, match="do not match their recorded digest 'config_sha256'"):
+        load_packed(bad)
+    bad = _rewrite(w2_file, tmp_path / "bad2.safetensors", meta=lambda m: m.pop("config_sha256"))
+    with pytest.raises(ValueError, match="'config_sha256' is missing"):
+        load_packed(bad)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_scales_are_refused_by_name(w2_file, tmp_path, value):
+    def poison(t):
+        t["model.layers.1.mlp.up_proj.scales"][0, 0, 0, 0] = value
+
+    bad = _rewrite(w2_file, tmp_path / "bad.safetensors", tensors=poison)
+    with pytest.raises(ValueError, match=r"tensors \['model.layers.1.mlp.up_proj.scales'\] hold non-finite scales"):
         load_packed(bad)
 
 

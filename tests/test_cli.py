@@ -95,6 +95,16 @@ def test_argparse_errors_exit_2(capsys):
     assert "--iters must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["quantize", "--mode", "exact", "--out", "x.safetensors"],
+                                  ["bench", "--mod", "tiny-llama"], ["dump", "--stage", "1"]])
+def test_options_are_never_abbreviated(argv, capsys):
+    # `quantize` has no --mode; argparse's prefix matching used to read it as --model exact
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {' '.join(argv[1:3])}" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ packed checkpoints
 @pytest.fixture(scope="module")
 def w2_checkpoint(tmp_path_factory):
@@ -149,6 +159,38 @@ def test_kept_real_layers_of_a_checkpoint_stay_real_when_compiled(tmp_path, caps
     down = [r for name, r in layers.items() if name.endswith("down_proj")]
     assert len(down) == 2 and all(r["action"] == "kept_real" for r in down), down
     assert "13 layers converted, 2 kept real" in capsys.readouterr().out
+
+
+def _forged(src, dst, model_class=None, scales=None):
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    if model_class:
+        meta["model_class"] = model_class
+        meta["config_sha256"] = hashlib.sha256(f"{model_class}\n{meta['model_config']}".encode()).hexdigest()
+    if scales is not None:
+        tensors["lm_head.scales"][0, 0, 0, 0] = scales
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("command", ["bench", "dump"])
+@pytest.mark.parametrize("forgery, message", [
+    ({"model_class": "GPT2LMHeadModel"}, "model_class 'GPT2LMHeadModel' is not a transformers model class for "
+                                         "model_type 'llama'"),
+    ({"scales": float("nan")}, "tensors ['lm_head.scales'] hold non-finite scales"),
+])
+def test_forged_checkpoint_is_one_error_line_exit_2(command, forgery, message, w2_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "forged.safetensors"
+    _forged(w2_checkpoint, bad, **forgery)
+    argv = [command, "--model", str(bad), "--no-progress"] + (["--out", str(tmp_path / "d"), "--no-mlir"]
+                                                             if command == "dump" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fairy2i {command}: error: {bad}: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("argv, message", [
