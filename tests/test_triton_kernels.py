@@ -26,6 +26,7 @@ if not torch.cuda.is_available():  # on a GPU the compiled kernels are what is t
     os.environ["TRITON_INTERPRET"] = "1"  # before triton and fairy2i_compile are imported
 
 import ast  # noqa: E402
+import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -104,11 +105,20 @@ def _assert_matches(y, x, codes, scales, b, m, group_size):
     torch.testing.assert_close(y.float(), ref, atol=tol * scale, rtol=tol)
 
 
-def _check(n, m, stages, granularity, lead, dtype=torch.float32, bias=False, seed=0):
+def _check(n, m, stages, granularity, lead, dtype=torch.float32, bias=False, seed=0, path=None, decode=None):
+    """The public wrapper (path None: its own choice) or one forced path / decode against the reference."""
     codes, scales, group_size = _layer(n, m, stages, granularity, seed)
     x, b = _inputs(lead, n, m, dtype, bias, seed + 1)
-    y = packed_linear_triton(x, codes, scales, b, m, group_size)
-    _assert_matches(y, x, codes, scales, b, m, group_size)
+    if path is None:
+        y = packed_linear_triton(x, codes, scales, b, m, group_size)
+    else:
+        M = x.numel() // x.shape[-1]
+        spec = choose_spec(M, n, m, stages, group_size, granularity == "row", dtype, bias, INTERPRET, path)
+        assert spec.path == path
+        if decode is not None:
+            spec = dataclasses.replace(spec, decode=decode)
+        y = launch_packed_linear(spec, x.reshape(M, 2 * m), codes, scales.float().contiguous(), b, m)
+    _assert_matches(y.reshape(*lead, -1), x, codes, scales, b, m, group_size)
 
 
 # --------------------------------------------------------------------------- #
@@ -131,13 +141,39 @@ def test_sign_table_matches_complex_arithmetic():
 @pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("granularity", ["tensor", "row", 16, 6, 24])
 def test_gemv_matches_reference(stages, granularity):
-    _check(70, 150, stages, granularity, (1,), bias=stages != 2)
+    _check(70, 150, stages, granularity, (1,), bias=stages != 2, path="gemv")
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("granularity", ["tensor", "row", 16, 6, 24])
 def test_gemm_matches_reference(stages, granularity):
-    _check(70, 150, stages, granularity, (37,), bias=stages == 2)  # M = 37: a ragged BLOCK_M tile
+    _check(70, 150, stages, granularity, (37,), bias=stages == 2, path="gemm")  # M = 37: a ragged BLOCK_M tile
+
+
+# mma: every group size that is a multiple of 16 (32 and 48 leave a ragged last group at m = 150);
+# T = 3 pads 6 planes to 8; M = 1 (batch-1 decode) and 5 (a ragged 8-row activation block)
+@pytest.mark.parametrize("stages,granularity", [(t, g) for t in (1, 2, 3) for g in ("tensor", "row", 16, 32, 48)]
+                         + [(4, "tensor"), (4, 48)])
+@pytest.mark.parametrize("M", [1, 5])
+def test_mma_matches_reference(stages, granularity, M):
+    _check(70, 150, stages, granularity, (M,), bias=M == 5, path="mma")
+
+
+@pytest.mark.skipif(INTERPRET, reason="inline PTX (decode='asm') runs on a CUDA device only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", 32])
+@pytest.mark.parametrize("M", [1, 3, 16, 64])
+def test_mma_asm_decode_matches_reference(dtype, granularity, M):
+    _check(70, 150, 2, granularity, (M,), dtype=dtype, bias=True, path="mma", decode="asm")
+
+
+def test_mma_block_m_splits_activation_rows():
+    """More rows than one program's BLOCK_M: a second grid dimension over the rows (ragged)."""
+    n, m = 24, 40
+    codes, scales, _ = _layer(n, m, 2, "row")
+    x, b = _inputs((11,), n, m, torch.float32, True)
+    spec = KernelSpec("mma", 2, "row", 0, "float32", True, 4, 8, 16, interpret=INTERPRET)
+    _assert_matches(launch_packed_linear(spec, x, codes, scales, b, m), x, codes, scales, b, m, 0)
 
 
 @pytest.mark.parametrize("lead", [(2, 3), (4, 7)], ids=["gemv-M6", "gemm-M28"])
@@ -146,9 +182,9 @@ def test_leading_dims_are_flattened(lead):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("M", [1, 20], ids=["gemv", "gemm"])
-def test_half_activations(dtype, M):
-    _check(40, 70, 2, 32, (M,), dtype=dtype, bias=True)
+@pytest.mark.parametrize("path,M", [("mma", 1), ("mma", 20), ("gemv", 1), ("gemm", 20)])
+def test_half_activations(dtype, path, M):
+    _check(40, 70, 2, 32, (M,), dtype=dtype, bias=True, path=path)
 
 
 def test_many_blocks_and_k_steps():
@@ -159,6 +195,7 @@ def test_many_blocks_and_k_steps():
         (3, KernelSpec("gemv", 2, "row", 0, "float32", True, 1, 16, 16, interpret=INTERPRET)),
         (1, KernelSpec("gemm", 2, "row", 0, "float32", True, 16, 16, 16, interpret=INTERPRET)),
         (33, KernelSpec("gemm", 2, "row", 0, "float32", True, 16, 16, 16, interpret=INTERPRET)),
+        (3, KernelSpec("mma", 2, "row", 0, "float32", True, 4, 16, 16, interpret=INTERPRET)),
     ]:
         x, b = _inputs((M,), n, m, torch.float32, True)
         y = launch_packed_linear(spec, x, codes, scales, b, m)
@@ -169,6 +206,7 @@ def test_group_wider_than_m_is_row_scales():
     n, m = 20, 30
     codes, scales, g = _layer(n, m, 1, 64)  # one group per row
     assert g == 64 and choose_spec(1, n, m, 1, g, True, torch.float32, False, True).scale == "row"
+    assert choose_spec(1, n, m, 1, g, True, torch.float32, False, True, "gemv").scale == "row"
     x, _ = _inputs((1,), n, m, torch.float32, False)
     _assert_matches(packed_linear_triton(x, codes, scales, None, m, g), x, codes, scales, None, m, g)
 
@@ -239,7 +277,7 @@ def test_triton_op_is_registered_without_interpreter(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "triton_kernel_wrapper_functional" in r.stdout, r.stdout + r.stderr[-3000:]
-    assert [p.name.startswith("fairy2i_gemv_t1_row_f32_") for p in (tmp_path / "triton").iterdir()] == [True]
+    assert [p.name.startswith("fairy2i_mma_t1_row_f32_") for p in (tmp_path / "triton").iterdir()] == [True]
 
 
 # --------------------------------------------------------------------------- #
@@ -261,7 +299,7 @@ def test_gemv_inner_loop_has_no_multiplication(granularity, stages):
     group = granularity if isinstance(granularity, int) else 0
     for interpret in (True, False):
         for dtype in (torch.float32, torch.bfloat16):
-            spec = choose_spec(1, n, m, stages, group, granularity == "row", dtype, True, interpret)
+            spec = choose_spec(1, n, m, stages, group, granularity == "row", dtype, True, interpret, "gemv")
             assert spec.path == "gemv"
             body = _inner_loops(generate_source(spec))
             code = [line.split("#", 1)[0] for line in body]
@@ -307,7 +345,7 @@ def test_package_imports_without_triton():
         "import torch\n"
         "from fairy2i_compile.codegen import triton_packed as tp\n"
         "s = tp.choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, False)\n"
-        "assert 'tl.where' in tp.generate_source(s)\n"
+        "assert s.path == 'mma' and 'tl.dot' in tp.generate_source(s)\n"
     )
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -353,10 +391,29 @@ def test_kernel_spec_validation():
         KernelSpec("gemm", 1, "tensor", block_m=8, block_n=16, block_k=16)
     with pytest.raises(ValueError, match="group_size"):
         KernelSpec("gemv", 1, "group")
-    assert tp.GEMV_MAX_M == 2  # the measured crossover (choose_spec's docstring)
-    assert choose_spec(2, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemv"
-    assert choose_spec(3, 8, 8, 1, 0, False, torch.float32, False, True).path == "gemm"
-    assert choose_spec(3, 8, 8, 1, 0, False, torch.float32, False, False).block_m == 16  # one 16-row tile
+    with pytest.raises(ValueError, match="block_k to divide the group"):
+        KernelSpec("mma", 1, "group", 48, block_k=32)
+    with pytest.raises(ValueError, match="decode='asm'"):
+        KernelSpec("gemv", 1, "tensor", decode="asm")
+    with pytest.raises(ValueError, match="decode='asm'"):
+        KernelSpec("mma", 1, "tensor", decode="asm", interpret=True)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        choose_spec(1, 8, 40, 1, 6, True, torch.float32, False, True, "mma")
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_choose_spec_routes_by_rows_and_group_size(interpret):
+    def path(M, group=0, m=300):
+        return choose_spec(M, 64, m, 2, group, bool(group), torch.bfloat16, False, interpret).path
+
+    assert tp.MMA_MAX_M == 64 and tp.GEMV_MAX_M == 2
+    assert [path(M) for M in (1, 2, 16, 64, 65, 256)] == ["mma"] * 4 + ["gemm"] * 2
+    assert [path(M, 32) for M in (1, 64, 65)] == ["mma", "mma", "gemm"]  # groups of whole code words
+    assert [path(M, 6) for M in (1, 2, 3)] == ["gemv", "gemv", "gemm"]  # groups that start inside a word
+    assert path(1, 6, m=6) == "mma"  # one group per row: row scales
+    spec = choose_spec(5, 64, 300, 2, 32, True, torch.bfloat16, False, interpret)
+    assert spec.block_m == 8 and 32 % spec.block_k == 0  # next_pow2(M) rows; steps tile the groups
+    assert choose_spec(3, 8, 8, 1, 0, False, torch.float32, False, False, "gemm").block_m == 16  # one 16-row tile
 
 
 # --------------------------------------------------------------------------- #
@@ -384,7 +441,7 @@ def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, m
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=TOL[torch.float32], atol=TOL[torch.float32] * scale)
     names = [p.name for p in (tmp_path / "triton").iterdir()]
-    assert any(s.startswith("fairy2i_gemm_t2_") for s in names) and any(s.startswith("fairy2i_gemv_t2_") for s in names), names
+    assert any(s.startswith("fairy2i_mma_t2_") for s in names), names  # 20 and 2 rows: the mma path
 
 
 # --------------------------------------------------------------------------- #
@@ -401,6 +458,10 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
         {"path": "gemv", "stages": 2, "M": 1, "n": 64, "m": 64, "config": dict(gemv, block_n=16)},
         {"path": "gemm", "stages": 2, "M": 256, "n": 2048, "m": 5504,
          "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}},
+        {"path": "mma", "stages": 2, "M": 1, "n": 2048, "m": 5504,
+         "config": {"block_m": 1, "block_n": 8, "block_k": 512, "num_warps": 2, "num_stages": 4, "decode": "asm"}},
+        {"path": "mma", "stages": 2, "M": 64, "n": 2048, "m": 5504,
+         "config": {"block_m": 32, "block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 3, "decode": "bits"}},
     ], "some other GPU": [{"path": "gemv", "stages": 1, "M": 1, "n": 8, "m": 8, "config": dict(gemv, block_n=64)}]}
     path = tmp_path / "configs.json"
     path.write_text(json.dumps(table))
@@ -409,15 +470,19 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
     try:
         assert tp.tuned_config("gemv", 2, 2000, 5000, 1) == gemv  # nearest layer size
         assert tp.tuned_config("gemv", 1, 50, 70, 1)["block_n"] == 16  # other T, nearest size
-        s = choose_spec(1, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        s = choose_spec(1, 2048, 5504, 2, 0, False, torch.bfloat16, False, False, "gemv")
         assert (s.block_n, s.block_k, s.num_warps) == (4, 512, 1)
-        s = choose_spec(1, 2048, 5504, 2, 32, True, torch.bfloat16, False, False)  # groups cap BLOCK_K
+        s = choose_spec(1, 2048, 5504, 2, 32, True, torch.bfloat16, False, False, "gemv")  # groups cap BLOCK_K
         assert (s.scale, s.block_k) == ("group", 32)
-        s = choose_spec(64, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
-        assert (s.block_m, s.block_n, s.num_warps) == (128, 128, 8)
-        s = choose_spec(32, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        s = choose_spec(1, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)  # mma: nearest M, its decode
+        assert (s.path, s.block_m, s.block_n, s.block_k, s.num_stages, s.decode) == ("mma", 1, 8, 512, 4, "asm")
+        s = choose_spec(16, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert (s.block_m, s.block_n, s.decode) == (16, 16, "bits")  # the M = 64 entry, block_m <= next_pow2(16)
+        s = choose_spec(256, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert (s.path, s.block_m, s.block_n, s.num_warps) == ("gemm", 128, 128, 8)
+        s = choose_spec(32, 2048, 5504, 2, 0, False, torch.bfloat16, False, False, "gemm")
         assert s.block_m == 32  # fewer than 64 rows: no 128-row tiles of masked work
-        assert choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, True).block_n == 16  # interpreter: no table
+        assert choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, True, "gemv").block_n == 16  # interpreter: no table
         path.write_text("{not json")
         tp._config_table.cache_clear()
         with pytest.raises(ValueError, match="cannot be read as JSON.*tune_kernels.py"):
@@ -440,5 +505,5 @@ def test_shipped_config_table_is_valid():
         assert tp._config_table(str(tp.CONFIGS_FILE), device) == entries and entries
         for e in entries:
             spec = KernelSpec(e["path"], e["stages"], "tensor", **e["config"])  # valid block sizes
-            assert spec.path == ("gemv" if e["M"] <= tp.GEMV_MAX_M else "gemm")
+            assert spec.path in tp.PATHS and spec.block_m <= max(16, e["M"])
     tp._config_table.cache_clear()

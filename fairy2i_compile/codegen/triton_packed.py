@@ -96,9 +96,12 @@ from ..cache import atomic_write_text, kernel_cache_dir
 from ..packed_ops import check_packed_linear
 from . import resolve_kernel, triton_interpreter_enabled
 from .sign_table import AXIS, TABLE, UNIT, codes_on_axis, describe, term_expr
+from .triton_mma import MMA_BODY, MMA_NOTE, MMA_TEMPLATE, mma_slots
 
 __all__ = [
     "GEMV_MAX_M",
+    "MMA_MAX_M",
+    "PATHS",
     "GENERATOR_VERSION",
     "INNER_LOOP_BEGIN",
     "INNER_LOOP_END",
@@ -112,8 +115,10 @@ __all__ = [
     "packed_linear_triton",
 ]
 
-GENERATOR_VERSION = 1
-GEMV_MAX_M = 2  # M <= 2 rows take the multiplication-free GEMV (measured crossover: see choose_spec)
+GENERATOR_VERSION = 2
+PATHS = ("mma", "gemv", "gemm")
+MMA_MAX_M = 64  # M <= 64 rows take the tensor-core atom kernel where it applies (see choose_spec)
+GEMV_MAX_M = 2  # otherwise M <= 2 rows take the multiplication-free GEMV (group sizes not a multiple of 16)
 INNER_LOOP_BEGIN = "# --- inner loop: begin (selects, negations and adds only) ---"
 INNER_LOOP_END = "# --- inner loop: end ---"
 
@@ -135,7 +140,8 @@ def _next_pow2(v: int) -> int:
 class KernelSpec:
     """Everything a generated kernel is specialised on (the cache key, with the template text).
 
-    path:       "gemv" (decode, multiplication-free) | "gemm" (decode to tiles + tl.dot)
+    path:       "mma" (small batch: +-1 atoms on the tensor cores, triton_mma.py) |
+                "gemv" (decode, multiplication-free) | "gemm" (decode to tiles + tl.dot)
     stages:     T (the kernel reads 2T planes)
     scale:      "tensor" | "row" | "group"
     group_size: g for scale == "group", else 0
@@ -146,6 +152,7 @@ class KernelSpec:
     block_k:    complex input columns per inner step
     num_warps, num_stages: launch config (baked into the source as a one-config autotune)
     interpret:  generated for the Triton interpreter (tl.dot inputs in fp32)
+    decode:     "bits" (integer ops in Triton) | "asm" (mma only, GPU only: one PTX lop3 per atom pair)
     """
 
     path: str
@@ -160,10 +167,16 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     interpret: bool = False
+    decode: str = "bits"
 
     def __post_init__(self) -> None:
-        if self.path not in ("gemv", "gemm"):
-            raise ValueError(f"KernelSpec.path must be 'gemv' or 'gemm', got {self.path!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"KernelSpec.path must be one of {PATHS}, got {self.path!r}")
+        if self.decode not in ("bits", "asm"):
+            raise ValueError(f"KernelSpec.decode must be 'bits' or 'asm', got {self.decode!r}")
+        if self.decode == "asm" and (self.path != "mma" or self.interpret):
+            raise ValueError(f"KernelSpec: decode='asm' (inline PTX) exists for path='mma' on a GPU only, got "
+                             f"{self.path=} {self.interpret=}")
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 1 <= self.stages <= _MAX_STAGES:
             raise ValueError(f"KernelSpec.stages must be an int in 1..{_MAX_STAGES}, got {self.stages!r}")
         if self.scale not in ("tensor", "row", "group"):
@@ -185,6 +198,12 @@ class KernelSpec:
             # sub-word blocks (< 16 columns) are only useful to fit small ragged groups
             if self.block_k < 16 and not (self.scale == "group" and self.group_size % 16):
                 raise ValueError(f"KernelSpec: gemv block_k must be >= 16 (one code word), got {self.block_k}")
+        elif self.path == "mma":
+            if self.block_k < 16:
+                raise ValueError(f"KernelSpec: mma block_k must be >= 16 (whole code words), got {self.block_k}")
+            if self.scale == "group" and self.group_size % self.block_k:
+                raise ValueError(f"KernelSpec: mma with group scales needs block_k to divide the group, got "
+                                 f"{self.group_size=} {self.block_k=}")
         else:
             if min(self.block_m, self.block_n, self.block_k) < 16:
                 raise ValueError(
@@ -215,7 +234,8 @@ class KernelSpec:
         scale = f"g{self.group_size}" if self.scale == "group" else self.scale
         bias = "_bias" if self.has_bias else ""
         interp = "_interp" if self.interpret else ""
-        return f"fairy2i_{self.path}_t{self.stages}_{scale}_{_SHORT[self.act_dtype]}{bias}{interp}"
+        asm = "_asm" if self.decode == "asm" else ""
+        return f"fairy2i_{self.path}_t{self.stages}_{scale}_{_SHORT[self.act_dtype]}{bias}{asm}{interp}"
 
 
 # --------------------------------------------------------------------------- #
@@ -376,6 +396,7 @@ _TEMPLATES = {
     "gemv": (_HEADER_TEMPLATE, _GEMV_NOTE, _GEMV_TEMPLATE, _GEMV_LOOP_FLAT, _GEMV_LOOP_GROUPED,
              _GEMV_INNER_HEAD, _EPILOGUE),
     "gemm": (_HEADER_TEMPLATE, _GEMM_NOTE, _GEMM_TEMPLATE, _EPILOGUE),
+    "mma": (_HEADER_TEMPLATE, MMA_NOTE, _KERNEL_HEAD, MMA_TEMPLATE),
 }
 
 _NAMES = {"a": "a", "-a": "na", "b": "b", "-b": "nb"}
@@ -425,6 +446,10 @@ def _header(spec: KernelSpec) -> str:
     if spec.path == "gemv":
         group_note = "" if spec.scale != "group" else " (once per group: blocks never cross a group)"
         note = Template(_GEMV_NOTE).substitute(group_note=group_note, u_table=describe(False), w_table=describe(True))
+    elif spec.path == "mma":
+        slots = mma_slots(spec, _next_pow2(spec.planes))
+        note = Template(MMA_NOTE).substitute(decode=slots["decode_name"], group_note=slots["group_note"],
+                                             dot_dtype=slots["dot_dtype"])
     else:
         units = "  ".join(f"{k}: ({UNIT[k][0]:+d}, {UNIT[k][1]:+d})" for k in range(4))
         note = Template(_GEMM_NOTE).substitute(dot_dtype=_dot_dtype(spec), unit_table=units)
@@ -596,10 +621,18 @@ def _gemm_source(spec: KernelSpec) -> str:
 _SOURCE_CACHE: Dict[KernelSpec, Tuple[str, str]] = {}
 
 
+def _mma_source(spec: KernelSpec) -> str:
+    slots = dict(_common_slots(spec), **mma_slots(spec, _next_pow2(spec.planes)))
+    return Template(_KERNEL_HEAD + MMA_BODY).substitute(slots)
+
+
+_SOURCES_BY_PATH = {"gemv": lambda s: _gemv_source(s), "gemm": lambda s: _gemm_source(s), "mma": _mma_source}
+
+
 def _source_and_hash(spec: KernelSpec) -> Tuple[str, str]:
     hit = _SOURCE_CACHE.get(spec)
     if hit is None:
-        text = _gemv_source(spec) if spec.path == "gemv" else _gemm_source(spec)
+        text = _SOURCES_BY_PATH[spec.path](spec)
         key = json.dumps({
             "spec": dataclasses.asdict(spec),
             "templates": _TEMPLATES[spec.path],
@@ -684,16 +717,22 @@ def _clamp_pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(max(1, v))))
 
 
+def mma_applies(group_size: int, m: int) -> bool:
+    """Whether the tensor-core atom kernel handles these scales: tensor / row, or groups of whole code words."""
+    return not group_size or -(-m // group_size) <= 1 or group_size % 16 == 0
+
+
 @functools.lru_cache(maxsize=256)
 def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales: bool, act_dtype: torch.dtype,
-                has_bias: bool, interpret: bool) -> KernelSpec:
-    """The kernel for a call: GEMV for M <= GEMV_MAX_M (2), else GEMM, with block sizes for GPU or interpreter.
+                has_bias: bool, interpret: bool, path: Optional[str] = None) -> KernelSpec:
+    """The kernel for a call: "mma" for M <= MMA_MAX_M, else "gemv" for M <= GEMV_MAX_M, else "gemm".
 
-    The crossover was measured on an H200 (benchmarks/results/bench_kernels_small_m_*.md): the
-    GEMV decodes the codes once per activation row, so its time grows with M (4096x11008, T=2:
-    92 / 168 / 319 / 1180 us at M = 1 / 2 / 4 / 16) while the GEMM decodes each tile once for
-    up to 16 rows (236-239 us at M = 2..16); summed over the two LLaMA MLP shapes and T = 1, 2
-    the GEMV is ahead at M = 2 (434 vs 521 us) and behind from M = 4 (797 vs 522 us).
+    mma (triton_mma.py) covers tensor and row scales and groups whose size is a multiple of 16;
+    other group sizes take the multiplication-free GEMV at M <= 2 and the GEMM above. `path`
+    forces a path (benchmarks, tests). Measured on an H200 (benchmarks/results/bench_kernels.md):
+    before the mma path, the GEMV's time grew with M (4096x11008, T=2: 92 / 168 / 319 us at M = 1 / 2 / 4)
+    and the GEMM decoded each tile once per BLOCK_M rows; the mma path decodes a tile once for up
+    to BLOCK_M = next_pow2(M) <= 64 rows, with the tensor cores doing the sums.
 
     row_scales: the scales have one row per output (n_s = n) rather than one per tensor.
     The interpreter's cost grows with programs x loop steps, so it gets large blocks. On GPU the
@@ -707,9 +746,29 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
     else:  # g >= m is one group per row: the same scales as "row"
         scale, g = ("row" if (row_scales or group_size) else "tensor"), 0
     dtype = {v: k for k, v in _ACT_DTYPES.items()}[act_dtype]
-    path = "gemv" if M <= GEMV_MAX_M else "gemm"
+    if path is None:
+        if M <= MMA_MAX_M and mma_applies(group_size, m):
+            path = "mma"
+        else:
+            path = "gemv" if M <= GEMV_MAX_M else "gemm"
+    elif path not in PATHS:
+        raise ValueError(f"choose_spec: path must be one of {PATHS} or None, got {path!r}")
+    elif path == "mma" and not mma_applies(group_size, m):
+        raise ValueError(f"choose_spec: the mma path needs group sizes that are multiples of 16, got {group_size}")
     tuned = None if interpret else tuned_config(path, stages, n, m, M)
-    if path == "gemv":
+    decode = "bits"
+    if path == "mma":
+        if interpret:
+            cfg = dict(block_m=_clamp_pow2(M, 1, 64), block_n=_clamp_pow2(n, 1, 16), block_k=_clamp_pow2(m, 16, 64),
+                       num_warps=4, num_stages=2)
+        else:
+            cfg = dict(block_m=64, block_n=16, block_k=256, num_warps=4, num_stages=3)
+        cfg.update(tuned or {})
+        decode = "bits" if interpret else str((tuned or {}).get("decode", "bits"))
+        cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 1, 64))  # no activation rows past next_pow2(M)
+        if scale == "group":  # the largest power of two dividing g (g % 16 == 0): steps tile each group
+            cfg["block_k"] = min(cfg["block_k"], g & -g)
+    elif path == "gemv":
         if interpret:
             cfg = dict(block_n=_clamp_pow2(n, 16, 64), block_k=_clamp_pow2(m, 16, 128), num_warps=4, num_stages=2)
         else:
@@ -728,15 +787,15 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
         else:
             cfg = dict(block_m=64 if M >= 64 else 32, block_n=64, block_k=64, num_warps=4, num_stages=3)
         cfg.update(tuned or {})
-        if M < 64:  # no 64/128-row tiles of mostly masked rows
-            cfg["block_m"] = min(cfg["block_m"], 16 if M <= 16 else 32)
+        # no tiles of mostly masked rows: at most next_pow2(M) (>= 16, tl.dot's minimum here)
+        cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 16, 256))
         if scale == "group":
             if g % 16 == 0:  # whole K steps per group: one scale load per row and step
                 cfg["block_k"] = min(cfg["block_k"], g & -g)
             else:  # scales gathered per column: small steps, no pipelining (the gathers are [BLOCK_K, BLOCK_N])
                 cfg["block_k"], cfg["num_stages"] = 16, 1
     return KernelSpec(path, stages, scale, g, dtype, has_bias, cfg["block_m"], cfg["block_n"], cfg["block_k"],
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], interpret=interpret)
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], interpret=interpret, decode=decode)
 
 
 _CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
@@ -763,7 +822,7 @@ def _config_table(path: str, device_name: str) -> List[Dict[str, Any]]:
     return entries
 
 
-def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dict[str, int]]:
+def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dict[str, Any]]:
     """The measured block sizes / launch config for this CUDA device, or None.
 
     Table: `$FAIRY2I_TRITON_CONFIGS` or the shipped ``codegen/triton_configs.json``, as
@@ -787,7 +846,10 @@ def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dic
         return (e["stages"] != stages, size, abs(math.log(e["M"] / max(1, M))))
 
     cfg = min(entries, key=rank)["config"]
-    return {k: int(cfg[k]) for k in _CONFIG_KEYS if k in cfg}
+    out: Dict[str, Any] = {k: int(cfg[k]) for k in _CONFIG_KEYS if k in cfg}
+    if path == "mma" and cfg.get("decode") in ("bits", "asm"):
+        out["decode"] = cfg["decode"]
+    return out
 
 
 def launch_packed_linear(spec: KernelSpec, x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
@@ -824,14 +886,16 @@ def launch_packed_linear(spec: KernelSpec, x: Tensor, codes: Tensor, scales: Ten
 def _spec_rows(M: Any, interpret: bool) -> int:
     """A concrete row count that picks the same spec as M, which is a SymInt under dynamic-shape tracing.
 
-    On GPU the spec depends on M only through M <= GEMV_MAX_M, M <= 16 and M >= 64, so tracing guards on those
-    comparisons rather than on M itself; the interpreter's blocks follow M (specialised, tests only).
+    On GPU the spec depends on M only through next_pow2(M) capped at 256 (the path thresholds are powers
+    of two or 2, and block_m is at most next_pow2(M)), so tracing guards on M <= 1, 2, 4, ... rather than
+    on M itself; the interpreter's blocks follow M (specialised, tests only).
     """
     if interpret:
         return int(M)
-    if M <= GEMV_MAX_M:
-        return 1
-    return 16 if M <= 16 else (32 if M < 64 else 64)
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128):
+        if M <= rows:
+            return rows
+    return 256
 
 
 def _run(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int, group_size: int, n: int,
