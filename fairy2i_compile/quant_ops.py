@@ -240,9 +240,22 @@ def _packed_for(a: Tensor, slot: int, stages: int, granularity: str, name: str):
     return _cached(slot, a, lambda: pack_layer(a, stages, decode_granularity(granularity), name))
 
 
+def _check_same_dtype(x: Tensor, a: Tensor, name: str) -> None:
+    """What F.linear does for the layer this op replaces: activations in another dtype than the
+    weight (integer ids, float64 into a float32 model) are an error, not a cast to and from the
+    kernel's float32 (which returned an integer tensor of zeros)."""
+    if x.dtype != a.dtype:
+        raise RuntimeError(
+            f"fairy2i.ptq_packed_linear ({name}): activations are {x.dtype} but the layer's weight is {a.dtype}; "
+            f"the uncompiled layer raises here too (F.linear: mat1 and mat2 must have the same dtype). "
+            f"Cast the input to {a.dtype}"
+        )
+
+
 def _ptq_packed_linear(x, a, bias, slot, stages, granularity, name, kernel):
     from . import packed_ops
 
+    _check_same_dtype(x, a, name)
     if a.dim() != 2 or x.shape[-1] != a.shape[1]:
         raise ValueError(
             f"fairy2i.ptq_packed_linear ({name}): activations {tuple(x.shape)} do not match the weight "
@@ -274,6 +287,7 @@ _LIB.impl("ptq_packed_linear_infer", _ptq_packed_linear_infer, "CompositeExplici
 
 @torch.library.register_fake("fairy2i::ptq_packed_linear_infer", lib=_LIB)
 def _(x, a, bias, slot, stages, granularity, name, kernel):
+    _check_same_dtype(x, a, name)
     return x.new_empty((*x.shape[:-1], a.shape[0]))
 
 
@@ -304,6 +318,7 @@ _LIB.impl("ptq_pack_slot", _ptq_pack_slot, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fairy2i::ptq_packed_linear_cpu", lib=_LIB)
 def _(x, a, bias, slot, stages, granularity, name):
+    _check_same_dtype(x, a, name)
     return x.new_empty((*x.shape[:-1], a.shape[0]))
 
 
@@ -340,6 +355,7 @@ def _(a, slot, stages, granularity, name):
 
 @torch.library.register_fake("fairy2i::ptq_packed_linear", lib=_LIB)
 def _(x, a, bias, slot, stages, granularity, name, kernel):
+    _check_same_dtype(x, a, name)
     return x.new_empty((*x.shape[:-1], a.shape[0]))
 
 

@@ -268,3 +268,19 @@ def test_all_zero_weight_quantizes_to_zeros(method):
         y = c(x)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, layer.bias.expand(3, 6), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat", "exact"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_activations_in_another_dtype_raise_as_in_eager(mode, dtype):
+    # eager nn.Linear raises on int / float64 input to a float32 layer; PTQ used to cast to the
+    # kernel's float32 and back, returning integer zeros (int) or a float64 result (float64)
+    model = nn.Sequential(nn.Linear(8, 6)).eval()
+    good, bad = torch.randn(2, 8), torch.randint(0, 5, (2, 8)).to(dtype)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        model(bad)
+    net, _ = compiled(model, mode=mode)
+    with torch.no_grad():
+        net(good)                                        # compiled for float32 first: the guard recompiles
+        with pytest.raises(RuntimeError, match="same dtype"):
+            net(bad)
