@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
@@ -37,10 +38,10 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.fairy2i.*)
 from .config import Fairy2iConfig
-from .dump import GraphDumper
+from .dump import GraphDumper, check_dump_dir, clear_previous_dump
 from .passes import PassContext, enabled_passes
 from .passes._fx import graph_fake_mode
-from .report import GraphReport
+from .report import GraphReport, summarize
 
 __all__ = ["Fairy2iBackend", "fairy2i_backend"]
 
@@ -60,7 +61,9 @@ class Fairy2iBackend:
 
     def __init__(self, config: Union[Fairy2iConfig, Mapping[str, Any], None] = None):
         self.config = Fairy2iConfig.from_options(config)
+        check_dump_dir(self.config.dump_dir)
         self.reports: List[GraphReport] = []
+        self._warned_skip: set = set()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]):
         config = self.config
@@ -79,6 +82,7 @@ class Fairy2iBackend:
             dumper.after_pass(graph_pass.name, gm, before, report)
 
         self.reports.append(report)
+        self._warn_unmatched_skip(report)
         if config.dump_dir is not None:
             with _DUMP_LOCK:
                 dump_graphs.append(report)
@@ -106,6 +110,21 @@ class Fairy2iBackend:
         run._boxed_call = getattr(compiled, "_boxed_call", False)  # type: ignore[attr-defined]
         return run
 
+    def _warn_unmatched_skip(self, report: GraphReport) -> None:
+        """Once per pattern: a `skip` pattern no layer of any graph so far matched (a typo, usually)."""
+        unmatched = [p for p in summarize(self.reports, self.config.skip)["unmatched_skip_patterns"]
+                     if p not in self._warned_skip]
+        if not unmatched:
+            return
+        self._warned_skip.update(unmatched)
+        names = [r.name for r in report.layers][:3]
+        warnings.warn(
+            f"fairy2i: skip pattern(s) {unmatched} matched no linear layer of the graph(s) compiled so far "
+            f"({sum(len(r.layers) for r in self.reports)} layers, e.g. {names}); those layers are quantized. "
+            f"Check for a typo: a pattern is an fnmatch pattern on module names such as 'lm_head', '*.q_proj'",
+            UserWarning, stacklevel=2,
+        )
+
     def _write_report(self, dumper: GraphDumper, report: GraphReport, dump_graphs) -> None:
         with _DUMP_LOCK:
             dumper.write_report(self.config.to_dict(), report, dump_graphs, self.config.skip)
@@ -115,6 +134,9 @@ class Fairy2iBackend:
             return len(self.reports), None
         key = os.path.abspath(self.config.dump_dir)
         with _DUMP_LOCK:
+            if key not in _DUMP_GRAPHS:  # this process's first graph there: drop an earlier run's dump
+                check_dump_dir(self.config.dump_dir)
+                clear_previous_dump(self.config.dump_dir)
             graphs = _DUMP_GRAPHS.setdefault(key, [])
             return len(graphs), graphs
 

@@ -20,7 +20,12 @@ one graph):
                                       and cpu_packed_op.cpp when its op registration ran)
 
 graph_N/ holds exactly one `.py` per stage: each is the graph's `print_readable()`
-code with a header naming the stage. MLIR export runs torch-mlir in a subprocess
+code with a header naming the stage. A dump_dir written by an earlier run is cleared
+of what a dump writes (report.json, summary.md, the files of graph_N/, mlir/graph_N/
+and kernels/; anything else there is left alone) before this process's first graph
+goes there, so a dump never mixes two runs; graphs compiled later in the same process
+(graph breaks, recompiles, other torch.compile calls) add graph_1/, graph_2/, ... to one
+report.json. MLIR export runs torch-mlir in a subprocess
 (see `mlir_export.py`; `FAIRY2I_MLIR=0` turns it off) and never fails a compile.
 Files are written atomically.
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -43,7 +49,55 @@ import torch.fx as fx
 
 from .report import GraphReport, atomic_write_text, write_report
 
-__all__ = ["GraphDumper", "op_histogram", "trace_artifact", "write_summary"]
+__all__ = ["GraphDumper", "check_dump_dir", "clear_previous_dump", "op_histogram", "trace_artifact", "write_summary"]
+
+
+def check_dump_dir(dump_dir: Optional[str]) -> None:
+    """ValueError naming the option unless `dump_dir` is None, a folder, or a path that does not exist yet."""
+    if dump_dir is None:
+        return
+    if dump_dir == "":
+        raise ValueError("option 'dump_dir' is an empty string, which would dump into the working directory; "
+                         "give a folder such as dump_dir='dumps/', or leave it unset (None) for no dumps")
+    if os.path.exists(dump_dir) and not os.path.isdir(dump_dir):
+        raise ValueError(f"option 'dump_dir'={dump_dir!r} is a file, not a folder; give a folder path "
+                         f"(it is created if missing)")
+
+
+_OWNED_FOLDER = re.compile(r"graph_\d+")
+
+
+def clear_previous_dump(dump_dir: str) -> List[str]:
+    """Remove what an earlier dump wrote into `dump_dir` (module docstring); returns the paths removed."""
+    removed: List[str] = []
+    if not os.path.isdir(dump_dir):
+        return removed
+
+    def files_of(folder: str) -> None:
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            return
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        if not os.listdir(folder):
+            os.rmdir(folder)
+
+    for name in ("report.json", "summary.md"):
+        path = os.path.join(dump_dir, name)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.unlink(path)
+            removed.append(path)
+    for parent in (dump_dir, os.path.join(dump_dir, "mlir")):
+        if os.path.isdir(parent):
+            for entry in os.scandir(parent):
+                if _OWNED_FOLDER.fullmatch(entry.name):
+                    files_of(entry.path)
+    files_of(os.path.join(dump_dir, "kernels"))
+    mlir = os.path.join(dump_dir, "mlir")
+    if os.path.isdir(mlir) and not os.path.islink(mlir) and not os.listdir(mlir):
+        os.rmdir(mlir)
+    return removed
 
 
 def trace_artifact(name: str, payload_fn: Callable[[], str]) -> None:

@@ -29,6 +29,7 @@ features are odd, its weight is not a real floating type, or its name matches `s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional, Sequence, Union
 
@@ -202,6 +203,10 @@ def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "te
                                "bytes_after": packed.nbytes}
         del mod
     report.unmatched_skip_patterns = [p for p in config.skip if p not in matched]
+    if report.unmatched_skip_patterns:
+        warnings.warn(f"pack_model: skip pattern(s) {report.unmatched_skip_patterns} matched no nn.Linear of the "
+                      f"model (names such as {[n for n, _ in targets][:3]}); those layers were packed. Check for "
+                      f"a typo", UserWarning, stacklevel=2)
     return report
 
 

@@ -249,9 +249,22 @@ def test_dumps_and_report(tmp_path):
 
 
 def test_report_lists_unmatched_skip_patterns(tmp_path):
-    torch.compile(nn.Linear(4, 4), backend="fairy2i", options={"dump_dir": str(tmp_path), "skip": ["lm_haed"]})(torch.randn(1, 4))
+    with pytest.warns(UserWarning, match="lm_haed"):
+        torch.compile(nn.Linear(4, 4), backend="fairy2i", options={"dump_dir": str(tmp_path), "skip": ["lm_haed"]})(torch.randn(1, 4))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["summary"]["unmatched_skip_patterns"] == ["lm_haed"]
+
+
+def test_unmatched_skip_pattern_warns_without_dump_dir():
+    # without dump_dir nothing else would tell the user the layer they meant to keep real was quantized
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    backend = Fairy2iBackend({"mode": "ptq", "skip": ["lm_haed", "2"]})
+    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['lm_haed'\] matched no linear layer of the "
+                                         r"graph\(s\) compiled so far \(2 layers, e\.g\. \['0', '2'\]\)") as caught:
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(torch.randn(1, 4))
+    assert sum("skip pattern" in str(w.message) for w in caught) == 1  # '2' matched: not named
+    assert backend.reports[0].kept_real() == {"2": "matches skip pattern '2'"}
 
 
 def test_inductor_compiler_option():

@@ -158,3 +158,46 @@ def test_torch_trace_has_fairy2i_artifacts(tmp_path):
     assert {"fairy2i_captured", "fairy2i_widely_linear", "fairy2i_phase_quant", "fairy2i_aot_inference",
             "fairy2i_aot_inference_torch_mlir", "fairy2i_report"} <= names, names
     assert "torch.ops.fairy2i.widely_linear.default" in text  # the payloads are the graphs' code
+
+
+# --------------------------------------------------------------------------- dump_dir values and reuse
+def test_empty_dump_dir_is_an_error_not_the_working_directory(tmp_path, monkeypatch):
+    from fairy2i_compile import Fairy2iBackend
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="option 'dump_dir' is an empty string"):
+        Fairy2iBackend({"dump_dir": ""})
+    with pytest.raises(Exception, match="option 'dump_dir' is an empty string"):
+        torch.compile(nn.Linear(4, 4), backend="fairy2i", options={"dump_dir": ""})(torch.randn(1, 4))
+    assert os.listdir(tmp_path) == []
+
+
+def test_dump_dir_that_is_a_file_names_the_option(tmp_path):
+    from fairy2i_compile import Fairy2iBackend
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"option 'dump_dir'=.*/f' is a file, not a folder"):
+        Fairy2iBackend({"dump_dir": str(tmp_path / "f")})
+
+
+def test_dump_into_a_used_folder_holds_only_the_new_dump(tmp_path, monkeypatch):
+    from fairy2i_compile import backend as backend_mod
+
+    monkeypatch.setenv("FAIRY2I_MLIR", "0")
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(2, 8)
+    dump = tmp_path / "dump"
+    (dump / "graph_0").mkdir(parents=True)
+    (dump / "notes.txt").write_text("mine")              # the user's file: left alone
+    with torch.no_grad():
+        torch.compile(model, backend="fairy2i", options={"mode": "ptq", "dump_dir": str(dump)})(x)
+    assert "02_phase_quant.py" in os.listdir(dump / "graph_0") and (dump / "kernels").is_dir()
+
+    monkeypatch.setattr(backend_mod, "_DUMP_GRAPHS", {})  # as a new process would start
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="fairy2i", options={"mode": "exact", "dump_dir": str(dump)})(x)
+    assert sorted(os.listdir(dump / "graph_0")) == ["00_captured.py", "01_widely_linear.py", "02_aot_inference.py"]
+    assert sorted(os.listdir(dump)) == ["graph_0", "notes.txt", "report.json", "summary.md"]
+    report = json.loads((dump / "report.json").read_text())
+    assert report["config"]["mode"] == "exact" and len(report["graphs"]) == 1
+    assert "phase_quant" not in (dump / "summary.md").read_text()

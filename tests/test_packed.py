@@ -368,7 +368,8 @@ def test_pack_model_replaces_linears_and_matches_compiled_ptq():
     with torch.no_grad():
         want = ptq(ids).logits
     torch._dynamo.reset()
-    report = pack_model(model, stages=2, kernel="torch", skip=["nothing_matches"])
+    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['nothing_matches'\] matched no nn.Linear"):
+        report = pack_model(model, stages=2, kernel="torch", skip=["nothing_matches"])
     assert len(report.packed) == 15 and not report.kept_real
     assert report.unmatched_skip_patterns == ["nothing_matches"]
     assert isinstance(model.lm_head, PackedLinear) and isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)
