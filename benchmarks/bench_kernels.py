@@ -1,21 +1,32 @@
 """Packed Fairy2i Triton kernels vs cuBLAS bf16 on LLaMA-7B-class linear shapes (GPU only).
 
-    python benchmarks/bench_kernels.py                       # all shapes, M in 1 4 16 64 256, T = 1 2
+    python benchmarks/bench_kernels.py                       # all shapes, M in 1 2 4 8 16 64 256, T = 1 2
     python benchmarks/bench_kernels.py --shapes 4096x4096 --batches 1,16 --stages 2
+    python benchmarks/bench_kernels.py --warm-only --shard 0 --shards 8   # compile only (see tune_kernels.py)
+    python benchmarks/bench_kernels.py --decode --out benchmarks/results/gpu_decode_h200
 
 For each shape (out x in of the real layer: U, W are [out/2, in/2] complex) and batch M:
 
-* builds T-stage packed weights (tensor scales) from random U, W and checks the kernel
-  against `packed_linear_reference` (bf16 activations, fp32 oracle, tolerance 2e-2 of the
-  output scale, as tests/test_triton_kernels.py) before timing anything;
+* builds T-stage packed weights (tensor scales; random codes: the time does not depend on
+  the values) and checks the kernel against `packed_linear_reference` (bf16 activations, fp32
+  oracle, tolerance 2e-2 of the output scale, as tests/test_triton_kernels.py) before timing;
 * times, in the same run, with `triton.testing.do_bench` medians:
     bf16      torch.nn.functional.linear(x, W) with a dense bf16 W (cuBLAS)
-    ours      the generated kernel launched directly (spec chosen once, output preallocated)
+    ours      the kernel `choose_spec` picks, launched directly (output preallocated)
     ours+op   the public wrapper `packed_linear_triton` (validation + spec lookup + launch)
+    variants  (--variants) the other paths / decodes at this size, launched the same way:
+              gemv (the multiplication-free CUDA-core kernel, M <= 2), mma-bits / mma-asm
+              (the tensor-core atom kernel with either decode), gemm (decode-to-tile, M >= 16)
 * measures HBM bandwidth with a 1 GiB device-to-device copy (read + write bytes / time)
   and reports the floor = packed weight bytes (codes + scales) / bandwidth and ours' % of it
   (activations are not counted: at M >= 64 they are no longer small, and the kernel is
   compute-bound there anyway).
+
+--decode times greedy decoding of a Llama-architecture model (random weights, LLaMA-7B layer
+sizes, --layers blocks) compiled with torch.compile: bf16 with Inductor vs the same model
+packed (pack_model, T = 1 and 2) compiled with the fairy2i backend (Inductor for the rest of
+the graph, the Triton kernels for the packed layers); both with CUDA graphs (Inductor's
+cudagraph trees) when they capture, tokens/s = 1 / median step time, from one run.
 
 Writes <out>.json and <out>.md (default benchmarks/results/bench_kernels) with the device
 name and torch / triton versions. Without CUDA it prints why and exits 1, writing nothing.
@@ -24,16 +35,19 @@ name and torch / triton versions. Without CUDA it prints why and exits 1, writin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
+import statistics
 import sys
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from results_io import write_results
 
-DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"
-DEFAULT_BATCHES = "1,4,16,64,256"
+DEFAULT_SHAPES = "4096x11008,11008x4096,4096x4096,8192x8192"
+DEFAULT_BATCHES = "1,2,4,8,16,64,256"
 DEFAULT_STAGES = "1,2"
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_kernels"
 BF16_TOL = 2e-2  # relative to the output scale; see tests/test_triton_kernels.py
@@ -68,17 +82,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES),
                    help=f"real layer shapes OUTxIN, comma-separated (default {DEFAULT_SHAPES})")
     p.add_argument("--batches", type=lambda s: _ints(s, "batches"), default=_ints(DEFAULT_BATCHES, "batches"),
-                   help=f"activation rows M (default {DEFAULT_BATCHES}); M <= 2 runs the GEMV")
+                   help=f"activation rows M (default {DEFAULT_BATCHES})")
     p.add_argument("--stages", type=lambda s: _ints(s, "stages"), default=_ints(DEFAULT_STAGES, "stages"),
                    help=f"residual stages T (default {DEFAULT_STAGES})")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                    help="output path without suffix: writes OUT.json and OUT.md "
                         "(default benchmarks/results/bench_kernels)")
-    p.add_argument("--gemv-max-m", type=int, default=None, metavar="M",
-                   help="route only batches <= M to the GEMV (default: the library's GEMV_MAX_M); "
-                        "e.g. 1 times the tensor-core GEMM at small batches")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms (default 25)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
+    p.add_argument("--variants", action="store_true",
+                   help="also time the other paths / decodes at each size (gemv, mma-bits, mma-asm, gemm)")
+    p.add_argument("--warmup", type=int, default=10, help="do_bench warmup, ms (default 10)")
+    p.add_argument("--rep", type=int, default=40, help="do_bench repetition time, ms (default 40)")
+    p.add_argument("--warm-only", action="store_true", help="compile (launch once) the kernels, time nothing")
+    p.add_argument("--shard", type=int, default=0, help="with --warm-only: this process's shard (0-based)")
+    p.add_argument("--shards", type=int, default=1, help="with --warm-only: number of shards")
+    p.add_argument("--decode", action="store_true", help="end-to-end greedy decoding instead of the kernel table")
+    p.add_argument("--layers", type=int, default=4, help="--decode: Llama blocks (default 4, LLaMA-7B sizes)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="--decode: tokens per pass (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="--decode: prompt length (default 32)")
+    p.add_argument("--decode-configs", default="bf16,w2,w1",
+                   help="--decode: comma-separated subset of bf16, w1, w2 (default all, bf16 first)")
     return p.parse_args(argv)
 
 
@@ -91,33 +113,85 @@ def hbm_copy_bandwidth(bench: Callable, device: str, nbytes: int = 1 << 30) -> f
     return 2 * nbytes / (ms * 1e-3)
 
 
-def bench_shape(out_f: int, in_f: int, batches: List[int], stages: int, bench: Callable, device: str,
-                bandwidth: float, seed: int = 0) -> List[Dict]:
-    from fairy2i_compile.codegen import triton_interpreter_enabled
-    from fairy2i_compile.codegen.triton_packed import choose_spec, launch_packed_linear, packed_linear_triton
-    from fairy2i_compile.packed_ops import packed_linear_reference
-    from fairy2i_compile.packing import pack_widely, packed_nbytes
+def variant_specs(M: int, n: int, m: int, stages: int) -> Dict[str, object]:
+    """{label: KernelSpec}: choose_spec's pick ("ours") and, for --variants, the other paths at this size."""
+    from fairy2i_compile.codegen.triton_packed import choose_spec
+
+    def pick(path=None):
+        return choose_spec(M, n, m, stages, 0, False, torch.bfloat16, False, False, path)
+
+    ours = pick()
+    out = {"ours": ours}
+    mma = pick("mma")
+    for decode in ("bits", "asm"):
+        out[f"mma-{decode}"] = dataclasses.replace(mma, decode=decode)
+    if M <= 2:
+        out["gemv"] = pick("gemv")
+    if M >= 16:
+        out["gemm"] = pick("gemm")
+    return out
+
+
+def _weights(out_f: int, in_f: int, stages: int, device: str, seed: int = 0):
+    from fairy2i_compile.packing import words_per_row
 
     n, m = out_f // 2, in_f // 2
     g = torch.Generator(device=device).manual_seed(seed)
-    u_re, u_im, w_re, w_im = (torch.randn(n, m, device=device, generator=g) / m**0.5 for _ in range(4))
-    pk = pack_widely(u_re, u_im, w_re, w_im, stages, "tensor")
-    codes, scales = pk.codes, pk.scales.float().contiguous()
-    del u_re, u_im, w_re, w_im
+    codes = torch.randint(-2**31, 2**31 - 1, (2 * stages, n, words_per_row(m)), device=device, dtype=torch.int32,
+                          generator=g)
+    scales = (torch.rand(2 * stages, 2, 1, 1, device=device, generator=g) + 0.5) / m**0.5
     w_dense = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16, generator=g) / in_f**0.5
+    return n, m, codes, scales, w_dense, g
+
+
+def warm(args) -> None:
+    """Launch the kernels (shape, T, M, variant) number shard, shard + shards, ... once: fills Triton's cache."""
+    from fairy2i_compile.codegen.triton_packed import launch_packed_linear
+
+    index = 0
+    for out_f, in_f in args.shapes:
+        for stages in args.stages:
+            n, m, codes, scales, w_dense, g = _weights(out_f, in_f, stages, "cuda")
+            for M in args.batches:
+                specs = variant_specs(M, n, m, stages)
+                if not args.variants:
+                    specs = {"ours": specs["ours"]}
+                for label, spec in specs.items():
+                    index += 1
+                    if (index - 1) % args.shards != args.shard:
+                        continue
+                    x = torch.randn(M, in_f, device="cuda", dtype=torch.bfloat16)
+                    try:
+                        launch_packed_linear(spec, x, codes, scales, None, m)
+                    except Exception as e:
+                        print(f"warm: {out_f}x{in_f} M={M} T={stages} {label}: {type(e).__name__}: {str(e)[:160]}")
+            del codes, scales, w_dense
+    torch.cuda.synchronize()
+
+
+def bench_shape(out_f: int, in_f: int, batches: List[int], stages: int, bench: Callable, device: str,
+                bandwidth: float, variants: bool) -> List[Dict]:
+    from fairy2i_compile.codegen.triton_packed import launch_packed_linear, packed_linear_triton
+    from fairy2i_compile.packed_ops import packed_linear_reference
+    from fairy2i_compile.packing import packed_nbytes
+
+    n, m, codes, scales, w_dense, g = _weights(out_f, in_f, stages, device)
     packed_bytes = packed_nbytes(n, m, stages, "tensor")
-    floor_s = packed_bytes / bandwidth
+    floor_s = packed_bytes / bandwidth if bandwidth else float("nan")
     rows = []
     for M in batches:
         x = torch.randn(M, in_f, device=device, dtype=torch.bfloat16, generator=g)
-        spec = choose_spec(M, n, m, stages, 0, False, torch.bfloat16, False, triton_interpreter_enabled())
         y = torch.empty(M, out_f, device=device, dtype=torch.bfloat16)
+        specs = variant_specs(M, n, m, stages)
+        if not variants:
+            specs = {"ours": specs["ours"]}
+        ref = packed_linear_reference(x.float(), codes, scales, None, m, 0)
+        scale = ref.abs().max().item()
+        spec = specs["ours"]
 
         # correctness first: a wrong kernel gets no timing
         ours = packed_linear_triton(x, codes, scales, None, m, 0)
         direct = launch_packed_linear(spec, x, codes, scales, None, m, out=y)
-        ref = packed_linear_reference(x.float(), codes, scales, None, m, 0)
-        scale = ref.abs().max().item()
         err = max((ours.float() - ref).abs().max().item(), (direct.float() - ref).abs().max().item()) / scale
         if not err <= BF16_TOL:
             raise SystemExit(
@@ -128,32 +202,51 @@ def bench_shape(out_f: int, in_f: int, batches: List[int], stages: int, bench: C
         t_bf16 = bench(lambda: F.linear(x, w_dense))
         t_ours = bench(lambda: launch_packed_linear(spec, x, codes, scales, None, m, out=y))
         t_op = bench(lambda: packed_linear_triton(x, codes, scales, None, m, 0))
+        var_us: Dict[str, object] = {}
+        for label, vspec in specs.items():
+            if label == "ours":
+                continue
+            try:
+                out = launch_packed_linear(vspec, x, codes, scales, None, m, out=y)
+                verr = (out.float() - ref).abs().max().item() / scale
+                if not verr <= BF16_TOL:
+                    var_us[label] = f"wrong: {verr:.3g}"
+                    continue
+                var_us[label] = 1e3 * bench(lambda: launch_packed_linear(vspec, x, codes, scales, None, m, out=y))
+            except Exception as e:
+                var_us[label] = f"{type(e).__name__}: {str(e)[:120]}"
         rows.append({
             "shape": f"{out_f}x{in_f}", "out_features": out_f, "in_features": in_f, "M": M, "stages": stages,
-            "scale": "tensor", "path": spec.path, "spec": spec.name,
+            "scale": "tensor", "path": spec.path, "decode": spec.decode, "spec": spec.name,
             "blocks": {"block_m": spec.block_m, "block_n": spec.block_n, "block_k": spec.block_k,
                        "num_warps": spec.num_warps, "num_stages": spec.num_stages},
             "packed_bytes": packed_bytes, "bf16_weight_bytes": 2 * out_f * in_f,
             "bf16_us": t_bf16 * 1e3, "ours_us": t_ours * 1e3, "ours_op_us": t_op * 1e3,
             "speedup_vs_bf16": t_bf16 / t_ours, "speedup_op_vs_bf16": t_bf16 / t_op,
             "floor_us": floor_s * 1e6, "pct_of_floor": 100.0 * floor_s / (t_ours * 1e-3),
-            "max_err_rel_to_output_scale": err,
+            "max_err_rel_to_output_scale": err, "variants_us": var_us,
         })
         print(_row_line(rows[-1]), flush=True)
     return rows
 
 
 _COLUMNS = ("shape", "M", "T", "path", "bf16 us", "ours us", "ours+op us", "speedup", "speedup (op)",
-            "floor us", "% floor", "err")
+            "floor us", "% floor", "err", "variants us")
+
+
+def _fmt_variants(v: Dict) -> str:
+    return " ".join(f"{k}={x:.2f}" if isinstance(x, float) else f"{k}=({x})" for k, x in v.items()) or "-"
 
 
 def _row_cells(r: Dict) -> List[str]:
-    return [r["shape"], str(r["M"]), str(r["stages"]), r["path"], f"{r['bf16_us']:.2f}", f"{r['ours_us']:.2f}",
+    path = r["path"] + ("-asm" if r.get("decode") == "asm" else "")
+    return [r["shape"], str(r["M"]), str(r["stages"]), path, f"{r['bf16_us']:.2f}", f"{r['ours_us']:.2f}",
             f"{r['ours_op_us']:.2f}", f"{r['speedup_vs_bf16']:.2f}x", f"{r['speedup_op_vs_bf16']:.2f}x",
-            f"{r['floor_us']:.2f}", f"{r['pct_of_floor']:.1f}", f"{r['max_err_rel_to_output_scale']:.1e}"]
+            f"{r['floor_us']:.2f}", f"{r['pct_of_floor']:.1f}", f"{r['max_err_rel_to_output_scale']:.1e}",
+            _fmt_variants(r.get("variants_us", {}))]
 
 
-_WIDTHS = (11, 4, 2, 5, 9, 9, 11, 8, 13, 9, 8, 8)
+_WIDTHS = (11, 4, 2, 8, 9, 9, 11, 8, 13, 9, 8, 8, 0)
 
 
 def _row_line(r: Dict) -> str:
@@ -170,17 +263,139 @@ def to_markdown(meta: Dict, rows: List[Dict]) -> str:
         "",
         f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}.",
         f"HBM copy bandwidth (1 GiB device-to-device copy, read + write): {meta['hbm_copy_GBps']:.0f} GB/s.",
-        f"Timer: {meta['timer']}. Activations bf16, tensor scales, weights random (shapes matter, not values).",
+        f"Timer: {meta['timer']}. Activations bf16, tensor scales, random codes (shapes matter, not values).",
+        f"Config table: {meta.get('configs', 'the shipped one')}.",
         "",
-        "ours = the generated kernel launched directly; ours+op = the public wrapper `packed_linear_triton`.",
+        "ours = the kernel choose_spec picks, launched directly; ours+op = the public wrapper `packed_linear_triton`.",
+        "path: mma = +-1 atoms on the tensor cores (-asm: PTX lop3 decode), gemv = multiplication-free CUDA-core "
+        "kernel, gemm = decode-to-tile + tl.dot.",
         "floor = packed weight bytes (2-bit codes + fp32 scales) / HBM bandwidth; % floor = floor / ours.",
         "speedup = bf16 time / ours time. err = max |ours - reference| / max |reference| (checked before timing).",
+        "variants: the other paths / decodes at the same size, same run (us).",
         "",
         "| " + " | ".join(_COLUMNS) + " |",
         "|" + "|".join("---" for _ in _COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- end-to-end decode
+def _llama(layers: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16).eval()
+
+
+def _greedy(fwd, cache, ids, new_tokens):
+    """(prefill_s, [step_s], tokens) with one StaticCache reused across passes; steps timed with CUDA sync."""
+    L = ids.shape[1]
+    cache.reset()
+    dev = ids.device
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fwd(input_ids=ids, past_key_values=cache, cache_position=torch.arange(L, device=dev), use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        tokens, steps = [int(nxt)], []
+        for i in range(new_tokens - 1):
+            t0 = time.perf_counter()
+            out = fwd(input_ids=nxt.clone(), past_key_values=cache,
+                      cache_position=torch.tensor([L + i], device=dev), use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            steps.append(time.perf_counter() - t0)
+            tokens.append(int(nxt))
+    return prefill, steps, tokens
+
+
+def decode_config(name: str, args) -> Dict:
+    """One configuration in this process: build, [pack], compile, two warm-up passes, one timed pass."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = _llama(args.layers, "cuda")
+    row: Dict[str, object] = {"config": name, "layers": args.layers}
+    t0 = time.perf_counter()
+    if name == "bf16":
+        compile_kw = dict(dynamic=False)
+    else:
+        from fairy2i_compile.packed_model import pack_model
+
+        stages = int(name[1])
+        pack_model(model, stages=stages)
+        compile_kw = dict(dynamic=False, backend="fairy2i",
+                          options={"mode": "ptq", "stages": stages, "compiler": "inductor", "kernel": "auto"})
+    row["pack_s"] = time.perf_counter() - t0
+    row["weight_bytes"] = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    torch.cuda.empty_cache()
+    ids = torch.randint(0, 32000, (1, args.prompt_tokens), device="cuda")
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_tokens + args.decode_tokens)
+    result = None
+    for cudagraphs in (True, False):
+        try:
+            with inductor_config.patch({"triton.cudagraphs": cudagraphs}):
+                torch._dynamo.reset()
+                fwd = torch.compile(model, **compile_kw)
+                t0 = time.perf_counter()
+                _greedy(fwd, cache, ids, args.decode_tokens)
+                _greedy(fwd, cache, ids, args.decode_tokens)
+                warm = time.perf_counter() - t0
+                prefill, steps, tokens = _greedy(fwd, cache, ids, args.decode_tokens)
+            result = dict(cudagraphs=cudagraphs, warmup_s=warm, prefill_s=prefill,
+                          decode_step_ms=1e3 * statistics.median(steps), decode_tok_s=1.0 / statistics.median(steps),
+                          tokens=tokens[:16])
+            break
+        except Exception as e:  # record why CUDA graphs did not work, then try without
+            row[f"error_cudagraphs_{cudagraphs}"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if result:
+        row.update(result)
+    row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del model, cache
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def decode_main(args, meta: Dict) -> int:
+    rows = []
+    for name in [c.strip() for c in args.decode_configs.split(",") if c.strip()]:
+        if name not in ("bf16", "w1", "w2"):
+            raise SystemExit(f"bench_kernels --decode: unknown config {name!r} (bf16, w1, w2)")
+        row = decode_config(name, args)
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
+        base = next((r for r in rows if r["config"] == "bf16" and "decode_tok_s" in r), None)
+        for r in rows:
+            if base and "decode_tok_s" in r:
+                r["speedup_vs_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
+        md = ["# End-to-end greedy decoding: compiled Llama-architecture model, bf16 vs packed Fairy2i",
+              "", f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}.",
+              f"Model: LlamaForCausalLM, random weights, {args.layers} blocks of LLaMA-7B size (hidden 4096, "
+              f"MLP 11008, 32 heads), vocab 32000, bf16; batch 1, prompt {args.prompt_tokens} tokens, "
+              f"{args.decode_tokens} decode steps with a StaticCache; two warm-up passes, then one timed pass.",
+              "bf16: torch.compile (Inductor). wT: pack_model(stages=T) (every linear incl. lm_head), "
+              "torch.compile(backend='fairy2i', mode ptq, compiler inductor): Triton kernels for the packed layers.",
+              "tokens/s = 1 / median decode step (CUDA-synchronised wall time).", "",
+              "| config | CUDA graphs | decode ms/token | tokens/s | vs bf16 | prefill s | weights GB | error |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            err = "; ".join(str(v)[:80] for k, v in r.items() if k.startswith("error"))
+            md.append(f"| {r['config']} | {r.get('cudagraphs', '-')} | "
+                      f"{r.get('decode_step_ms', float('nan')):.3f} | {r.get('decode_tok_s', float('nan')):.1f} | "
+                      f"{r.get('speedup_vs_bf16', float('nan')):.2f}x | {r.get('prefill_s', float('nan')):.3f} | "
+                      f"{r['weight_bytes'] / 1e9:.2f} | {err or '-'} |")
+        write_results(args.out, {"meta": meta, "rows": rows}, "\n".join(md) + "\n", indent=2)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -202,33 +417,40 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 1
 
-    device = "cuda"
-    from fairy2i_compile.codegen import triton_packed
+    import os
 
-    if args.gemv_max_m is not None:
-        triton_packed.GEMV_MAX_M = args.gemv_max_m
+    device = "cuda"
+    meta = {
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "configs": os.environ.get("FAIRY2I_TRITON_CONFIGS") or "fairy2i_compile/codegen/triton_configs.json",
+    }
+    if args.decode:
+        return decode_main(args, meta)
 
     def bench(fn: Callable) -> float:  # median ms
         return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
+    if args.warm_only:
+        warm(args)
+        print(f"bench_kernels warm shard {args.shard}/{args.shards} done", flush=True)
+        return 0
+
     bandwidth = hbm_copy_bandwidth(bench, device)
-    meta = {
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "hbm_copy_GBps": bandwidth / 1e9,
+    meta.update({
+        "hbm_copy_GBps": bandwidth / 1e9,
         "timer": f"triton.testing.do_bench median (warmup {args.warmup} ms, rep {args.rep} ms)",
         "shapes": [f"{o}x{i}" for o, i in args.shapes], "batches": args.batches, "stages": args.stages,
-        "gemv_max_m": triton_packed.GEMV_MAX_M,
-    }
+    })
     print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
           f"HBM copy {meta['hbm_copy_GBps']:.0f} GB/s")
     print(_header_line())
     rows: List[Dict] = []
     for out_f, in_f in args.shapes:
         for stages in args.stages:
-            rows += bench_shape(out_f, in_f, args.batches, stages, bench, device, bandwidth)
+            rows += bench_shape(out_f, in_f, args.batches, stages, bench, device, bandwidth, args.variants)
+            write_results(args.out, {"meta": meta, "rows": rows}, to_markdown(meta, rows), indent=2)
             torch.cuda.empty_cache()
-
-    write_results(args.out, {"meta": meta, "rows": rows}, to_markdown(meta, rows), indent=2)
     return 0
 
 

@@ -1,18 +1,24 @@
-"""Sweep the block sizes and launch configs of the packed Triton kernels on one GPU (GPU only).
+"""Sweep block sizes, launch configs and decode variants of the packed Triton kernels on one GPU.
 
-    python benchmarks/tune_kernels.py                      # default sweep, stops after --budget-s (150 s)
-    python benchmarks/tune_kernels.py --budget-s 120 --out /tmp/tune
+    python benchmarks/tune_kernels.py --write-configs fairy2i_compile/codegen/triton_configs.json
+    python benchmarks/tune_kernels.py --warm-only --shard 3 --shards 8     # compile shard 3 of 8, time nothing
 
-`choose_spec` (fairy2i_compile/codegen/triton_packed.py) picks one KernelSpec per call from
-(M, n, m, T, scales, dtype); its GPU block sizes were starting points until this sweep ran.
-For each case (real layer shape OUTxIN, batch M, stages T; bf16 activations, tensor scales)
-this script builds every candidate KernelSpec of the path that M takes, checks it against
-`packed_linear_reference` (tolerance as bench_kernels.py) and times it with
-`triton.testing.do_bench` (median) next to the current `choose_spec` pick and bf16 cuBLAS.
+For each case (real layer OUTxIN, batch M, stages T, path; bf16 activations, tensor scales) the
+script builds the case's candidate KernelSpecs (the grid for that path below, plus the
+current `choose_spec` pick), checks each against `packed_linear_reference` (tolerance as
+bench_kernels.py) and times it with `triton.testing.do_bench` (median) next to cuBLAS bf16
+of the same shape in the same run. Candidates that fail to compile or differ from the
+reference are recorded with the reason, never timed. Each finished case is written at
+once (atomic .json + .md), so a run cut short by `--budget-s` or a timeout keeps what it
+measured; `--write-configs` merges the fastest candidate of every case into the table
+`choose_spec` reads (entries of other devices are kept).
 
-Each finished case is written at once (atomic .json + .md), so a run cut short by
-`--budget-s` or a timeout keeps what it measured. Candidates that fail to compile or
-differ from the reference are recorded with the reason, never timed.
+`--warm-only` launches each candidate of every `--shards`-th case once and times nothing: run
+several such processes side by side first and the timed run finds every kernel in Triton's
+on-disk cache (compiling is most of a sweep's time; the GPU is idle meanwhile).
+
+Codes are random int32 words (every 2-bit code equally likely), scales random: timing does not
+depend on the values, and the reference check uses the same tensors.
 """
 
 from __future__ import annotations
@@ -31,53 +37,120 @@ from results_io import write_results
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "tune_kernels"
 BF16_TOL = 2e-2  # relative to the output scale, as bench_kernels.py
-# (out, in, M, T): the decode and prefill sizes of LLaMA-7B-class layers the issue names
-CASES = [(4096, 11008, 1, 2), (4096, 11008, 256, 2), (11008, 4096, 1, 2), (4096, 4096, 64, 2),
-         (4096, 11008, 1, 1), (4096, 11008, 16, 2), (4096, 11008, 256, 1), (4096, 4096, 1, 2), (11008, 4096, 256, 2)]
-# small batches: the GEMV decodes the codes once per activation row, the GEMM once per 16-row tile;
-# for 1 < M <= 16 both paths are timed (the GEMM candidates below) to place GEMV_MAX_M
-SMALL_M_GEMM_GRID = dict(block_m=(16,), block_n=(32, 64, 128), block_k=(32, 64), num_warps=(4,), num_stages=(3,))
-GEMV_GRID = dict(block_n=(4, 8, 16), block_k=(128, 256, 512), num_warps=(1, 2, 4), num_stages=(2,))
-GEMM_GRID = dict(block_m=(32, 64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8), num_stages=(3,))
+
+# (out, in, M, T, path): the decode and prefill sizes of LLaMA-7B-class layers the issue names
+CASES = [
+    (4096, 11008, 1, 2, "mma"), (11008, 4096, 1, 2, "mma"), (4096, 11008, 1, 1, "mma"), (11008, 4096, 1, 1, "mma"),
+    (4096, 11008, 16, 2, "mma"), (4096, 11008, 64, 2, "mma"), (11008, 4096, 64, 2, "mma"),
+    (4096, 11008, 256, 2, "gemm"), (11008, 4096, 256, 2, "gemm"), (4096, 11008, 64, 2, "gemm"),
+    (4096, 4096, 1, 2, "mma"), (8192, 8192, 1, 2, "mma"),
+]
+GRIDS = {
+    # M = 1..8: the N side of the dot is tiny; the knobs are rows per program (programs in flight),
+    # K step (bytes per load), pipelining depth and the decode
+    "mma": dict(block_n=(8, 16, 32), block_k=(256, 512), num_warps=(2, 4), num_stages=(3, 5), decode=("asm",)),
+    # larger M: the activation block and the row block trade registers for reuse
+    "mma_large": dict(block_m=(16, 32, 64), block_n=(8, 16), block_k=(64, 128), num_warps=(4, 8),
+                      num_stages=(3,), decode=("asm",)),
+    "gemm": dict(block_m=(64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8), num_stages=(3, 4)),
+}
+# the pure-Triton decode next to the PTX one, at a few configs per case (the comparison the notes report)
+BITS_TOO = 3
 
 
 def candidates(base, M: int) -> List:
-    grid = GEMV_GRID if base.path == "gemv" else GEMM_GRID
-    out = []
+    """`base` (choose_spec's pick) and the grid of its path, valid specs only, `base` first."""
+    if base.path == "mma":
+        grid = GRIDS["mma" if M <= 8 else "mma_large"]
+    else:
+        grid = GRIDS[base.path]
+    out, seen = [base], {base}
     for values in itertools.product(*grid.values()):
         kw = dict(zip(grid.keys(), values))
-        if base.path == "gemm" and kw["block_m"] > max(32, 2 * M):
+        if "block_m" in kw and kw["block_m"] > max(16, 2 * M):
             continue  # rows past M are masked work
-        out.append(dataclasses.replace(base, **kw))
+        if base.path == "mma":
+            kw.setdefault("block_m", min(base.block_m, 1 << max(0, M - 1).bit_length()))
+        try:
+            spec = dataclasses.replace(base, **kw)
+        except ValueError:
+            continue
+        if spec not in seen:
+            out.append(spec)
+            seen.add(spec)
+    if base.path == "mma":  # the same configs with the pure-Triton decode, for the side-by-side table
+        asm = [s for s in out if s.decode == "asm"][:BITS_TOO]
+        for s in asm:
+            b = dataclasses.replace(s, decode="bits")
+            if b not in seen:
+                out.append(b)
+                seen.add(b)
     return out
 
 
-def run_case(out_f: int, in_f: int, M: int, T: int, bench, deadline: float, device: str = "cuda") -> Dict:
-    from fairy2i_compile.codegen.triton_packed import choose_spec, launch_packed_linear
-    from fairy2i_compile.packed_ops import packed_linear_reference
-    from fairy2i_compile.packing import pack_widely
+def make_case(out_f: int, in_f: int, M: int, T: int, device: str = "cuda", seed: int = 0):
+    """x bf16 [M, in], random packed codes [2T, out/2, ceil(in/32)] and scales, dense bf16 W."""
+    from fairy2i_compile.packing import words_per_row
 
     n, m = out_f // 2, in_f // 2
-    g = torch.Generator(device=device).manual_seed(0)
-    pk = pack_widely(*(torch.randn(n, m, device=device, generator=g) / m**0.5 for _ in range(4)), T, "tensor")
-    codes, scales = pk.codes, pk.scales.float().contiguous()
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(-2**31, 2**31 - 1, (2 * T, n, words_per_row(m)), device=device, dtype=torch.int32,
+                          generator=g)
+    scales = (torch.rand(2 * T, 2, 1, 1, device=device, generator=g) + 0.5) / m**0.5
     x = torch.randn(M, in_f, device=device, dtype=torch.bfloat16, generator=g)
     w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16, generator=g) / in_f**0.5
+    return n, m, codes, scales, x, w
+
+
+def case_specs(out_f: int, in_f: int, M: int, T: int, path: str) -> List:
+    from fairy2i_compile.codegen.triton_packed import choose_spec
+
+    current = choose_spec(M, out_f // 2, in_f // 2, T, 0, False, torch.bfloat16, False, False, path)
+    return candidates(current, M)
+
+
+def warm(shard: int, shards: int) -> int:
+    """Launch candidates shard, shard + shards, ... (over all cases) once each: fills Triton's cache."""
+    from fairy2i_compile.codegen.triton_packed import launch_packed_linear
+
+    done = failed = 0
+    index = 0
+    for out_f, in_f, M, T, path in CASES:
+        specs = case_specs(out_f, in_f, M, T, path)
+        mine = [s for i, s in enumerate(specs, start=index) if i % shards == shard]
+        index += len(specs)
+        if not mine:
+            continue
+        n, m, codes, scales, x, _ = make_case(out_f, in_f, M, T)
+        y = torch.empty(M, out_f, device="cuda", dtype=torch.bfloat16)
+        for spec in mine:
+            try:
+                launch_packed_linear(spec, x, codes, scales, None, m, out=y)
+                done += 1
+            except Exception as e:  # recorded by the timed run
+                failed += 1
+                print(f"warm: {spec.name} {spec}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        torch.cuda.synchronize()
+        del codes, scales, x, y
+    print(f"warm shard {shard}/{shards}: {done} compiled, {failed} failed", flush=True)
+    return 0
+
+
+def run_case(out_f: int, in_f: int, M: int, T: int, path: str, bench, deadline: float) -> Dict:
+    from fairy2i_compile.codegen.triton_packed import launch_packed_linear
+    from fairy2i_compile.packed_ops import packed_linear_reference
+
+    n, m, codes, scales, x, w = make_case(out_f, in_f, M, T)
     ref = packed_linear_reference(x.float(), codes, scales, None, m, 0)
     scale = ref.abs().max().item()
-    y = torch.empty(M, out_f, device=device, dtype=torch.bfloat16)
-    current = choose_spec(M, n, m, T, 0, False, torch.bfloat16, False, device == "cpu")
+    y = torch.empty(M, out_f, device="cuda", dtype=torch.bfloat16)
+    specs = case_specs(out_f, in_f, M, T, path)
     rows = []
-    others = [s for s in candidates(current, M) if s != current]
-    if 1 < M <= 16 and current.path == "gemv":
-        gemm = dataclasses.replace(current, path="gemm", block_m=16, block_n=64, block_k=64, num_stages=3)
-        others += [dataclasses.replace(gemm, **dict(zip(SMALL_M_GEMM_GRID, v)))
-                   for v in itertools.product(*SMALL_M_GEMM_GRID.values())]
-    for spec in [current] + others:
+    for spec in specs:
         if time.monotonic() > deadline:
             break
         row = {"spec": {k: getattr(spec, k) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")},
-               "path": spec.path, "current": spec == current}
+               "path": spec.path, "decode": spec.decode, "current": spec == specs[0]}
         try:
             launch_packed_linear(spec, x, codes, scales, None, m, out=y)
             err = (y.float() - ref).abs().max().item() / scale
@@ -92,39 +165,58 @@ def run_case(out_f: int, in_f: int, M: int, T: int, bench, deadline: float, devi
             row["us"] = 1e3 * bench(lambda: launch_packed_linear(spec, x, codes, scales, None, m, out=y))
         rows.append(row)
     t_bf16 = 1e3 * bench(lambda: F.linear(x, w))
-    timed = [r for r in rows if "us" in r and r["path"] == current.path]
+    timed = [r for r in rows if "us" in r]
     best = min(timed, key=lambda r: r["us"]) if timed else None
     cur = next((r for r in rows if r["current"] and "us" in r), None)
-    other = [r for r in rows if "us" in r and r["path"] != current.path]
-    alt = min(other, key=lambda r: r["us"]) if other else None
-    return {"shape": f"{out_f}x{in_f}", "M": M, "stages": T, "path": current.path, "bf16_us": t_bf16,
+    by_decode = {}
+    for d in ("asm", "bits"):
+        same = [r for r in timed if r["decode"] == d]
+        by_decode[d] = min(r["us"] for r in same) if same else None
+    # bits vs asm on identical block configs (the pairs the grid adds)
+    pairs = []
+    for r in timed:
+        if r["decode"] == "bits":
+            twin = next((q for q in timed if q["decode"] == "asm" and q["spec"] == r["spec"]), None)
+            if twin:
+                pairs.append({"spec": r["spec"], "bits_us": r["us"], "asm_us": twin["us"]})
+    best_spec = dict(best["spec"], decode=best["decode"]) if best and path == "mma" else (best or {}).get("spec")
+    return {"shape": f"{out_f}x{in_f}", "M": M, "stages": T, "path": path, "bf16_us": t_bf16,
             "current_us": cur["us"] if cur else None, "best_us": best["us"] if best else None,
-            "best_spec": best["spec"] if best else None, "n_candidates": len(rows),
-            "gemm_instead_us": alt["us"] if alt else None, "gemm_instead_spec": alt["spec"] if alt else None,
-            "candidates": rows}
+            "best_spec": best_spec, "n_candidates": len(rows), "best_by_decode_us": by_decode,
+            "bits_vs_asm": pairs, "candidates": rows}
 
 
 def to_markdown(meta: Dict, cases: List[Dict]) -> str:
     lines = [
-        "# Packed Triton kernels: block-size sweep",
+        "# Packed Triton kernels: block-size and decode sweep",
         "",
         f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}. {meta['timer']}.",
-        "bf16 activations, tensor scales; every timed candidate matched the reference within "
-        f"{BF16_TOL} of the output scale first.",
+        "bf16 activations, tensor scales, random codes; every timed candidate matched the reference within "
+        f"{BF16_TOL} of the output scale first. current = choose_spec's pick before this sweep's table.",
         "",
-        "gemm instead: for 1 < M <= 16 in GEMV territory, the fastest tensor-core GEMM candidate (one 16-row tile).",
-        "",
-        "| shape | M | T | path | bf16 us | current us | best us | best / current | best spec | tried | gemm instead us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | M | T | path | bf16 us | current us | best us | best vs bf16 | best asm us | best bits us | "
+        "best spec | tried |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
     for c in cases:
-        gain = f"{c['current_us'] / c['best_us']:.2f}x" if c["current_us"] and c["best_us"] else "-"
         spec = ", ".join(f"{k}={v}" for k, v in (c["best_spec"] or {}).items())
-        cur = f"{c['current_us']:.2f}" if c["current_us"] else "-"
-        best = f"{c['best_us']:.2f}" if c["best_us"] else "-"
-        lines.append(f"| {c['shape']} | {c['M']} | {c['stages']} | {c['path']} | {c['bf16_us']:.2f} | {cur} | "
-                     f"{best} | {gain} | {spec} | {c['n_candidates']} | "
-                     f"{'-' if c['gemm_instead_us'] is None else format(c['gemm_instead_us'], '.2f')} |")
+        speed = f"{c['bf16_us'] / c['best_us']:.2f}x" if c["best_us"] else "-"
+        lines.append(f"| {c['shape']} | {c['M']} | {c['stages']} | {c['path']} | {c['bf16_us']:.2f} | "
+                     f"{f(c['current_us'])} | {f(c['best_us'])} | {speed} | {f(c['best_by_decode_us']['asm'])} | "
+                     f"{f(c['best_by_decode_us']['bits'])} | {spec} | {c['n_candidates']} |")
+    pairs = [(c, p) for c in cases for p in c["bits_vs_asm"]]
+    if pairs:
+        lines += ["", "Decode on identical block configs (mma): pure-Triton integer ops (bits) vs one PTX lop3 "
+                      "per atom pair (asm).", "", "| shape | M | T | config | bits us | asm us | bits / asm |",
+                  "|---|---|---|---|---|---|---|"]
+        for c, p in pairs:
+            spec = ", ".join(f"{k}={v}" for k, v in p["spec"].items())
+            lines.append(f"| {c['shape']} | {c['M']} | {c['stages']} | {spec} | {p['bits_us']:.2f} | "
+                         f"{p['asm_us']:.2f} | {p['bits_us'] / p['asm_us']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,10 +228,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--write-configs", type=pathlib.Path, default=None, metavar="JSON",
                    help="also write each case's fastest config into this table (the format of "
                         "fairy2i_compile/codegen/triton_configs.json; entries of other devices are kept)")
+    p.add_argument("--warm-only", action="store_true", help="compile (launch once) and time nothing")
+    p.add_argument("--shard", type=int, default=0, help="with --warm-only: this process's shard (0-based)")
+    p.add_argument("--shards", type=int, default=1, help="with --warm-only: number of shards")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_kernels: no CUDA device here; nothing written.", file=sys.stderr)
         return 1
+    if args.warm_only:
+        return warm(args.shard, args.shards)
     import triton
     from triton.testing import do_bench
 
@@ -150,14 +247,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
             "timer": f"triton.testing.do_bench median (warmup 5 ms, rep {args.rep} ms)"}
     cases: List[Dict] = []
-    for out_f, in_f, M, T in CASES:
+    for out_f, in_f, M, T, path in CASES:
         if time.monotonic() > deadline:
-            print(f"tune_kernels: budget spent, skipping {out_f}x{in_f} M={M} T={T}", flush=True)
+            print(f"tune_kernels: budget spent, skipping {out_f}x{in_f} M={M} T={T} {path}", flush=True)
             continue
-        c = run_case(out_f, in_f, M, T, bench, deadline)
+        c = run_case(out_f, in_f, M, T, path, bench, deadline)
         cases.append(c)
-        print(f"{c['shape']} M={M} T={T} {c['path']}: bf16 {c['bf16_us']:.2f} us, current {c['current_us']} us, "
-              f"best {c['best_us']} us {c['best_spec']} ({c['n_candidates']} tried)", flush=True)
+        print(f"{c['shape']} M={M} T={T} {path}: bf16 {c['bf16_us']:.2f} us, current {c['current_us']} us, "
+              f"best {c['best_us']} us {c['best_spec']} ({c['n_candidates']} tried; by decode "
+              f"{c['best_by_decode_us']})", flush=True)
         write_results(args.out, {"meta": meta, "cases": cases}, to_markdown(meta, cases), indent=1)
         if args.write_configs is not None:
             write_configs(args.write_configs, meta["device"], cases)
@@ -174,7 +272,11 @@ def write_configs(path: pathlib.Path, device: str, cases: List[Dict]) -> None:
     entries = [{"path": c["path"], "stages": c["stages"], "M": c["M"], "n": int(c["shape"].split("x")[0]) // 2,
                 "m": int(c["shape"].split("x")[1]) // 2, "config": c["best_spec"], "us": round(c["best_us"], 2),
                 "bf16_us": round(c["bf16_us"], 2)} for c in cases if c["best_spec"]]
-    table[device] = entries
+    key = ("path", "stages", "M", "n", "m")
+    new = {tuple(e[k] for k in key) for e in entries}
+    # keep this device's earlier entries for cases this sweep did not measure (e.g. the GEMV's)
+    kept = [e for e in table.get(device, []) if tuple(e[k] for k in key) not in new]
+    table[device] = kept + entries
     atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 

@@ -761,8 +761,10 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
         if interpret:
             cfg = dict(block_m=_clamp_pow2(M, 1, 64), block_n=_clamp_pow2(n, 1, 16), block_k=_clamp_pow2(m, 16, 64),
                        num_warps=4, num_stages=2)
-        else:
-            cfg = dict(block_m=64, block_n=16, block_k=256, num_warps=4, num_stages=3)
+        elif M <= 8:  # the dot's N side is at most 16 columns: long K steps, few registers
+            cfg = dict(block_m=8, block_n=16, block_k=256, num_warps=4, num_stages=3)
+        else:  # [planes * BLOCK_N, 2 * BLOCK_M] fp32 accumulators: shorter K steps
+            cfg = dict(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=3)
         cfg.update(tuned or {})
         decode = "bits" if interpret else str((tuned or {}).get("decode", "bits"))
         cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 1, 64))  # no activation rows past next_pow2(M)
