@@ -7,8 +7,9 @@ PIP     := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 STAMP   := $(VENV)/.installed
 
 EVAL    := $(VENV)/.installed-eval
+PEERS   := $(VENV)/.installed-peers
 
-.PHONY: setup setup-eval test demo quickstart clean
+.PHONY: setup setup-eval setup-peers test demo quickstart clean
 
 # torch-mlir (MLIR dumps of the rewritten graph, mlir_export.py) goes in --no-deps: it must never pull another torch.
 $(STAMP): pyproject.toml constraints.txt
@@ -29,6 +30,16 @@ $(EVAL): $(STAMP)
 	touch $(EVAL)
 
 setup-eval: $(EVAL)
+
+# Quality peers for benchmarks/peers.py (HQQ, CPU). hqq ships only an sdist whose setup.py
+# shells out to build CUDA kernels unless DISABLE_CUDA=1; --no-deps because its declared
+# deps (accelerate, einops, huggingface_hub, transformers ranges) are not needed by the
+# quantizer, which imports only torch, numpy and termcolor. Not needed by `make test`.
+$(PEERS): $(EVAL)
+	DISABLE_CUDA=1 $(PIP) --no-deps --no-build-isolation hqq termcolor
+	touch $(PEERS)
+
+setup-peers: $(PEERS)
 
 test: $(EVAL)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
