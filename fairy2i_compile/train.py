@@ -51,7 +51,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,7 @@ __all__ = [
     "TrainConfig",
     "CheckpointError",
     "train_qat",
+    "qat_step",
     "lm_loss",
     "batch_indices",
     "save_checkpoint",
@@ -318,6 +319,12 @@ def train_qat(
                 )
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not torch.isfinite(grad_norm):  # clipping by a NaN norm would make every gradient NaN
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(
+                    f"step {s}: gradient norm is {grad_norm.item()} (loss {loss.item()}); parameters are untouched "
+                    f"since step {s - 1}. Lower TrainConfig.lr or check the data; the last checkpoint is at step {saved}"
+                )
             lr = optimizer.param_groups[0]["lr"]
             with _sigint_deferred():  # a step is applied whole or not at all
                 optimizer.step()
@@ -345,6 +352,37 @@ def train_qat(
         if bar is not None:
             bar.close()
     return history
+
+
+def qat_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
+             grad_clip: Optional[float] = 2.0) -> float:
+    """One update of a hand-written QAT loop with train_qat's guards; returns the gradient norm.
+
+        loss = compiled(ids, labels=ids).loss
+        opt.zero_grad()
+        qat_step(loss, opt, model.parameters())     # backward, clip to 2.0, step
+
+    A non-finite loss, or a non-finite gradient norm after backward (one NaN gradient would
+    spread to every weight through clipping and the optimizer), raises FloatingPointError
+    before `optimizer.step()`: no parameter changes and the gradients are cleared, so the
+    error names the step that went wrong instead of the next forward blaming the weights.
+    A Ctrl-C during `optimizer.step()` is delivered after it (a step is applied whole).
+    grad_clip None: no clipping (the norm is still checked).
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(f"qat_step: the loss is {loss.detach().flatten()[0].item()}; no parameter was "
+                                 f"changed. Lower the learning rate or check the batch")
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"qat_step: the gradient norm is {norm.item()} (a NaN/Inf gradient) with loss "
+                                 f"{loss.item()}; no parameter was changed and the gradients were cleared. Lower "
+                                 f"the learning rate or check the batch")
+    with _sigint_deferred():
+        optimizer.step()
+    return norm.item()
 
 
 def _check_train_args(model, windows, cfg, teacher, eval_fn, eval_every, run_until, time_budget_s) -> None:

@@ -399,3 +399,40 @@ def test_train_qat_argument_errors():
         train_qat(model, compiled, bad, TrainConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="eval_every is set but eval_fn is None"):
         train_qat(model, compiled, WINDOWS, TrainConfig(steps=1), eval_every=2, progress=False)
+
+
+# ------------------------------------------------------------------ NaN steps
+def _poison_grads(model, when):
+    """A hook that turns one parameter's gradient into NaN while when() holds (loss stays finite)."""
+    p = model.model.layers[0].mlp.up_proj.weight
+    p.register_hook(lambda g: g * float("nan") if when() else g)
+
+
+def test_manual_qat_loop_with_qat_step_keeps_the_weights_on_a_nan_step():
+    model, compiled = qat_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    ids = WINDOWS[:2]
+    poisoned = []
+    _poison_grads(model, lambda: bool(poisoned))
+    opt.zero_grad()
+    assert math.isfinite(train_mod.qat_step(compiled(ids, labels=ids).loss, opt, model.parameters()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    poisoned.append(True)
+    opt.zero_grad()
+    with pytest.raises(FloatingPointError, match=r"gradient norm is nan .*no parameter was changed"):
+        train_mod.qat_step(compiled(ids, labels=ids).loss, opt, model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(FloatingPointError, match="the loss is nan"):
+        train_mod.qat_step(compiled(ids, labels=ids).loss * float("nan"), opt, model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_qat_stops_on_a_nan_gradient_with_a_finite_loss():
+    model, compiled = qat_model()
+    calls = []
+    counting = lambda *a, **k: (calls.append(1), compiled(*a, **k))[1]  # noqa: E731
+    _poison_grads(model, lambda: len(calls) == 2)
+    with pytest.raises(FloatingPointError, match=r"step 2: gradient norm is nan .*untouched since step 1"):
+        train_qat(model, counting, WINDOWS, TrainConfig(steps=3, lr=1e-2, batch_size=2), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
