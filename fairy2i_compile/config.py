@@ -26,7 +26,7 @@ __all__ = [
     "MAX_STAGES",
 ]
 
-MODES = ("exact", "ptq", "qat")
+MODES = ("exact", "ptq", "qat", "calibrate")
 METHODS = ("phase", "binary", "ternary")
 GRANULARITIES = ("tensor", "row")  # or a positive int group size
 KERNELS = ("auto", "triton", "cpu", "inductor", "torch")
@@ -43,7 +43,10 @@ class Fairy2iConfig:
     mode:              "ptq" (default: quantized weights for inference; the
                        quantized layers get no gradient), "qat" (fake-quant +
                        straight-through gradients for training), "exact" (the
-                       lossless widely-linear rewrite alone).
+                       lossless widely-linear rewrite alone), "calibrate" (nothing
+                       converted: an observer in front of every convertible layer
+                       collects input statistics inside
+                       `fairy2i_compile.calibration.observing()`; float outputs).
     stages:            residual stages T, 1..4 (1 = Fairy2i-W1, 2 = Fairy2i-W2, default).
     method:            "phase" (Fairy2i) or the real baselines "binary" / "ternary".
     scale_granularity: "tensor" (the paper's), "row", or an int group size along

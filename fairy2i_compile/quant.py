@@ -102,6 +102,10 @@ __all__ = [
     "PhaseQuantized",
     "phase_quant",
     "phase_codes",
+    "stage_values",
+    "real_stage_params",
+    "real_stage_apply",
+    "expand_scales",
     "dequant_phase",
     "real_quant",
     "quantize_widely",
@@ -245,7 +249,7 @@ def _group_sum(x: Tensor, granularity: Granularity) -> Tensor:
     return x.reshape(n, groups, g).sum(dim=2)
 
 
-def _expand(s: Tensor, m: int, group_size: Optional[int]) -> Tensor:
+def expand_scales(s: Tensor, m: int, group_size: Optional[int]) -> Tensor:
     """Scales [n_s, g_s] -> broadcastable against [n, m] (no arithmetic)."""
     if s.shape[-1] == 1:
         return s
@@ -303,7 +307,7 @@ def phase_codes(re: Tensor, im: Tensor) -> Tensor:
     return codes
 
 
-def _stage_values(codes: Tensor, s_re: Tensor, s_im: Tensor) -> tuple[Tensor, Tensor]:
+def stage_values(codes: Tensor, s_re: Tensor, s_im: Tensor) -> tuple[Tensor, Tensor]:
     """One stage: codes [n, m] uint8, scales broadcastable -> (re, im) [n, m].
 
     Selects only (no multiply), so every entry is exactly 0, +-s_re or +-s_im.
@@ -364,7 +368,7 @@ def phase_quant(
     group_size = None if isinstance(granularity, str) else int(granularity)
     for _ in range(T):
         c, sr, si = _phase_stage(e_re, e_im, granularity)
-        q_re, q_im = _stage_values(c, _expand(sr, m, group_size), _expand(si, m, group_size))
+        q_re, q_im = stage_values(c, expand_scales(sr, m, group_size), expand_scales(si, m, group_size))
         e_re = e_re - q_re
         e_im = e_im - q_im
         codes.append(c)
@@ -427,7 +431,7 @@ def dequant_phase(
     acc_re: Optional[Tensor] = None
     acc_im: Optional[Tensor] = None
     for t in range(T):
-        q_re, q_im = _stage_values(codes[t], _expand(s_re[t], m, group_size), _expand(s_im[t], m, group_size))
+        q_re, q_im = stage_values(codes[t], expand_scales(s_re[t], m, group_size), expand_scales(s_im[t], m, group_size))
         # q_re is already [n, m] (torch.where broadcasts against codes)
         acc_re = q_re if acc_re is None else acc_re + q_re
         acc_im = q_im if acc_im is None else acc_im + q_im
@@ -439,18 +443,40 @@ def dequant_phase(
 # real baselines
 
 
-def _real_stage(e: Tensor, method: str, granularity: Granularity) -> Tensor:
-    """One binary / ternary stage on a real residual [n, m] -> dequantized [n, m]."""
-    m = e.shape[1]
-    group_size = None if isinstance(granularity, str) else int(granularity)
+def real_stage_params(e: Tensor, method: str, granularity: Granularity) -> tuple[Tensor, Tensor]:
+    """One binary / ternary stage's parameters on a real residual e [n, m], per scale group.
+
+    Returns (center, scale), each [1, 1] | [n, 1] | [n, ceil(m/g)]:
+    binary: (mean e, mean |e|); ternary: (0, max(mean |e|, 1e-6)).
+    :func:`real_stage_apply` with these reproduces the stage; calibration
+    (``calibration/rounding.py``) fixes them from the float weights and rounds
+    column by column with the same function.
+    """
     ones = torch.ones_like(e)
     mean_abs, _ = _group_mean(e.abs(), ones, granularity)
     if method == "binary":
         mean, _ = _group_mean(e, ones, granularity)
-        alpha = _expand(mean_abs, m, group_size)
-        return torch.where(e - _expand(mean, m, group_size) >= 0, alpha, -alpha)
-    gamma = _expand(mean_abs.clamp_min(SCALE_EPS), m, group_size)
-    return torch.clamp(torch.round(e / gamma), -1, 1) * gamma
+        return mean, mean_abs
+    return torch.zeros_like(mean_abs), mean_abs.clamp_min(SCALE_EPS)
+
+
+def real_stage_apply(e: Tensor, method: str, center: Tensor, scale: Tensor) -> Tensor:
+    """Quantize e [...] with per-entry (broadcast) center and scale -> dequantized [...].
+
+    binary: ``where(e - center >= 0, scale, -scale)``;
+    ternary: ``clamp(round(e / scale), -1, 1) * scale`` (center unused).
+    """
+    if method == "binary":
+        return torch.where(e - center >= 0, scale, -scale)
+    return torch.clamp(torch.round(e / scale), -1, 1) * scale
+
+
+def _real_stage(e: Tensor, method: str, granularity: Granularity) -> Tensor:
+    """One binary / ternary stage on a real residual [n, m] -> dequantized [n, m]."""
+    m = e.shape[1]
+    group_size = None if isinstance(granularity, str) else int(granularity)
+    center, scale = real_stage_params(e, method, granularity)
+    return real_stage_apply(e, method, expand_scales(center, m, group_size), expand_scales(scale, m, group_size))
 
 
 def real_quant(

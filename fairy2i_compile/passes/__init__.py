@@ -41,9 +41,10 @@ class GraphPass:
 
 
 def _pipeline() -> List[GraphPass]:
-    from . import decompose_packed, fuse_stages, phase_quant, real_quant, widely_linear
+    from . import decompose_packed, fuse_stages, observe, phase_quant, real_quant, widely_linear
 
-    return [widely_linear.PASS, phase_quant.PASS, real_quant.PASS, fuse_stages.PASS, decompose_packed.PASS]
+    return [observe.PASS, widely_linear.PASS, phase_quant.PASS, real_quant.PASS, fuse_stages.PASS,
+            decompose_packed.PASS]
 
 
 PIPELINE: List[GraphPass] = _pipeline()

@@ -78,7 +78,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
     rewrite_layers(gm, ctx, should_rewrite, "widely_linear", widely_linear_replace, "widely_linear")
 
 
-# exact mode always rewrites (whatever `method` says); quantized modes only for phase
+# exact mode always rewrites (whatever `method` says); quantized modes only for phase;
+# calibrate mode never (it observes the float layers)
 PASS = GraphPass(
-    name="widely_linear", run=run, enabled=lambda config: config.mode == "exact" or config.method == "phase"
+    name="widely_linear", run=run,
+    enabled=lambda config: config.mode == "exact" or (config.mode in ("ptq", "qat") and config.method == "phase"),
 )

@@ -1,0 +1,30 @@
+"""Calibrated conversion: Hessian-aware rounding onto the Fairy2i codebook.
+
+    from fairy2i_compile.calibration import calibrate, calibration_windows
+    result = calibrate(model, calibration_windows(tokens, 64, 512, avoid=8 * 2048), stages=2)
+
+``observer.py``  input second moments H per layer (the ``fairy2i.observe`` op the
+                 ``observe`` pass inserts in calibrate mode, and eager hooks)
+``rounding.py``  GPTQ/OBS-style rounding of one layer onto {±1, ±i} with T stages
+``driver.py``    the block-by-block walk over a model, packing, the result object
+"""
+
+from .driver import CalibrationResult, LayerCalibration, calibrate, calibration_windows, find_blocks
+from .observer import HessianAccumulator, Observations, hook_inputs, observing
+from .rounding import RoundedLayer, gptq_round, output_error, rtn_round
+
+__all__ = [
+    "calibrate",
+    "calibration_windows",
+    "CalibrationResult",
+    "LayerCalibration",
+    "find_blocks",
+    "HessianAccumulator",
+    "Observations",
+    "observing",
+    "hook_inputs",
+    "gptq_round",
+    "rtn_round",
+    "output_error",
+    "RoundedLayer",
+]

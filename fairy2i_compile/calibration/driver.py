@@ -1,0 +1,408 @@
+"""Calibrated conversion of a whole model: statistics, rounding, packing.
+
+    result = calibrate(model, batches, stages=2)         # the user's model is not touched
+    result.model                                          # PackedLinear layers, calibrated codes
+    torch.compile(result.model, backend="fairy2i")        # runs the packed kernels
+    result.save("w2.safetensors")                         # save_packed, calibration recorded
+
+Sequential (default, GPTQ's choice): the model's stack of decoder blocks (the
+``nn.ModuleList`` holding the most convertible layers, e.g. ``model.layers``)
+is walked block by block. The inputs of block 0 are captured once; for block k,
+the calibration batches run through block k to gather each of its layers' input
+second moment H (forward pre-hooks, ``observer.hook_inputs``), every layer of
+the block is rounded with ``rounding.gptq_round``, and the batches run through
+the now-quantized block again to give block k+1 its inputs. So each block is
+calibrated on what the already-quantized blocks before it produce. Layers
+outside the blocks (``lm_head``) get their H from one more forward pass of the
+model with all blocks quantized. Cost: about two forward passes of the model
+over the calibration tokens plus the rounding.
+
+Parallel (``sequential=False``): every layer's H from the float model in one
+run of the model compiled with ``options={"mode": "calibrate"}`` (the
+``observe`` pass), then every layer rounded independently: cheaper, and the
+ablation for the sequential walk.
+
+Memory: a deep copy of the model is calibrated (the user's model is never
+changed, also when calibration fails half way), the captured block inputs
+(batches × tokens × hidden, float32) and one block's H matrices are held.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import quant
+from ..config import Fairy2iConfig
+from ..packed_model import PackedLinear, packable_reason
+from ..packing import pack_phase
+from ..passes._layers import matching_skip_pattern
+from .observer import Observations, hook_inputs, observing
+from .rounding import RoundedLayer, gptq_round, output_error, rtn_round
+
+__all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks"]
+
+
+@dataclass
+class LayerCalibration:
+    """What calibration did to one layer (errors relative, H-weighted: tr(E H Eᵀ)/tr(A H Aᵀ))."""
+
+    name: str
+    shape: Tuple[int, int]
+    tokens: int
+    rtn_error: float          # round-to-nearest (the PTQ quantizer) under this layer's H
+    calibrated_error: float   # after Hessian-aware rounding
+    seconds: float
+
+
+@dataclass
+class CalibrationResult:
+    model: nn.Module
+    layers: Dict[str, LayerCalibration]
+    settings: Dict[str, Any]
+    kept_real: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def save(self, path, *, dense_dtype: Optional[torch.dtype] = None, progress: bool = False) -> Dict[str, Any]:
+        """``save_packed`` of the calibrated (packed) model; the settings go into the metadata."""
+        from ..checkpoint import save_packed
+
+        if not any(isinstance(m, PackedLinear) for m in self.model.modules()):
+            raise ValueError("CalibrationResult.save needs a packed result: calibrate(..., method='phase', pack=True)")
+        return save_packed(self.model, path, dense_dtype=dense_dtype, extra={"calibration": self.settings},
+                           progress=progress)
+
+    def table(self) -> str:
+        """Per-layer markdown table."""
+        lines = ["| layer | shape | tokens | RTN error | calibrated | ratio |", "|---|---|---|---|---|---|"]
+        for lc in self.layers.values():
+            ratio = lc.calibrated_error / lc.rtn_error if lc.rtn_error > 0 else float("nan")
+            lines.append(f"| {lc.name} | {lc.shape[0]}x{lc.shape[1]} | {lc.tokens} | {lc.rtn_error:.4f} | "
+                         f"{lc.calibrated_error:.4f} | {ratio:.3f} |")
+        return "\n".join(lines)
+
+    def summary(self) -> Dict[str, Any]:
+        errs = [(lc.rtn_error, lc.calibrated_error) for lc in self.layers.values()]
+        return {
+            "layers": len(errs),
+            "mean_rtn_error": sum(e[0] for e in errs) / len(errs),
+            "mean_calibrated_error": sum(e[1] for e in errs) / len(errs),
+            "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            **self.settings,
+        }
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("captured")
+        self.args_, self.kwargs_ = args, kwargs
+
+
+def calibration_windows(tokens: Tensor, count: int, seq_len: int, *, avoid: int) -> Tensor:
+    """``count`` windows of ``seq_len`` tokens from the END of ``tokens`` [N] -> [count, seq_len].
+
+    ``avoid``: the evaluation text is ``tokens[:avoid]`` (e.g. 8 * 2048 for 8 windows of
+    2048 from the start); a ValueError names the overlap if the calibration text would reach it.
+    """
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if count < 1 or seq_len < 2:
+        raise ValueError(f"need count >= 1 and seq_len >= 2, got {count=}, {seq_len=}")
+    start = tokens.numel() - count * seq_len
+    if start < avoid:
+        raise ValueError(
+            f"{count} calibration windows of {seq_len} tokens from the end start at token {start}, inside the "
+            f"evaluation text [0, {avoid}); use fewer or shorter windows (the text has {tokens.numel()} tokens)"
+        )
+    return tokens[start:].reshape(count, seq_len)
+
+
+def _as_batches(batches: Any, vocab: Optional[int], min_tokens: int) -> List[Tensor]:
+    if isinstance(batches, Tensor):
+        items = [batches]
+    elif isinstance(batches, Iterable) and not isinstance(batches, (str, bytes)):
+        items = list(batches)
+    else:
+        raise TypeError(f"calibration batches must be a token-id tensor [B, S] or a list of them, got "
+                        f"{type(batches).__name__}")
+    out: List[Tensor] = []
+    for i, b in enumerate(items):
+        if not isinstance(b, Tensor):
+            raise TypeError(f"calibration batch {i} is a {type(b).__name__}, expected a token-id tensor")
+        if b.dtype in (torch.bool,) or b.is_floating_point() or b.is_complex():
+            raise TypeError(f"calibration batch {i} has dtype {b.dtype}; token ids must be an integer tensor "
+                            "(e.g. tokenizer(...)['input_ids'] or .long())")
+        if b.dim() == 1:
+            b = b.unsqueeze(0)
+        if b.dim() != 2 or b.numel() == 0:
+            raise ValueError(f"calibration batch {i} must be [batch, seq] with at least one token, "
+                             f"got shape {tuple(b.shape)}")
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"calibration batch {i} has token ids in [{lo}, {hi}], outside the model's "
+                             f"vocabulary [0, {vocab}); tokenize with the model's own tokenizer")
+        out.append(b.long())
+    if not out:
+        raise ValueError("no calibration batches: pass token ids, e.g. calibration_windows(tokens, 32, 512, avoid=...)")
+    total = sum(b.numel() for b in out)
+    if total < min_tokens:
+        raise ValueError(f"calibration got {total} tokens, fewer than min_tokens={min_tokens}: the statistics "
+                         "would be noise; pass more text (tens of thousands of tokens; 8k at the very least "
+                         "for useful results) or lower min_tokens")
+    return out
+
+
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+
+def _targets(model: nn.Module, config: Fairy2iConfig) -> Tuple[Dict[str, nn.Linear], Dict[str, str], set]:
+    """Layers calibration converts (the same choice as the graph passes and pack_model)."""
+    targets: Dict[str, nn.Linear] = {}
+    kept: Dict[str, str] = {}
+    matched = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        reason = packable_reason(mod)
+        if config.method != "phase" and reason and "odd dims" in reason:
+            reason = None  # the real baselines quantize any real layer
+        pat = matching_skip_pattern(name, config.skip)
+        if pat is not None:
+            matched.add(pat)
+            reason = reason or f"matches skip pattern {pat!r}"
+        if reason:
+            kept[name] = reason
+        else:
+            targets[name] = mod
+    return targets, kept, matched
+
+
+def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[Tuple[str, nn.ModuleList]]:
+    """The ModuleList of repeated blocks holding the most target layers: (name, list), or None."""
+    best, best_count = None, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        prefix = f"{name}." if name else ""
+        count = sum(1 for t in targets if t.startswith(prefix))
+        if count > best_count:
+            best, best_count = (name, mod), count
+    return best
+
+
+def _call(model: nn.Module, ids: Tensor) -> Any:
+    try:
+        return model(ids, use_cache=False)
+    except TypeError as exc:
+        if "use_cache" not in str(exc):
+            raise
+        return model(ids)
+
+
+def _first(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"a decoder block returned {type(out).__name__}; expected a tensor or a tuple starting with one")
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> Tuple[tuple, dict]:
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Any,
+    *,
+    stages: int = 2,
+    scale_granularity: Union[str, int] = "tensor",
+    method: str = "phase",
+    skip: Sequence[str] = (),
+    sequential: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    pack: Optional[bool] = None,
+    kernel: str = "auto",
+    min_tokens: int = 256,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Calibrated conversion (module docstring); returns a new model, ``model`` is left as it was.
+
+    batches:  token ids [B, S] or a list of [b, S] / [S] tensors (calibration text; keep it
+              apart from evaluation text, e.g. with :func:`calibration_windows`).
+    stages, scale_granularity, method, skip, kernel: as the backend options.
+    damp, block_size, act_order: the rounding's (``rounding.gptq_round``).
+    pack:     replace each layer by a PackedLinear holding the calibrated codes (default for
+              "phase"); False keeps nn.Linear layers holding the dequantized weights (the
+              real baselines always do: the packed kernels hold phase codes only).
+    """
+    from ..backend import Fairy2iBackend
+
+    t0 = time.perf_counter()
+    if hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+        model = model._orig_mod  # a torch.compile wrapper: calibrate the module inside
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibrate needs an nn.Module, got {type(model).__name__}")
+    config = Fairy2iConfig(mode="ptq", stages=stages, method=method, scale_granularity=scale_granularity,
+                           skip=tuple(skip), kernel=kernel)  # validates, names the option on error
+    if pack is None:
+        pack = config.method == "phase"
+    if pack and config.method != "phase":
+        raise ValueError(f"pack=True needs method='phase' (the packed kernels hold phase codes); "
+                         f"use pack=False for method={config.method!r}")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+        raise ValueError(f"min_tokens must be a positive int, got {min_tokens!r}")
+    data = _as_batches(batches, _vocab_size(model), min_tokens)
+    targets, kept, matched = _targets(model, config)
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no layer to calibrate: no nn.Linear with even in/out features and a "
+            f"real floating weight outside skip={list(config.skip)} ({len(kept)} kept real: "
+            f"{dict(list(kept.items())[:3])})"
+        )
+    for b in data:
+        if any(p.device != b.device for p in model.parameters()):
+            data = [d.to(next(model.parameters()).device) for d in data]
+            break
+
+    work = copy.deepcopy(model).eval()
+    work_targets, _, _ = _targets(work, config)
+    rounded: Dict[str, RoundedLayer] = {}
+    report: Dict[str, LayerCalibration] = {}
+
+    def round_layer(name: str, h: Tensor, tokens: int) -> None:
+        mod = work_targets[name]
+        t = time.perf_counter()
+        a = mod.weight.detach()
+        r = gptq_round(a, h, config.stages, config.scale_granularity, method=config.method, damp=damp,
+                       block_size=block_size, act_order=act_order)
+        rtn = rtn_round(a, config.stages, config.scale_granularity, method=config.method)
+        report[name] = LayerCalibration(name, tuple(a.shape), tokens, output_error(a, rtn, h),
+                                        output_error(a, r.a_hat, h), time.perf_counter() - t)
+        # a new Parameter: a weight tied to another module (lm_head ~ embedding) is untied, not overwritten
+        mod.weight = nn.Parameter(r.a_hat.to(a.dtype), requires_grad=False)
+        rounded[name] = r
+
+    blocks = find_blocks(work, work_targets) if sequential else None
+    if sequential and blocks is None:
+        raise ValueError(f"sequential calibration found no nn.ModuleList of blocks in {type(model).__name__}; "
+                         "pass sequential=False to calibrate every layer from the float model's activations")
+    if blocks is None:
+        backend = Fairy2iBackend({"mode": "calibrate", "skip": list(config.skip)})
+        compiled = torch.compile(work, backend=backend)
+        with observing() as obs:
+            for b in _bar(data, progress, "observing"):
+                _call(compiled, b)
+        missing = [n for n in work_targets if n not in obs]
+        if missing:
+            raise RuntimeError(f"the calibrate-mode graph observed no input for {missing[:5]} "
+                               f"(observed: {sorted(obs)[:5]}...); use sequential=True")
+        for name in _bar(list(work_targets), progress, "rounding"):
+            round_layer(name, obs[name].hessian(), obs[name].tokens)
+    else:
+        block_name, block_list = blocks
+        prefix = f"{block_name}." if block_name else ""
+        inputs = _capture_block_inputs(work, block_list[0], data)
+        done = set()
+        for k in _bar(range(len(block_list)), progress, "calibrating blocks"):
+            block = block_list[k]
+            here = {n: m for n, m in work_targets.items() if n.startswith(f"{prefix}{k}.")}
+            if here:
+                obs = Observations()
+                with hook_inputs(here, obs):
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+                for name in here:
+                    if name not in obs:
+                        raise RuntimeError(f"no calibration activations reached {name}")
+                    round_layer(name, obs[name].hessian(), obs[name].tokens)
+                    done.add(name)
+            inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
+        del inputs
+        rest = {n: m for n, m in work_targets.items() if n not in done}
+        if rest:
+            obs = Observations()
+            with hook_inputs(rest, obs):
+                for b in data:
+                    _call(work, b)
+            for name in rest:
+                if name not in obs:
+                    raise RuntimeError(f"no calibration activations reached {name} (it is outside the blocks "
+                                       f"and the model's forward never called it)")
+                round_layer(name, obs[name].hessian(), obs[name].tokens)
+
+    if pack:
+        for name, r in rounded.items():
+            mod = work_targets[name]
+            layer = PackedLinear(mod.in_features, mod.out_features, config.stages, config.scale_granularity,
+                                 mod.bias is not None, config.kernel, device=mod.weight.device,
+                                 bias_dtype=mod.bias.dtype if mod.bias is not None else torch.float32)
+            layer.load_packed(pack_phase(r.qu, r.qw))
+            if mod.bias is not None:
+                layer.bias.copy_(mod.bias.detach())
+            parent, _, child = name.rpartition(".")
+            setattr(work.get_submodule(parent) if parent else work, child, layer)
+    settings = {
+        "method": config.method, "stages": config.stages, "granularity": config.scale_granularity,
+        "skip": list(config.skip), "sequential": bool(sequential and blocks is not None), "damp": damp,
+        "block_size": block_size, "act_order": bool(act_order),
+        "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
+        "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
+    }
+    return CalibrationResult(
+        model=work, layers=report, settings=settings, kept_real=kept,
+        seconds=time.perf_counter() - t0,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    )
+
+
+def _capture_block_inputs(model: nn.Module, first: nn.Module, data: List[Tensor]) -> List[Tuple[tuple, dict]]:
+    """(args, kwargs) the model passes block 0, per calibration batch (the rest of the model is not run)."""
+
+    def stop(_m, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    captured = []
+    try:
+        for b in data:
+            try:
+                _call(model, b)
+            except _Captured as c:
+                captured.append((c.args_, c.kwargs_))
+            else:
+                raise RuntimeError("the model's forward finished without calling its first block")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="step" if desc != "calibrating blocks" else "block")

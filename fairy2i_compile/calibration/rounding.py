@@ -1,0 +1,314 @@
+"""Hessian-aware (GPTQ / OBS-style) rounding onto the Fairy2i codebook.
+
+Round-to-nearest minimises ||A - Â||_F, but what a layer's output feels is
+
+    E ||(A - Â) x̃||² = tr(E H Eᵀ),   E = A - Â,   H = E[x̃ x̃ᵀ]  (2m × 2m, real input)
+
+Rows of A are independent in it, columns are not. GPTQ (Frantar et al., 2022)
+rounds one column at a time and pushes each column's error onto the columns
+not yet rounded, weighted by the inverse Hessian, which is exact Optimal Brain
+Surgeon for the column just fixed.
+
+The unit of decision for Fairy2i
+--------------------------------
+A real weight A [2n, 2m] is the widely-linear pair (U, W) [n, m] complex
+(pairing by halves):
+
+    U = ((A11 + A22) + i (A21 - A12)) / 2      W = ((A11 - A22) + i (A12 + A21)) / 2
+    A11 = Re U + Re W,  A12 = Im W - Im U,  A21 = Im W + Im U,  A22 = Re U - Re W
+
+with A11 = A[:n, :m], A12 = A[:n, m:], A21 = A[n:, :m], A22 = A[n:, m:]. The
+codes of column j of U and of W fix exactly the real column pair (j, j + m) of
+A, in all 2n rows: that pair is one decision. So:
+
+1. Permute A's columns (and H's rows and columns) to ``[0, m, 1, m+1, ...]``
+   (pair j -> adjacent columns a = 2j, b = 2j + 1), damp
+   ``H += damp * mean(diag H) * I``, and take the upper Cholesky factor L of
+   H⁻¹ (``cholesky -> cholesky_inverse -> cholesky(upper=True)``).
+2. For pair j, from the current (error-updated) block B = A[:, (a, b)] form
+   U[:, j], W[:, j] with the formulas above, quantize each with the T-stage
+   residual PhaseQuant **at scales fixed beforehand**, rebuild the real block Q,
+   and with e = B - Q (per row)::
+
+       err_a = e_a / L[a,a]
+       err_b = (e_b - err_a * L[a,b]) / L[b,b]
+       A[:, c] -= err_a * L[a,c] + err_b * L[b,c]      for every column c > b
+
+   which is exact OBS for a 2-column group (= E · L_BB⁻¹ · L_{B,rest}).
+   The pair's loss is ``sum over rows of err_a² + err_b²``.
+3. Updates to the columns after the current block of ``block_size`` columns
+   are applied lazily, once per block, as one matrix product (GPTQ's trick).
+
+Scales are fixed before rounding, by the ordinary quantizer on the float
+weights: stage t's (s_re, s_im) per tensor / row / group are what PhaseQuant
+computes on the float U (or W) at stage t. Stage rounding of a column then is
+the phase rule of ``quant.phase_codes`` on the running residual with those
+scales. Hence the law the tests check: with H = I (no cross-column terms, L
+diagonal) no error is ever propagated and the codes are PhaseQuant's, bit for
+bit.
+
+``act_order=True`` visits the pairs by descending ``H[a,a] + H[b,b]``
+(GPTQ's activation order); it changes only the order of decisions, never the
+stored layout or the scales.
+
+The real baselines (BitNet binary, absmean ternary) go through the same loop
+with their own per-entry rule (``quant.real_stage_apply``) and scales fixed
+from the float A by ``quant.real_stage_params``: the comparison stays fair.
+
+Everything here works on one layer. ``driver.py`` gathers H and walks a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import quant
+from ..ops import _real_to_widely, _widely_to_real
+from ..quant import Granularity, PhaseQuantized
+
+__all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor"]
+
+
+@dataclass
+class RoundedLayer:
+    """One layer rounded onto the codebook.
+
+    a_hat:  [2n, 2m] float32 dequantized real weight (what the packed kernels compute with)
+    qu, qw: PhaseQuantized of U and W (method "phase"; None for the real baselines);
+            ``packing.pack_phase(qu, qw)`` stores them
+    loss:   sum of the per-pair OBS losses (err_a² + err_b²), float
+    """
+
+    a_hat: Tensor
+    qu: Optional[PhaseQuantized] = None
+    qw: Optional[PhaseQuantized] = None
+    loss: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def _check_inputs(a: Tensor, h: Tensor, method: str, stages: int, granularity: Granularity,
+                  damp: float, block_size: int) -> None:
+    if not isinstance(a, Tensor) or a.dim() != 2 or not a.is_floating_point():
+        raise ValueError(f"weight must be a real floating 2-D tensor [out, in], got {getattr(a, 'shape', a)!r}")
+    rows, cols = a.shape
+    if method == "phase" and (rows % 2 or cols % 2):
+        raise ValueError(f"phase rounding needs even out/in features (pairing by halves), got {tuple(a.shape)}")
+    if not isinstance(h, Tensor) or tuple(h.shape) != (cols, cols):
+        raise ValueError(f"H must be [{cols}, {cols}] for a weight with {cols} input features, "
+                         f"got {tuple(getattr(h, 'shape', ()))}")
+    if not torch.isfinite(h).all():
+        raise ValueError("H holds NaN/Inf: the calibration activations were not finite")
+    if method not in quant.METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {quant.METHODS}")
+    quant.validate_granularity(granularity, cols // 2 if method == "phase" else cols)
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= quant.MAX_STAGES:
+        raise ValueError(f"stages must be an int in 1..{quant.MAX_STAGES}, got {stages!r}")
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
+        raise ValueError(f"damp must be a positive float (e.g. 0.01), got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+        raise ValueError(f"block_size must be an even int >= 2 (e.g. 128), got {block_size!r}")
+
+
+def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor L of (H + damp·mean(diag H)·I)⁻¹, [d, d] float64.
+
+    Inputs that never fire (H[i, i] == 0) get H[i, i] = 1 first, as GPTQ does,
+    so the factorisation exists; their columns then carry no output error.
+    """
+    h = h.to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    if bool(dead.all()):
+        raise ValueError("H is all zero on its diagonal: the calibration activations were all zero")
+    h[dead, dead] = 1.0
+    mean_diag = float(torch.diagonal(h).mean())
+    lam = damp * mean_diag
+    for _ in range(8):
+        try:
+            reg = h + lam * torch.eye(h.shape[0], dtype=h.dtype)
+            chol = torch.linalg.cholesky(reg)
+            inv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(inv, upper=True)
+        except RuntimeError:  # not positive definite in float64: damp harder
+            lam *= 10.0
+    raise ValueError(f"H is not positive definite even with damping {lam:g}; use more calibration tokens")
+
+
+def _pair_order(h: Tensor, m: int, act_order: bool) -> Tensor:
+    """Order of the complex columns j (pairs (j, j+m)) to round in."""
+    if not act_order:
+        return torch.arange(m)
+    d = torch.diagonal(h)
+    return torch.argsort(d[:m] + d[m:], descending=True, stable=True)
+
+
+def _phase_scales(a: Tensor, stages: int, granularity: Granularity
+                  ) -> Tuple[PhaseQuantized, PhaseQuantized]:
+    """Round-to-nearest PhaseQuant of the float U and W: fixes every stage's scales."""
+    u_re, u_im, w_re, w_im = _real_to_widely(a.detach())
+    return (quant.phase_quant(u_re, u_im, stages, granularity, name="U"),
+            quant.phase_quant(w_re, w_im, stages, granularity, name="W"))
+
+
+def _column_scales(s: Tensor, j: int, group_size: Optional[int]) -> Tensor:
+    """Stage scales [T, n_s, G] -> the ones column j uses, [T, n_s]."""
+    return s[:, :, 0] if group_size is None else s[:, :, j // group_size]
+
+
+def _round_phase_column(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """T-stage residual phase rule on one complex column [n] at fixed scales [T, n_s].
+
+    Returns codes uint8 [T, n] and the dequantized column (re, im) [n], summed in
+    stage order as ``quant.dequant_phase`` does.
+    """
+    codes, acc_re, acc_im = [], None, None
+    e_re, e_im = re, im
+    for t in range(s_re.shape[0]):
+        c = quant.phase_codes(e_re, e_im)
+        q_re, q_im = quant.stage_values(c, s_re[t], s_im[t])
+        e_re, e_im = e_re - q_re, e_im - q_im
+        codes.append(c)
+        acc_re = q_re if acc_re is None else acc_re + q_re
+        acc_im = q_im if acc_im is None else acc_im + q_im
+    return torch.stack(codes), acc_re, acc_im
+
+
+def _real_params(a: Tensor, method: str, stages: int, granularity: Granularity) -> List[Tuple[Tensor, Tensor]]:
+    """Per-stage (center, scale) per group of the float A's residual recursion."""
+    m = a.shape[1]
+    gs = None if isinstance(granularity, str) else int(granularity)
+    e = a.detach().to(quant.compute_dtype(a.dtype)).contiguous()
+    params = []
+    for _ in range(stages):
+        center, scale = quant.real_stage_params(e, method, granularity)
+        e = e - quant.real_stage_apply(e, method, quant.expand_scales(center, m, gs), quant.expand_scales(scale, m, gs))
+        params.append((center, scale))
+    return params
+
+
+def _real_column(col: Tensor, c: int, method: str, params, group_size: Optional[int]) -> Tensor:
+    """T-stage real rounding of column c of A [rows] at fixed per-group parameters."""
+    e, acc = col, None
+    for center, scale in params:
+        g = 0 if group_size is None else c // group_size
+        cen = center[:, 0] if center.shape[1] == 1 else center[:, g]
+        sc = scale[:, 0] if scale.shape[1] == 1 else scale[:, g]
+        q = quant.real_stage_apply(e, method, cen, sc)
+        e = e - q
+        acc = q if acc is None else acc + q
+    return acc
+
+
+@torch.no_grad()
+def gptq_round(
+    a: Tensor,
+    h: Tensor,
+    stages: int = 2,
+    granularity: Granularity = "tensor",
+    *,
+    method: str = "phase",
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> RoundedLayer:
+    """Round A [2n, 2m] onto the codebook minimising tr(E H Eᵀ) greedily (module docstring).
+
+    h: [2m, 2m] input second moment (any float dtype; float64 recommended).
+    Returns a :class:`RoundedLayer`; for ``method="phase"`` its ``qu``/``qw`` hold
+    codes uint8 [T, n, m] and the fixed scales, and ``a_hat`` is rebuilt from them
+    exactly as the packed kernels dequantize.
+    """
+    _check_inputs(a, h, method, stages, granularity, damp, block_size)
+    rows, cols = a.shape
+    m = cols // 2
+    work_dtype = quant.compute_dtype(a.dtype)
+    gs = None if isinstance(granularity, str) else int(granularity)
+    if gs is not None and method == "phase" and gs >= m:
+        gs_col = None  # one group per row: the "row" scales
+    else:
+        gs_col = gs
+
+    if method == "phase":
+        ref_u, ref_w = _phase_scales(a, stages, granularity)
+        codes_u = torch.zeros((stages, rows // 2, m), dtype=torch.uint8)
+        codes_w = torch.zeros_like(codes_u)
+        n = rows // 2
+    else:
+        params = _real_params(a, method, stages, granularity)
+        gs_real = None if gs is None or gs >= cols else gs
+
+    order = _pair_order(h.to(torch.float64), m, act_order)
+    perm = torch.stack([order, order + m], dim=1).reshape(-1)  # pair k -> columns 2k, 2k+1
+    L = inverse_hessian_factor(h[perm][:, perm], damp).to(work_dtype)
+    work = a.detach().to(work_dtype)[:, perm].clone()
+    q_all = torch.zeros_like(work)
+    total_loss = 0.0
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        blk = work[:, i1:i2].clone()
+        errs = torch.zeros_like(blk)
+        for a_col in range(0, i2 - i1, 2):
+            b_col = a_col + 1
+            ga, gb = i1 + a_col, i1 + b_col  # permuted positions
+            j = int(order[ga // 2])            # the complex column
+            col_a, col_b = blk[:, a_col], blk[:, b_col]
+            if method == "phase":
+                top_a, bot_a, top_b, bot_b = col_a[:n], col_a[n:], col_b[:n], col_b[n:]
+                u_re, u_im = (top_a + bot_b) * 0.5, (bot_a - top_b) * 0.5
+                w_re, w_im = (top_a - bot_b) * 0.5, (top_b + bot_a) * 0.5
+                cu, qu_re, qu_im = _round_phase_column(u_re, u_im, _column_scales(ref_u.s_re, j, gs_col),
+                                                       _column_scales(ref_u.s_im, j, gs_col))
+                cw, qw_re, qw_im = _round_phase_column(w_re, w_im, _column_scales(ref_w.s_re, j, gs_col),
+                                                       _column_scales(ref_w.s_im, j, gs_col))
+                codes_u[:, :, j] = cu
+                codes_w[:, :, j] = cw
+                q_a = torch.cat([qu_re + qw_re, qw_im + qu_im])
+                q_b = torch.cat([qw_im - qu_im, qu_re - qw_re])
+            else:
+                q_a = _real_column(col_a, j, method, params, gs_real)
+                q_b = _real_column(col_b, j + m, method, params, gs_real)
+            q_all[:, ga], q_all[:, gb] = q_a, q_b
+            err_a = (col_a - q_a) / L[ga, ga]
+            err_b = (col_b - q_b - err_a * L[ga, gb]) / L[gb, gb]
+            total_loss += float((err_a * err_a).sum() + (err_b * err_b).sum())
+            errs[:, a_col], errs[:, b_col] = err_a, err_b
+            if b_col + 1 < i2 - i1:
+                blk[:, b_col + 1:] -= torch.outer(err_a, L[ga, gb + 1:i2]) + torch.outer(err_b, L[gb, gb + 1:i2])
+        if i2 < cols:
+            work[:, i2:] -= errs @ L[i1:i2, i2:]
+
+    if method == "phase":
+        qu = _fixed(codes_u, ref_u, m)
+        qw = _fixed(codes_w, ref_w, m)
+        a_hat = _widely_to_real(qu.re, qu.im, qw.re, qw.im)
+        return RoundedLayer(a_hat, qu, qw, total_loss)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(cols)
+    return RoundedLayer(q_all[:, inv].contiguous(), None, None, total_loss)
+
+
+def _fixed(codes: Tensor, ref: PhaseQuantized, m: int) -> PhaseQuantized:
+    re, im = quant.dequant_phase(codes, ref.s_re, ref.s_im, m, ref.group_size)
+    return PhaseQuantized(codes, ref.s_re, ref.s_im, re, im, ref.group_size)
+
+
+def rtn_round(a: Tensor, stages: int = 2, granularity: Granularity = "tensor", *, method: str = "phase") -> Tensor:
+    """Round-to-nearest (the PTQ quantizer) of A [2n, 2m] -> Â [2n, 2m] float32, for comparison."""
+    if method == "phase":
+        qu, qw = _phase_scales(a, stages, granularity)
+        return _widely_to_real(qu.re, qu.im, qw.re, qw.im)
+    return quant.real_quant(a, method, stages, granularity)
+
+
+def output_error(a: Tensor, a_hat: Tensor, h: Tensor) -> float:
+    """Relative output error tr(E H Eᵀ) / tr(A H Aᵀ) with E = A - Â (float64)."""
+    a64, h64 = a.detach().to(torch.float64), h.to(torch.float64)
+    e = a64 - a_hat.detach().to(torch.float64)
+    num = float(((e @ h64) * e).sum())
+    den = float(((a64 @ h64) * a64).sum())
+    return num / den if den > 0 else float("inf")

@@ -1,0 +1,271 @@
+"""Calibrated conversion: observer pass, Hessian-aware rounding laws, the model driver."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fairy2i_compile import Fairy2iBackend, load_packed, quant
+from fairy2i_compile.calibration import (
+    HessianAccumulator,
+    calibrate,
+    calibration_windows,
+    gptq_round,
+    observing,
+    output_error,
+    rtn_round,
+)
+from fairy2i_compile.ops import _real_to_widely
+from fairy2i_compile.packed_model import PackedLinear
+
+from helpers import LLAMA_LINEARS, tiny_llama
+
+
+def _spd(d: int, tokens: int = 400, seed: int = 0) -> torch.Tensor:
+    """A correlated, anisotropic input second moment like real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g) @ torch.randn(d, d, generator=g) * 0.3
+    x = x + 2.0 * torch.randn(d, generator=g) * (torch.rand(d, generator=g) < 0.1)  # a few outlier features
+    return (x.double().t() @ x.double()) / tokens
+
+
+# ------------------------------------------------------------------ the observer
+def test_accumulator_is_the_mean_second_moment_in_float64():
+    x = torch.randn(3, 7, 10)
+    acc = HessianAccumulator(10)
+    acc.add(x[:1])
+    acc.add(x[1:])
+    ref = torch.einsum("ti,tj->ij", x.reshape(-1, 10).double(), x.reshape(-1, 10).double()) / 21
+    assert acc.tokens == 21
+    torch.testing.assert_close(acc.hessian(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_accumulator_errors_name_the_layer():
+    acc = HessianAccumulator(4, "blk.q")
+    with pytest.raises(ValueError, match="blk.q: no calibration activations"):
+        acc.hessian()
+    acc.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="blk.q: calibration activations are not finite"):
+        acc.hessian()
+
+
+def test_observe_pass_counts_observes_and_keeps_outputs_exact():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.Linear(4, 3), nn.Linear(3, 2))
+    backend = Fairy2iBackend({"mode": "calibrate", "skip": ["2"]})
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(5, 8)
+    with observing() as obs, torch.no_grad():
+        y = compiled(x)
+    assert torch.equal(y, model(x))  # lossless: the layers stay float
+    assert sorted(obs) == ["0"]      # "2" skipped, "3"/"4" have odd dims: no observer
+    counters = backend.reports[0].counters
+    assert counters["observe_rewritten"] == 1 and counters["observe_kept_real"] == 3
+    torch.testing.assert_close(obs["0"].hessian(), x.double().t() @ x.double() / 5, rtol=1e-12, atol=1e-12)
+    actions = {r.name: r.action for r in backend.reports[0].layers}
+    assert actions == {"0": "observed", "2": "kept_real", "3": "kept_real", "4": "kept_real"}
+
+
+def test_observe_pass_negative_other_modes_insert_no_observer():
+    model = nn.Sequential(nn.Linear(8, 6))
+    for mode in ("exact", "ptq", "qat"):
+        backend = Fairy2iBackend({"mode": mode})
+        torch.compile(model, backend=backend)(torch.randn(2, 8))
+        assert "observe_rewritten" not in backend.reports[0].counters, mode
+        torch._dynamo.reset()
+
+
+def test_calibrate_mode_outside_observing_says_how_to_run_it():
+    compiled = torch.compile(nn.Linear(4, 4), backend="fairy2i", options={"mode": "calibrate"})
+    with pytest.raises(RuntimeError, match="observing()"):
+        compiled(torch.randn(2, 4))
+
+
+# ------------------------------------------------------------------ rounding laws
+GRANULARITIES = st.sampled_from(["tensor", "row", 1, 3, 4, 64])
+
+
+@settings(max_examples=25)
+@given(n=st.integers(1, 6), m=st.integers(1, 12), stages=st.integers(1, 4), gran=GRANULARITIES,
+       act_order=st.booleans(), block=st.sampled_from([2, 4, 128]), seed=st.integers(0, 2**16))
+def test_identity_hessian_gives_phasequant_codes_exactly(n, m, stages, gran, act_order, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2 * n, 2 * m, generator=g)
+    r = gptq_round(a, torch.eye(2 * m, dtype=torch.float64), stages, gran, act_order=act_order, block_size=block)
+    u_re, u_im, w_re, w_im = _real_to_widely(a)
+    pu = quant.phase_quant(u_re, u_im, stages, gran)
+    pw = quant.phase_quant(w_re, w_im, stages, gran)
+    assert torch.equal(r.qu.codes, pu.codes) and torch.equal(r.qw.codes, pw.codes)
+    assert torch.equal(r.qu.s_re, pu.s_re) and torch.equal(r.qw.s_im, pw.s_im)
+    assert torch.equal(r.a_hat, rtn_round(a, stages, gran))
+
+
+@settings(max_examples=15)
+@given(rows=st.integers(1, 6), half=st.integers(1, 6), stages=st.integers(1, 3), gran=GRANULARITIES,
+       method=st.sampled_from(["binary", "ternary"]), seed=st.integers(0, 2**16))
+def test_identity_hessian_gives_the_real_baselines_exactly(rows, half, stages, gran, method, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, 2 * half, generator=g)
+    r = gptq_round(a, torch.eye(2 * half, dtype=torch.float64), stages, gran, method=method)
+    assert torch.equal(r.a_hat, quant.real_quant(a, method, stages, gran))
+
+
+@pytest.mark.parametrize("stages,gran", [(1, "tensor"), (2, "tensor"), (2, "row"), (3, 32)])
+def test_calibrated_output_error_beats_round_to_nearest_on_average(stages, gran):
+    # GPTQ-style rounding is greedy: better on average over random SPD H, not on every instance
+    ratios = []
+    for seed in range(6):
+        a = torch.randn(48, 96, generator=torch.Generator().manual_seed(seed))
+        h = _spd(96, seed=100 + seed)
+        r = gptq_round(a, h, stages, gran)
+        ratios.append(output_error(a, r.a_hat, h) / output_error(a, rtn_round(a, stages, gran), h))
+    assert sum(ratios) / len(ratios) < 0.9, ratios
+
+
+def test_act_order_changes_the_order_only_not_the_layout():
+    a = torch.randn(16, 32)
+    h = _spd(32, seed=3)
+    r = gptq_round(a, h, 2, 8, act_order=True)
+    assert r.qu.codes.shape == (2, 8, 16) and r.qu.s_re.shape == (2, 8, 2)
+    # the scales are fixed beforehand, by the float weights, whatever the order
+    assert torch.equal(r.qu.s_re, gptq_round(a, h, 2, 8).qu.s_re)
+    # the stored codes rebuild a_hat exactly
+    re, im = quant.dequant_phase(r.qu.codes, r.qu.s_re, r.qu.s_im, 16, 8)
+    assert torch.equal(re, r.qu.re) and torch.equal(im, r.qu.im)
+
+
+def test_rounding_rejects_bad_input():
+    a = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"H must be \[6, 6\]"):
+        gptq_round(a, torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="even out/in"):
+        gptq_round(torch.randn(3, 6), torch.eye(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_round(a, torch.full((6, 6), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="damp"):
+        gptq_round(a, torch.eye(6, dtype=torch.float64), damp=0.0)
+    with pytest.raises(ValueError, match="all zero"):
+        gptq_round(a, torch.zeros(6, 6, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ the model driver
+def _ids(batches=5, seq=64, vocab=96, seed=0):
+    return torch.randint(0, vocab, (batches, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_calibrate_tiny_llama_packed_equals_fake_quant(sequential):
+    model = tiny_llama(seed=0, layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _ids()
+    res = calibrate(model, ids, stages=2, sequential=sequential, progress=False, kernel="torch")
+    dense = calibrate(model, ids, stages=2, sequential=sequential, progress=False, pack=False)
+    # the user's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    names = {f"model.layers.{i}.{n}" for i in range(2) for n in LLAMA_LINEARS} | {"lm_head"}
+    assert set(res.layers) == names
+    assert all(isinstance(res.model.get_submodule(n), PackedLinear) for n in names)
+    assert res.settings["sequential"] is sequential
+    # packed (torch reference kernel) == the dequantized fake-quant weights
+    for n in names:
+        torch.testing.assert_close(res.model.get_submodule(n).dequantized_weight(),
+                                   dense.model.get_submodule(n).weight, rtol=0, atol=0)
+    x = _ids(1, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x).logits, dense.model(x).logits, rtol=1e-5, atol=1e-5)
+    # the tied embedding stays the float one
+    assert torch.equal(dense.model.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    # Hessian-aware rounding helps on average over the model's layers
+    summary = res.summary()
+    assert summary["mean_calibrated_error"] < summary["mean_rtn_error"]
+
+
+def test_sequential_calibration_sees_quantized_predecessors():
+    model = tiny_llama(seed=1, layers=2)
+    ids = _ids(seed=2)
+    seq = calibrate(model, ids, stages=1, progress=False, pack=False)
+    par = calibrate(model, ids, stages=1, sequential=False, progress=False, pack=False)
+    # block 0 sees the same float inputs either way; block 1 does not
+    q0 = "model.layers.0.self_attn.q_proj"
+    q1 = "model.layers.1.self_attn.q_proj"
+    assert torch.equal(seq.model.get_submodule(q0).weight, par.model.get_submodule(q0).weight)
+    assert not torch.equal(seq.model.get_submodule(q1).weight, par.model.get_submodule(q1).weight)
+
+
+def test_calibrated_model_compiles_runs_packed_and_saves(tmp_path):
+    model = tiny_llama(seed=0, layers=1)
+    res = calibrate(model, _ids(), stages=2, scale_granularity=8, progress=False)
+    backend = Fairy2iBackend({"mode": "ptq", "stages": 2, "scale_granularity": 8})
+    compiled = torch.compile(res.model, backend=backend)
+    x = _ids(1, 12, seed=9)
+    with torch.no_grad():
+        eager = res.model(x).logits
+        torch.testing.assert_close(compiled(x).logits, eager, rtol=1e-5, atol=1e-5)
+    assert backend.reports[0].counters.get("fuse_stages_prepacked", 0) == 8
+    path = tmp_path / "cal.safetensors"
+    info = res.save(path)
+    assert info["extra"]["calibration"]["stages"] == 2
+    loaded = load_packed(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["binary", "ternary"])
+def test_real_baselines_go_through_the_same_calibration(method):
+    model = tiny_llama(seed=0, layers=1)
+    res = calibrate(model, _ids(), stages=1, method=method, progress=False)
+    w = res.model.get_submodule("model.layers.0.mlp.up_proj").weight
+    assert isinstance(res.model.get_submodule("model.layers.0.mlp.up_proj"), nn.Linear)
+    per_row = w.abs().unique().numel()
+    assert per_row <= (2 if method == "binary" else 3)  # one scale per tensor: +-alpha (and 0)
+    with pytest.raises(ValueError, match="pack=True needs method='phase'"):
+        calibrate(model, _ids(), method=method, pack=True, progress=False)
+
+
+def test_calibration_windows_never_overlap_the_evaluation_text():
+    tokens = torch.arange(12_000)
+    cal = calibration_windows(tokens, 4, 512, avoid=8 * 1024)
+    evaluation = tokens[: 8 * 1024]
+    assert cal.shape == (4, 512)
+    assert not set(cal.flatten().tolist()) & set(evaluation.tolist())
+    with pytest.raises(ValueError, match="inside the evaluation text"):
+        calibration_windows(tokens, 8, 512, avoid=8 * 1024)
+
+
+def _unchanged(model, before):
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("batches,match", [
+    ([], "no calibration batches"),
+    (torch.randint(0, 96, (1, 8)), "fewer than min_tokens"),
+    (torch.full((5, 64), 96), r"outside the model's vocabulary \[0, 96\)"),
+    (torch.full((5, 64), -1), "outside the model's vocabulary"),
+    (torch.rand(5, 64), "integer tensor"),
+    ("some text", "token-id tensor"),
+])
+def test_bad_calibration_input_is_named_and_the_model_untouched(batches, match):
+    model = tiny_llama(seed=0, layers=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        calibrate(model, batches, progress=False)
+    assert _unchanged(model, before)
+
+
+def test_nan_activations_are_named_and_the_model_untouched():
+    model = tiny_llama(seed=0, layers=2)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.(gate|up)_proj: calibration activations are not finite"):
+        calibrate(model, _ids(batches=5, seq=64), progress=False)
+    assert all(torch.equal(before[k], v) or torch.isnan(v).any() for k, v in model.state_dict().items())
+
+
+def test_a_model_without_convertible_layers_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 3), nn.Linear(3, 5))
+    with pytest.raises(ValueError, match="no layer to calibrate"):
+        calibrate(model, torch.randint(0, 10, (2, 200)), progress=False)
