@@ -41,8 +41,9 @@ BF16_TOL = 2e-2  # relative to the output scale, as bench_kernels.py
 # (out, in, M, T, path): the decode and prefill sizes of LLaMA-7B-class layers the issue names
 CASES = [
     (4096, 11008, 1, 2, "mma"), (11008, 4096, 1, 2, "mma"), (4096, 11008, 1, 1, "mma"), (11008, 4096, 1, 1, "mma"),
-    (4096, 11008, 16, 2, "mma"), (4096, 11008, 64, 2, "mma"), (11008, 4096, 64, 2, "mma"),
-    (4096, 11008, 256, 2, "gemm"), (11008, 4096, 256, 2, "gemm"), (4096, 11008, 64, 2, "gemm"),
+    (4096, 11008, 16, 2, "mma"), (4096, 11008, 16, 2, "dense"),
+    (4096, 11008, 256, 2, "dense"), (11008, 4096, 256, 2, "dense"), (4096, 11008, 64, 2, "dense"),
+    (11008, 4096, 64, 2, "dense"), (4096, 11008, 256, 1, "dense"),
     (4096, 4096, 1, 2, "mma"), (8192, 8192, 1, 2, "mma"),
 ]
 GRIDS = {
@@ -52,6 +53,10 @@ GRIDS = {
     # larger M: the activation block and the row block trade registers for reuse
     "mma_large": dict(block_m=(16, 32, 64), block_n=(8, 16), block_k=(64, 128), num_warps=(4, 8),
                       num_stages=(3,), decode=("asm",)),
+    # dense: tiles of A_hat decoded once per BLOCK_M rows; BLOCK_N = 128 with 8 warps keeps one warpgroup per
+    # 64 rows of A (no decode twice), BLOCK_M x BLOCK_N fp32 x 2 accumulators bound the registers
+    "dense": dict(block_m=(64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(8,), num_stages=(2, 3),
+                  decode=("asm",)),
     "gemm": dict(block_m=(64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8), num_stages=(3, 4)),
 }
 # the pure-Triton decode next to the PTX one, at a few configs per case (the comparison the notes report)
@@ -62,6 +67,9 @@ def candidates(base, M: int) -> List:
     """`base` (choose_spec's pick) and the grid of its path, valid specs only, `base` first."""
     if base.path == "mma":
         grid = GRIDS["mma" if M <= 8 else "mma_large"]
+    elif base.path == "dense":
+        grid = dict(GRIDS["dense"], block_m=tuple(sorted({min(b, max(16, 1 << max(0, M - 1).bit_length()))
+                                                           for b in GRIDS["dense"]["block_m"]})))
     else:
         grid = GRIDS[base.path]
     out, seen = [base], {base}
@@ -78,7 +86,7 @@ def candidates(base, M: int) -> List:
         if spec not in seen:
             out.append(spec)
             seen.add(spec)
-    if base.path == "mma":  # the same configs with the pure-Triton decode, for the side-by-side table
+    if base.path in ("mma", "dense"):  # the same configs with the pure-Triton decode, for the side-by-side table
         asm = [s for s in out if s.decode == "asm"][:BITS_TOO]
         for s in asm:
             b = dataclasses.replace(s, decode="bits")
@@ -179,7 +187,7 @@ def run_case(out_f: int, in_f: int, M: int, T: int, path: str, bench, deadline: 
             twin = next((q for q in timed if q["decode"] == "asm" and q["spec"] == r["spec"]), None)
             if twin:
                 pairs.append({"spec": r["spec"], "bits_us": r["us"], "asm_us": twin["us"]})
-    best_spec = dict(best["spec"], decode=best["decode"]) if best and path == "mma" else (best or {}).get("spec")
+    best_spec = dict(best["spec"], decode=best["decode"]) if best and path in ("mma", "dense") else (best or {}).get("spec")
     return {"shape": f"{out_f}x{in_f}", "M": M, "stages": T, "path": path, "bf16_us": t_bf16,
             "current_us": cur["us"] if cur else None, "best_us": best["us"] if best else None,
             "best_spec": best_spec, "n_candidates": len(rows), "best_by_decode_us": by_decode,

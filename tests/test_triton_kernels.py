@@ -167,6 +167,20 @@ def test_mma_asm_decode_matches_reference(dtype, granularity, M):
     _check(70, 150, 2, granularity, (M,), dtype=dtype, bias=True, path="mma", decode="asm")
 
 
+# dense: larger batches; M = 70 spans two BLOCK_M = 64 blocks (interpreter), T = 3 has an odd plane count
+@pytest.mark.parametrize("stages,granularity", [(1, "tensor"), (2, "row"), (3, 32), (2, 48), (4, "tensor")])
+def test_dense_matches_reference(stages, granularity):
+    _check(70, 150, stages, granularity, (70,), bias=stages != 2, path="dense")
+
+
+@pytest.mark.skipif(INTERPRET, reason="inline PTX (decode='asm') runs on a CUDA device only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("stages,granularity", [(1, "tensor"), (2, "row"), (3, 32)])
+@pytest.mark.parametrize("M", [17, 200])
+def test_dense_asm_decode_matches_reference(dtype, stages, granularity, M):
+    _check(70, 150, stages, granularity, (M,), dtype=dtype, bias=True, path="dense", decode="asm")
+
+
 def test_mma_block_m_splits_activation_rows():
     """More rows than one program's BLOCK_M: a second grid dimension over the rows (ragged)."""
     n, m = 24, 40
@@ -399,6 +413,8 @@ def test_kernel_spec_validation():
         KernelSpec("mma", 1, "tensor", decode="asm", interpret=True)
     with pytest.raises(ValueError, match="multiples of 16"):
         choose_spec(1, 8, 40, 1, 6, True, torch.float32, False, True, "mma")
+    with pytest.raises(ValueError, match="bfloat16 or float16 activations only"):
+        KernelSpec("dense", 1, "tensor", act_dtype="float32", decode="asm")
 
 
 @pytest.mark.parametrize("interpret", [True, False])
@@ -406,10 +422,10 @@ def test_choose_spec_routes_by_rows_and_group_size(interpret):
     def path(M, group=0, m=300):
         return choose_spec(M, 64, m, 2, group, bool(group), torch.bfloat16, False, interpret).path
 
-    assert tp.MMA_MAX_M == 64 and tp.GEMV_MAX_M == 2
-    assert [path(M) for M in (1, 2, 16, 64, 65, 256)] == ["mma"] * 4 + ["gemm"] * 2
-    assert [path(M, 32) for M in (1, 64, 65)] == ["mma", "mma", "gemm"]  # groups of whole code words
-    assert [path(M, 6) for M in (1, 2, 3)] == ["gemv", "gemv", "gemm"]  # groups that start inside a word
+    assert tp.MMA_MAX_M == 16 and tp.GEMV_MAX_M == 2
+    assert [path(M) for M in (1, 2, 16, 17, 64, 256)] == ["mma"] * 3 + ["dense"] * 3
+    assert [path(M, 32) for M in (1, 16, 17)] == ["mma", "mma", "dense"]  # groups of whole code words
+    assert [path(M, 6) for M in (1, 2, 3, 64)] == ["gemv", "gemv", "gemm", "gemm"]  # groups starting inside a word
     assert path(1, 6, m=6) == "mma"  # one group per row: row scales
     spec = choose_spec(5, 64, 300, 2, 32, True, torch.bfloat16, False, interpret)
     assert spec.block_m == 8 and 32 % spec.block_k == 0  # next_pow2(M) rows; steps tile the groups
@@ -441,7 +457,8 @@ def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, m
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=TOL[torch.float32], atol=TOL[torch.float32] * scale)
     names = [p.name for p in (tmp_path / "triton").iterdir()]
-    assert any(s.startswith("fairy2i_mma_t2_") for s in names), names  # 20 and 2 rows: the mma path
+    assert any(s.startswith("fairy2i_dense_t2_") for s in names), names  # 20 rows
+    assert any(s.startswith("fairy2i_mma_t2_") for s in names), names  # 2 rows
 
 
 # --------------------------------------------------------------------------- #
@@ -479,6 +496,8 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
         s = choose_spec(16, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
         assert (s.block_m, s.block_n, s.decode) == (16, 16, "bits")  # the M = 64 entry, block_m <= next_pow2(16)
         s = choose_spec(256, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert (s.path, s.block_m, s.block_n, s.decode) == ("dense", 128, 128, "bits")  # no entry: defaults
+        s = choose_spec(256, 2048, 5504, 2, 0, False, torch.bfloat16, False, False, "gemm")
         assert (s.path, s.block_m, s.block_n, s.num_warps) == ("gemm", 128, 128, 8)
         s = choose_spec(32, 2048, 5504, 2, 0, False, torch.bfloat16, False, False, "gemm")
         assert s.block_m == 32  # fewer than 64 rows: no 128-row tiles of masked work

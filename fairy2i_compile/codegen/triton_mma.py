@@ -61,7 +61,8 @@ from __future__ import annotations
 from string import Template
 from typing import Dict
 
-__all__ = ["MMA_BODY", "MMA_TEMPLATE", "MMA_NOTE", "mma_slots", "ONE_PAIR"]
+__all__ = ["MMA_BODY", "MMA_TEMPLATE", "MMA_NOTE", "mma_slots", "DENSE_BODY", "DENSE_TEMPLATE", "DENSE_NOTE",
+           "dense_slots", "ONE_PAIR"]
 
 # bit pattern of the pair (+1, +1) in the atom dtype; the sign bits are 15 and 31
 ONE_PAIR = {"bfloat16": "0x3F803F80", "float16": "0x3C003C00"}
@@ -242,3 +243,170 @@ def mma_slots(spec, planes_pad: int) -> Dict[str, str]:
         dot_dtype=dot_dtype, decode_name=spec.decode,
         group_note=" (per group: the sums restart at every group)" if grouped else "",
     )
+
+
+# --------------------------------------------------------------------------- #
+# "dense" path (larger batches): the same atoms, combined into dense tiles of A_hat
+# --------------------------------------------------------------------------- #
+
+DENSE_NOTE = """\
+# DENSE (larger batch): grid (cdiv(n, BLOCK_N), cdiv(M, BLOCK_M)). Per K step each plane's codes become
+# P, Q atoms ($decode decode) and Re = s_re (P+Q)/2, Im = s_im (P-Q)/2 summed over stages into Re/Im U and W
+# ($tile_math), then the four real blocks of A_hat (A11 = ReU + ReW, A12 = ImW - ImU, A21 = ImW + ImU,
+# A22 = ReU - ReW) meet the activations on the tensor cores, weights on the dot's M side:
+#     y_re^T += A11 a^T + A12 b^T,  y_im^T += A21 a^T + A22 b^T   (fp32 accumulation; dot inputs $dot_dtype)
+"""
+
+DENSE_BODY = """\
+    M, n, m, KW, G,
+    # blocks
+    BLOCK_M: tl.constexpr,  # activation rows per program (the dot's N side)
+    BLOCK_N: tl.constexpr,  # complex output rows per program (the dot's M side)
+    BLOCK_K: tl.constexpr,  # input columns per K step (a multiple of 16: whole code words)$group_param
+):
+    BW: tl.constexpr = BLOCK_K // 16
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    x_re = x_ptr + offs_m.to(tl.int64)[:, None] * (2 * m)  # [BLOCK_M, 1]: a = Re z
+    x_im = x_re + m                                         # b = Im z
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BW)
+    # code s of a word (s < 8) and code s + 8 share a register: b1 bits 2s+1, 2s+17 -> 15, 31
+    shl = (14 - 2 * tl.arange(0, 8))[None, None, :]
+    # plane p of the codes starts at p * n * KW
+$setup
+    acc_re = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_im = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k in range(0, m, BLOCK_K):
+        kk = k + offs_k
+        mask_mk = mask_m[:, None] & (kk < m)[None, :]  # columns past m load a = b = 0
+        # activations to the tiles' K order (position 16w + 2s + h holds column 16w + s + 8h), transposed
+        a = tl.load(x_re + kk[None, :], mask=mask_mk, other=0.0)$x_cast
+        b = tl.load(x_im + kk[None, :], mask=mask_mk, other=0.0)$x_cast
+        a = tl.trans(tl.reshape(tl.permute(tl.reshape(a, [BLOCK_M, BW, 2, 8]), [0, 1, 3, 2]), [BLOCK_M, BLOCK_K]))
+        b = tl.trans(tl.reshape(tl.permute(tl.reshape(b, [BLOCK_M, BW, 2, 8]), [0, 1, 3, 2]), [BLOCK_M, BLOCK_K]))
+        wi = k // 16 + offs_w
+        mask_w = mask_n[:, None] & (wi < KW)[None, :]
+$decode
+        acc_re = tl.dot(a11, a, acc_re$dot_kw)
+        acc_re = tl.dot(a12, b, acc_re$dot_kw)
+        acc_im = tl.dot(a21, a, acc_im$dot_kw)
+        acc_im = tl.dot(a22, b, acc_im$dot_kw)
+    # y[r, j] = acc_re[j, r], y[r, n + j] = acc_im[j, r]
+$bias    y_out = y_ptr + offs_m[None, :].to(tl.int64) * (2 * n) + offs_n[:, None]
+    mask_out = mask_n[:, None] & mask_m[None, :]
+    tl.store(y_out, acc_re.to(y_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(y_out + n, acc_im.to(y_ptr.dtype.element_ty), mask=mask_out)
+"""
+
+# fp32 tile math (interpreter, fp32 activations, and the pure-Triton decode)
+_DENSE_PLANE_BITS = """\
+# $label (plane $p): P, Q atoms, then s_re (P+Q)/2 and s_im (P-Q)/2 (scales halved in setup)
+t = tl.load(${tag}_codes + wi[None, :], mask=mask_w, other=0)[:, :, None] << shl
+rp = (t & $sign_pair) | $one_pair
+rq = rp ^ ((t << 1) & $sign_pair)
+pt = tl.reshape(tl.join(rp.to(tl.int16), (rp >> 16).to(tl.int16)), [BLOCK_N, BLOCK_K]).to($atom_ty, bitcast=True).to(tl.float32)
+qt = tl.reshape(tl.join(rq.to(tl.int16), (rq >> 16).to(tl.int16)), [BLOCK_N, BLOCK_K]).to($atom_ty, bitcast=True).to(tl.float32)
+$which_re $op ${tag}_sre * (pt + qt)
+$which_im $op ${tag}_sim * (pt - qt)"""
+
+_DENSE_TILES_BITS = """\
+# the real blocks of A_hat (DESIGN.md 1.1), in the dot dtype
+a11 = (u_re + w_re).to($dot_ty)
+a12 = (w_im - u_im).to($dot_ty)
+a21 = (w_im + u_im).to($dot_ty)
+a22 = (u_re - w_re).to($dot_ty)"""
+
+# packed tile math on pairs: one register holds codes s, s + 8 as a bf16x2 / f16x2 pair
+_DENSE_PLANE_ASM = """\
+# $label (plane $p): P, Q atoms and Re += s_re/2 (P + Q), Im += s_im/2 (P - Q) on $pair pairs, in PTX
+$which_re, $which_im = tl.inline_asm_elementwise(
+    "{ .reg .b32 t, u, p, q; shl.b32 t, $$2, $$3; lop3.b32 p, t, 0x80008000, $one_pair, 0xEA; "
+    "shl.b32 u, t, 1; lop3.b32 q, p, u, 0x80008000, 0x78; "
+    "fma.rn.$pair $$0, $$4, p, $$7; fma.rn.$pair $$0, $$4, q, $$0; "
+    "fma.rn.$pair $$1, $$5, p, $$8; fma.rn.$pair $$1, $$6, q, $$1; }",
+    "=r,=r,r,r,r,r,r,r,r",
+    [tl.load(${tag}_codes + wi[None, :], mask=mask_w, other=0)[:, :, None], shl, ${tag}_sre2, ${tag}_sim2, ${tag}_nsim2,
+     $which_re_in, $which_im_in],
+    dtype=(tl.int32, tl.int32), is_pure=True, pack=1)"""
+
+_DENSE_TILES_ASM = """\
+# the real blocks of A_hat (DESIGN.md 1.1) as pairs, then split into the tile's K order
+p11, p12, p21, p22 = tl.inline_asm_elementwise(
+    "{ add.rn.$pair $$0, $$4, $$5; sub.rn.$pair $$1, $$7, $$6; "
+    "add.rn.$pair $$2, $$7, $$6; sub.rn.$pair $$3, $$4, $$5; }",
+    "=r,=r,=r,=r,r,r,r,r", [u_re, w_re, u_im, w_im],
+    dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+a11 = tl.reshape(tl.join(p11.to(tl.int16), (p11 >> 16).to(tl.int16)), [BLOCK_N, BLOCK_K]).to($dot_ty, bitcast=True)
+a12 = tl.reshape(tl.join(p12.to(tl.int16), (p12 >> 16).to(tl.int16)), [BLOCK_N, BLOCK_K]).to($dot_ty, bitcast=True)
+a21 = tl.reshape(tl.join(p21.to(tl.int16), (p21 >> 16).to(tl.int16)), [BLOCK_N, BLOCK_K]).to($dot_ty, bitcast=True)
+a22 = tl.reshape(tl.join(p22.to(tl.int16), (p22 >> 16).to(tl.int16)), [BLOCK_N, BLOCK_K]).to($dot_ty, bitcast=True)"""
+
+_PAIR = {"bfloat16": "bf16x2", "float16": "f16x2"}
+
+# every dense fragment's text, for the source hash
+DENSE_TEMPLATE = DENSE_BODY + _DENSE_PLANE_BITS + _DENSE_TILES_BITS + _DENSE_PLANE_ASM + _DENSE_TILES_ASM
+
+
+def dense_slots(spec) -> Dict[str, str]:
+    """Template slots for `spec` (a KernelSpec with path == "dense")."""
+    asm = spec.decode == "asm"
+    if spec.interpret or spec.act_dtype == "float32":
+        atom_dtype, dot_dtype = "bfloat16", "float32"
+        x_cast = ".to(tl.float32)"
+        dot_kw = "" if spec.interpret else ', input_precision="ieee"'
+    else:
+        atom_dtype = dot_dtype = spec.act_dtype
+        x_cast, dot_kw = "", ""
+    one_pair = ONE_PAIR[atom_dtype]
+    pair = _PAIR.get(dot_dtype, "")
+    setup, decode = [], []
+    first = {"u": True, "w": True}
+    per_row = "[:, None, None]" if asm else "[:, None]"
+    for t in range(1, spec.stages + 1):
+        for p, which, label in ((2 * t - 2, "u", f"U_{t}"), (2 * t - 1, "w", f"W_{t}")):
+            tag = f"{which}{t}"
+            base = "codes_ptr" if p == 0 else f"codes_ptr + {p} * n * KW"
+            setup.append(f"    {tag}_codes = {base} + offs_n.to(tl.int64)[:, None] * KW  # {label}: [BLOCK_N, 1] row starts")
+            for axis, sname in ((0, "sre"), (1, "sim")):
+                row = 2 * p + axis  # scales[p, axis] as a flat row of [2P, n_s, G]
+                if spec.scale == "tensor":
+                    load = f"tl.load(scales_ptr + {row})"
+                elif spec.scale == "row":  # asm: [BLOCK_N, 1, 1] beside the pairs; fp32 tiles: [BLOCK_N, 1]
+                    load = f"tl.load(scales_ptr + {row} * n + offs_n, mask=mask_n, other=0.0){per_row}"
+                else:
+                    load = f"tl.load({tag}_{sname}_ptr + k // GROUP, mask=mask_n, other=0.0){per_row}"
+                    setup.append(f"    {tag}_{sname}_ptr = scales_ptr + ({row} * n + offs_n) * G  # one scale per group")
+                target = setup if spec.scale != "group" else decode
+                indent = "    " if spec.scale != "group" else ""
+                half = f"0.5 * {load}"
+                if asm:  # the scale pair (s/2, s/2) as the pair dtype's bits; -s_im/2 for the Q term of Im
+                    cast = f".to(tl.{dot_dtype}).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF"
+                    target.append(f"{indent}{tag}_{sname}1 = ({half}){cast}")
+                    target.append(f"{indent}{tag}_{sname}2 = {tag}_{sname}1 | ({tag}_{sname}1 << 16)")
+                    if sname == "sim":
+                        target.append(f"{indent}{tag}_nsim2 = {tag}_sim2 ^ {_SIGN_PAIR}")
+                else:
+                    target.append(f"{indent}{tag}_{sname} = {half}")
+            frag = _DENSE_PLANE_ASM if asm else _DENSE_PLANE_BITS
+            op = "=" if first[which] else "+="
+            decode.append(Template(frag).substitute(
+                label=label, p=p, tag=tag, sign_pair=_SIGN_PAIR, one_pair=one_pair, atom_ty=f"tl.{atom_dtype}",
+                which_re=f"{which}_re", which_im=f"{which}_im", op=op, pair=pair,
+                which_re_in="0" if first[which] else f"{which}_re", which_im_in="0" if first[which] else f"{which}_im"))
+            first[which] = False
+    if asm:
+        decode.append(Template(_DENSE_TILES_ASM).substitute(pair=pair, dot_ty=f"tl.{dot_dtype}"))
+    else:
+        decode.append(Template(_DENSE_TILES_BITS).substitute(dot_ty=f"tl.{dot_dtype}"))
+    bias = ""
+    if spec.has_bias:
+        bias = ("    acc_re += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]\n"
+                "    acc_im += tl.load(bias_ptr + n + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]\n")
+    tile_math = f"{pair} FMAs in PTX" if asm else "fp32"
+    return dict(setup="\n".join(setup), decode=_indent("\n".join(decode), 8), x_cast=x_cast, dot_kw=dot_kw,
+                bias=bias, dot_dtype=dot_dtype, decode_name=spec.decode, tile_math=tile_math)

@@ -96,7 +96,7 @@ from ..cache import atomic_write_text, kernel_cache_dir
 from ..packed_ops import check_packed_linear
 from . import resolve_kernel, triton_interpreter_enabled
 from .sign_table import AXIS, TABLE, UNIT, codes_on_axis, describe, term_expr
-from .triton_mma import MMA_BODY, MMA_NOTE, MMA_TEMPLATE, mma_slots
+from .triton_mma import DENSE_BODY, DENSE_NOTE, DENSE_TEMPLATE, MMA_BODY, MMA_NOTE, MMA_TEMPLATE, dense_slots, mma_slots
 
 __all__ = [
     "GEMV_MAX_M",
@@ -116,8 +116,8 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = 2
-PATHS = ("mma", "gemv", "gemm")
-MMA_MAX_M = 64  # M <= 64 rows take the tensor-core atom kernel where it applies (see choose_spec)
+PATHS = ("mma", "dense", "gemv", "gemm")
+MMA_MAX_M = 16  # M <= 16 rows take the tensor-core atom kernel where it applies, more rows "dense" (choose_spec)
 GEMV_MAX_M = 2  # otherwise M <= 2 rows take the multiplication-free GEMV (group sizes not a multiple of 16)
 INNER_LOOP_BEGIN = "# --- inner loop: begin (selects, negations and adds only) ---"
 INNER_LOOP_END = "# --- inner loop: end ---"
@@ -141,7 +141,8 @@ class KernelSpec:
     """Everything a generated kernel is specialised on (the cache key, with the template text).
 
     path:       "mma" (small batch: +-1 atoms on the tensor cores, triton_mma.py) |
-                "gemv" (decode, multiplication-free) | "gemm" (decode to tiles + tl.dot)
+                "dense" (larger batch: atoms combined into dense tiles of A_hat + tl.dot, triton_mma.py) |
+                "gemv" (decode, multiplication-free) | "gemm" (decode to tiles with selects + tl.dot)
     stages:     T (the kernel reads 2T planes)
     scale:      "tensor" | "row" | "group"
     group_size: g for scale == "group", else 0
@@ -152,7 +153,8 @@ class KernelSpec:
     block_k:    complex input columns per inner step
     num_warps, num_stages: launch config (baked into the source as a one-config autotune)
     interpret:  generated for the Triton interpreter (tl.dot inputs in fp32)
-    decode:     "bits" (integer ops in Triton) | "asm" (mma only, GPU only: one PTX lop3 per atom pair)
+    decode:     "bits" (integer ops in Triton) | "asm" (mma / dense, GPU only: PTX lop3 per atom pair; dense
+                also sums the tiles as bf16x2 / f16x2 pairs, so not for fp32 activations)
     """
 
     path: str
@@ -174,9 +176,12 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.path must be one of {PATHS}, got {self.path!r}")
         if self.decode not in ("bits", "asm"):
             raise ValueError(f"KernelSpec.decode must be 'bits' or 'asm', got {self.decode!r}")
-        if self.decode == "asm" and (self.path != "mma" or self.interpret):
-            raise ValueError(f"KernelSpec: decode='asm' (inline PTX) exists for path='mma' on a GPU only, got "
-                             f"{self.path=} {self.interpret=}")
+        if self.decode == "asm" and (self.path not in ("mma", "dense") or self.interpret):
+            raise ValueError(f"KernelSpec: decode='asm' (inline PTX) exists for paths 'mma' and 'dense' on a GPU "
+                             f"only, got {self.path=} {self.interpret=}")
+        if self.decode == "asm" and self.path == "dense" and self.act_dtype == "float32":
+            raise ValueError("KernelSpec: path='dense' with decode='asm' sums tiles in bf16x2 / f16x2 pairs: "
+                             "bfloat16 or float16 activations only, got float32")
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 1 <= self.stages <= _MAX_STAGES:
             raise ValueError(f"KernelSpec.stages must be an int in 1..{_MAX_STAGES}, got {self.stages!r}")
         if self.scale not in ("tensor", "row", "group"):
@@ -198,11 +203,11 @@ class KernelSpec:
             # sub-word blocks (< 16 columns) are only useful to fit small ragged groups
             if self.block_k < 16 and not (self.scale == "group" and self.group_size % 16):
                 raise ValueError(f"KernelSpec: gemv block_k must be >= 16 (one code word), got {self.block_k}")
-        elif self.path == "mma":
+        elif self.path in ("mma", "dense"):
             if self.block_k < 16:
-                raise ValueError(f"KernelSpec: mma block_k must be >= 16 (whole code words), got {self.block_k}")
+                raise ValueError(f"KernelSpec: {self.path} block_k must be >= 16 (whole code words), got {self.block_k}")
             if self.scale == "group" and self.group_size % self.block_k:
-                raise ValueError(f"KernelSpec: mma with group scales needs block_k to divide the group, got "
+                raise ValueError(f"KernelSpec: {self.path} with group scales needs block_k to divide the group, got "
                                  f"{self.group_size=} {self.block_k=}")
         else:
             if min(self.block_m, self.block_n, self.block_k) < 16:
@@ -397,6 +402,7 @@ _TEMPLATES = {
              _GEMV_INNER_HEAD, _EPILOGUE),
     "gemm": (_HEADER_TEMPLATE, _GEMM_NOTE, _GEMM_TEMPLATE, _EPILOGUE),
     "mma": (_HEADER_TEMPLATE, MMA_NOTE, _KERNEL_HEAD, MMA_TEMPLATE),
+    "dense": (_HEADER_TEMPLATE, DENSE_NOTE, _KERNEL_HEAD, DENSE_TEMPLATE),
 }
 
 _NAMES = {"a": "a", "-a": "na", "b": "b", "-b": "nb"}
@@ -450,6 +456,10 @@ def _header(spec: KernelSpec) -> str:
         slots = mma_slots(spec, _next_pow2(spec.planes))
         note = Template(MMA_NOTE).substitute(decode=slots["decode_name"], group_note=slots["group_note"],
                                              dot_dtype=slots["dot_dtype"])
+    elif spec.path == "dense":
+        slots = dense_slots(spec)
+        note = Template(DENSE_NOTE).substitute(decode=slots["decode_name"], tile_math=slots["tile_math"],
+                                               dot_dtype=slots["dot_dtype"])
     else:
         units = "  ".join(f"{k}: ({UNIT[k][0]:+d}, {UNIT[k][1]:+d})" for k in range(4))
         note = Template(_GEMM_NOTE).substitute(dot_dtype=_dot_dtype(spec), unit_table=units)
@@ -626,7 +636,12 @@ def _mma_source(spec: KernelSpec) -> str:
     return Template(_KERNEL_HEAD + MMA_BODY).substitute(slots)
 
 
-_SOURCES_BY_PATH = {"gemv": lambda s: _gemv_source(s), "gemm": lambda s: _gemm_source(s), "mma": _mma_source}
+def _dense_source(spec: KernelSpec) -> str:
+    return Template(_KERNEL_HEAD + DENSE_BODY).substitute(dict(_common_slots(spec), **dense_slots(spec)))
+
+
+_SOURCES_BY_PATH = {"gemv": lambda s: _gemv_source(s), "gemm": lambda s: _gemm_source(s), "mma": _mma_source,
+                    "dense": _dense_source}
 
 
 def _source_and_hash(spec: KernelSpec) -> Tuple[str, str]:
@@ -725,11 +740,14 @@ def mma_applies(group_size: int, m: int) -> bool:
 @functools.lru_cache(maxsize=256)
 def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales: bool, act_dtype: torch.dtype,
                 has_bias: bool, interpret: bool, path: Optional[str] = None) -> KernelSpec:
-    """The kernel for a call: "mma" for M <= MMA_MAX_M, else "gemv" for M <= GEMV_MAX_M, else "gemm".
+    """The kernel for a call: "mma" for M <= MMA_MAX_M, else "dense"; "gemv" / "gemm" for other groups.
 
-    mma (triton_mma.py) covers tensor and row scales and groups whose size is a multiple of 16;
-    other group sizes take the multiplication-free GEMV at M <= 2 and the GEMM above. `path`
-    forces a path (benchmarks, tests). Measured on an H200 (benchmarks/results/bench_kernels.md):
+    mma and dense (triton_mma.py) cover tensor and row scales and groups whose size is a multiple
+    of 16; other group sizes take the multiplication-free GEMV at M <= GEMV_MAX_M and the GEMM
+    above. mma does 2T times the tensor-core work of a dense product with the cheapest decode
+    (two sign-bit atoms per code); dense decodes each tile of A_hat once per BLOCK_M rows and does
+    the dense product's work, so it wins once the batch pays for its decode. `path` forces a
+    path (benchmarks, tests). Measured on an H200 (benchmarks/results/bench_kernels.md):
     before the mma path, the GEMV's time grew with M (4096x11008, T=2: 92 / 168 / 319 us at M = 1 / 2 / 4)
     and the GEMM decoded each tile once per BLOCK_M rows; the mma path decodes a tile once for up
     to BLOCK_M = next_pow2(M) <= 64 rows, with the tensor cores doing the sums.
@@ -747,14 +765,14 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
         scale, g = ("row" if (row_scales or group_size) else "tensor"), 0
     dtype = {v: k for k, v in _ACT_DTYPES.items()}[act_dtype]
     if path is None:
-        if M <= MMA_MAX_M and mma_applies(group_size, m):
-            path = "mma"
+        if mma_applies(group_size, m):
+            path = "mma" if M <= MMA_MAX_M else "dense"
         else:
             path = "gemv" if M <= GEMV_MAX_M else "gemm"
     elif path not in PATHS:
         raise ValueError(f"choose_spec: path must be one of {PATHS} or None, got {path!r}")
-    elif path == "mma" and not mma_applies(group_size, m):
-        raise ValueError(f"choose_spec: the mma path needs group sizes that are multiples of 16, got {group_size}")
+    elif path in ("mma", "dense") and not mma_applies(group_size, m):
+        raise ValueError(f"choose_spec: the {path} path needs group sizes that are multiples of 16, got {group_size}")
     tuned = None if interpret else tuned_config(path, stages, n, m, M)
     decode = "bits"
     if path == "mma":
@@ -769,6 +787,17 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
         decode = "bits" if interpret else str((tuned or {}).get("decode", "bits"))
         cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 1, 64))  # no activation rows past next_pow2(M)
         if scale == "group":  # the largest power of two dividing g (g % 16 == 0): steps tile each group
+            cfg["block_k"] = min(cfg["block_k"], g & -g)
+    elif path == "dense":
+        if interpret:
+            cfg = dict(block_m=_clamp_pow2(M, 16, 64), block_n=_clamp_pow2(n, 16, 64), block_k=_clamp_pow2(m, 16, 64),
+                       num_warps=4, num_stages=2)
+        else:
+            cfg = dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3)  # sm_90 SASS: no spills
+        cfg.update(tuned or {})
+        decode = "bits" if interpret or dtype == "float32" else str((tuned or {}).get("decode", "bits"))
+        cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 16, 256))
+        if scale == "group":
             cfg["block_k"] = min(cfg["block_k"], g & -g)
     elif path == "gemv":
         if interpret:
@@ -849,7 +878,7 @@ def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dic
 
     cfg = min(entries, key=rank)["config"]
     out: Dict[str, Any] = {k: int(cfg[k]) for k in _CONFIG_KEYS if k in cfg}
-    if path == "mma" and cfg.get("decode") in ("bits", "asm"):
+    if path in ("mma", "dense") and cfg.get("decode") in ("bits", "asm"):
         out["decode"] = cfg["decode"]
     return out
 
