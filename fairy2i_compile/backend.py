@@ -43,7 +43,7 @@ from .passes import PassContext, enabled_passes
 from .passes._fx import graph_fake_mode
 from .report import GraphReport, summarize
 
-__all__ = ["Fairy2iBackend", "fairy2i_backend"]
+__all__ = ["Fairy2iBackend", "compile", "fairy2i_backend"]
 
 # Graphs compiled into each dump_dir by this process, so that several graphs
 # (graph breaks, recompiles, several torch.compile calls) share one report.json.
@@ -83,6 +83,7 @@ class Fairy2iBackend:
 
         self.reports.append(report)
         self._warn_unmatched_skip(report)
+        _warn_at_recompile_limit()
         if config.dump_dir is not None:
             with _DUMP_LOCK:
                 dump_graphs.append(report)
@@ -219,6 +220,118 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
         bw_compiler=dumping("aot_backward", aot_index + 1, run_eager),
         inference_compiler=dumping("aot_inference", aot_index, run_eager_inference),
     )(gm, example_inputs)
+
+
+# --------------------------------------------------------------------------- Dynamo's recompile limit
+# Dynamo keeps at most torch._dynamo.config.recompile_limit (8) compiled versions of one function
+# (per module instance). Past that it stops calling the backend and runs the function as plain
+# Python: the FP model, with one log line, for every later call of that function with any
+# options (an option sweep over one model, or dynamic=False with more than 8 input shapes).
+# The backend is not called then, so it cannot object; what it can do: warn when a compile
+# fills the last slot, and offer `compile()`, whose calls turn that fallback into an error.
+_RECOMPILE_LIMIT_FIX = (
+    "call torch._dynamo.reset() before compiling the model with other options, pass dynamic=True (or mark the "
+    "varying dimension dynamic) when inputs change shape, or raise torch._dynamo.config.recompile_limit"
+)
+
+
+def _warn_at_recompile_limit() -> None:
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    dynamo = torch._dynamo.config
+    if compile_id is None or compile_id.frame_compile_id is None or dynamo.fail_on_recompile_limit_hit:
+        return
+    if compile_id.frame_compile_id + 1 == dynamo.recompile_limit:
+        warnings.warn(
+            f"fairy2i: this is compile {dynamo.recompile_limit} of the same function since torch._dynamo.reset(), "
+            f"Dynamo's recompile_limit. Past it Dynamo stops calling the backend and runs the plain full-precision "
+            f"model, with only a log line. To avoid it: {_RECOMPILE_LIMIT_FIX}; or compile with "
+            f"fairy2i_compile.backend.compile(...), whose calls raise instead of running the FP model.",
+            RuntimeWarning, stacklevel=2,
+        )
+
+
+def _fail_past_recompile_limit(fn):
+    """`fn` (a torch.compile'd callable) whose calls raise RuntimeError where Dynamo would fall back
+    to running the uncompiled code; torch's config is patched for the duration of each call only."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        dynamo = torch._dynamo.config
+        if dynamo.suppress_errors:  # the user asked for eager fallbacks; torch refuses both flags at once
+            return fn(*args, **kwargs)
+        try:
+            with dynamo.patch(fail_on_recompile_limit_hit=True):
+                return fn(*args, **kwargs)
+        except Exception as err:
+            if not _is_recompile_limit_hit(err):
+                raise
+            raise RuntimeError(
+                f"fairy2i: Dynamo's recompile limit ({dynamo.recompile_limit} compiled versions of one function) "
+                f"was reached, so this call would have run the plain full-precision model instead of the Fairy2i "
+                f"one. To fix: {_RECOMPILE_LIMIT_FIX}"
+            ) from err
+
+    return call
+
+
+def _is_recompile_limit_hit(err: BaseException) -> bool:
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    while err is not None:
+        if isinstance(err, FailOnRecompileLimitHit):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _generate_with(model: torch.nn.Module, forward, *args, **kwargs):
+    """model.generate(...) with `forward` (the compiled forward) as the model's forward while it runs."""
+    had = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    model.forward = forward
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        if had:
+            model.forward = saved
+        else:
+            del model.forward
+
+
+def compile(model, options: Optional[Mapping[str, Any]] = None, **torch_compile_kwargs: Any):
+    """`torch.compile(model, backend=Fairy2iBackend(options), **torch_compile_kwargs)` with two
+    guarantees plain torch.compile cannot give:
+
+    - a call that Dynamo would run uncompiled because its recompile limit was reached (an option
+      sweep over one model, many input shapes with dynamic=False) raises RuntimeError saying so,
+      instead of returning full-precision results; torch's config is patched only during each
+      call (`fail_on_recompile_limit_hit`), nothing global changes;
+    - for a model with `generate` (transformers), `compiled.generate(...)` generates with the
+      compiled forward. Plain `torch.compile(model, ...).generate(...)` calls the original
+      module's generate, whose forward is not compiled: the backend never runs and the text comes
+      from the FP model. (Without this function: `model.forward = torch.compile(model.forward,
+      backend="fairy2i", options=...)`, then `model.generate(...)`.)
+
+    The backend is `compiled.fairy2i_backend` (its `reports`). While generate runs, the model's
+    `forward` attribute is the compiled forward (not thread-safe).
+    """
+    if "backend" in torch_compile_kwargs:
+        raise TypeError("fairy2i_compile.backend.compile sets the backend itself; pass its options as options={...}")
+    backend = Fairy2iBackend(options)
+    compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+    if not isinstance(model, torch.nn.Module):
+        guarded = _fail_past_recompile_limit(compiled)
+        guarded.fairy2i_backend = backend  # type: ignore[attr-defined]
+        return guarded
+    compiled.forward = _fail_past_recompile_limit(compiled.forward)
+    # object.__setattr__: OptimizedModule.__setattr__ would set these on the user's model
+    if callable(getattr(model, "generate", None)):
+        forward = _fail_past_recompile_limit(torch.compile(model.forward, backend=backend, **torch_compile_kwargs))
+        object.__setattr__(compiled, "generate", functools.partial(_generate_with, model, forward))
+    object.__setattr__(compiled, "fairy2i_backend", backend)
+    return compiled
 
 
 def fairy2i_backend(gm: fx.GraphModule, example_inputs: List[Any], *, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None):

@@ -288,3 +288,61 @@ def test_recompile_with_dynamic_shapes_still_rewrites():
             torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
     assert len(backend.reports) == 2  # static first graph, then one dynamic graph for both new lengths
     assert [len(r.converted()) for r in backend.reports] == [15, 15]
+
+
+# ------------------------------------------------------------------ Dynamo's recompile limit
+SWEEP = [{"stages": s, "scale_granularity": g} for s in (1, 2, 3, 4) for g in ("tensor", "row", 4)]  # 12 option sets
+
+
+def test_option_sweep_past_the_recompile_limit_never_returns_fp_results():
+    # Dynamo keeps 8 compiled versions of one function, then runs it uncompiled: outputs equal FP
+    from fairy2i_compile.backend import compile as fairy2i_compile
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), torch.randn(2, 8)
+    fp = model(x)
+    outcomes = []
+    with torch.no_grad():
+        for options in SWEEP:
+            try:
+                outcomes.append("fp" if torch.equal(fairy2i_compile(model, {"mode": "ptq", **options})(x), fp)
+                                else "quantized")
+            except RuntimeError as err:
+                assert "recompile limit (8 compiled versions of one function) was reached" in str(err)
+                assert "torch._dynamo.reset()" in str(err)
+                outcomes.append("error")
+    assert outcomes == ["quantized"] * 8 + ["error"] * 4
+    assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # patched per call only
+    torch._dynamo.reset()  # what the message says: quantized again
+    with torch.no_grad():
+        assert not torch.equal(fairy2i_compile(model, {"mode": "ptq", **SWEEP[-1]})(x), fp)
+
+
+def test_plain_torch_compile_warns_when_a_compile_fills_the_last_slot():
+    model, x = nn.Sequential(nn.Linear(8, 8)).eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        for options in SWEEP[:7]:
+            torch.compile(model, backend="fairy2i", options=options)(x)
+        with pytest.warns(RuntimeWarning, match="this is compile 8 of the same function .* runs the plain "
+                                                "full-precision model"):
+            torch.compile(model, backend="fairy2i", options=SWEEP[7])(x)
+
+
+# ------------------------------------------------------------------ generate
+def test_generate_runs_the_compiled_forward():
+    from fairy2i_compile.backend import compile as fairy2i_compile
+    from fairy2i_compile.packed_model import pack_model
+
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0))
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    compiled = fairy2i_compile(model, {"mode": "ptq", "stages": 1, "kernel": "torch"})
+    with torch.no_grad():
+        got = compiled.generate(ids, **greedy)
+    assert compiled.fairy2i_backend.reports, "generate never called the backend"
+    assert not {"forward", "generate", "fairy2i_backend"} & set(model.__dict__)  # the user's model is as it was
+    reference = tiny_llama().eval()
+    pack_model(reference, stages=1, kernel="torch")  # the same codes, run eagerly
+    with torch.no_grad():
+        want = reference.generate(ids, **greedy)
+    assert torch.equal(got, want)
