@@ -170,7 +170,7 @@ def _markdown(payload: dict) -> str:
         "# HQQ quality peer on SmolLM2-135M (benchmarks/peers.py)",
         "",
         f"Wiki perplexity on the first {s['windows']} windows of {s['seq_len']} tokens of the enwiki sample "
-        f"(`fairy2i_compile.eval.wiki_windows`, prepended: {s['prepended']}), FP first and every HQQ setting "
+        f"(`fairy2i_compile.eval.wiki_windows`, prepended: {s['prepended'] or 'nothing'}), FP first and every HQQ setting "
         f"on a freshly loaded model in the same process. HQQ {payload['hqq_version']} "
         f"(`HQQLinear` + `BaseQuantizeConfig(nbits, group_size={s['group_size']})`, its default optimizer, "
         f"fp16 scale and zero per group), quantized -> dequantized, all {rows[-1].get('layers_quantized', '?')} "
@@ -190,7 +190,7 @@ def _markdown(payload: dict) -> str:
             f"| {_fmt(r['ppl'] / fp)} | {r['rel_err']:.4f} | {worst} ({r['layers'][worst]:.4f}) |"
         )
     ref = payload["reference"]
-    lines += ["", "Reference on the same windows (issue): " + ", ".join(f"{k} {v}" for k, v in ref.items()) + "."]
+    lines += ["", "Reference on the same windows (issue): " + ", ".join(f"{k} {_fmt(v)}" for k, v in ref.items()) + "."]
     return "\n".join(lines)
 
 
