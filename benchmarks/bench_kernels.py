@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --shapes 4096x4096 --batches 1,16 --stages 2
     python benchmarks/bench_kernels.py --warm-only --shard 0 --shards 8   # compile only (see tune_kernels.py)
     python benchmarks/bench_kernels.py --decode --out benchmarks/results/gpu_decode_h200
+    python benchmarks/bench_kernels.py --sass --out benchmarks/results/bench_kernels_sass_sm90   # no GPU needed
 
 For each shape (out x in of the real layer: U, W are [out/2, in/2] complex) and batch M:
 
@@ -29,8 +30,16 @@ packed (pack_model, T = 1 and 2) compiled with the fairy2i backend (Inductor for
 the graph, the Triton kernels for the packed layers); both with CUDA graphs (Inductor's
 cudagraph trees) when they capture, tokens/s = 1 / median step time, from one run.
 
+--sass is the profile that needs no GPU: it compiles the kernels' "before" and "after" specs
+for sm_90 (Triton's own compiler and ptxas, GPUTarget("cuda", 90, 32)), disassembles them with
+the cuobjdump Triton ships, finds the main loop (the longest backward branch) and counts its
+SASS instructions by opcode: lane-ops per code = instructions x 32 lanes x warps / codes per
+step. With the H200's issue rate (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz) that gives the
+time one layer takes at perfect issue, a lower bound to set beside a measurement.
+
 Writes <out>.json and <out>.md (default benchmarks/results/bench_kernels) with the device
-name and torch / triton versions. Without CUDA it prints why and exits 1, writing nothing.
+name and torch / triton versions. Without CUDA it prints why and exits 1, writing nothing
+(except --sass, which needs triton only).
 """
 
 from __future__ import annotations
@@ -102,6 +111,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="--decode: prompt length (default 32)")
     p.add_argument("--decode-configs", default="bf16,w2,w1",
                    help="--decode: comma-separated subset of bf16, w1, w2 (default all, bf16 first)")
+    p.add_argument("--sass", action="store_true",
+                   help="offline sm_90 SASS instruction counts of the kernels' main loops (needs no GPU)")
     return p.parse_args(argv)
 
 
@@ -410,8 +421,137 @@ def decode_main(args, meta: Dict) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- offline SASS profile
+H200_LANE_OPS_PER_S = 132 * 4 * 32 * 1.98e9  # SMs x schedulers x lanes x boost clock: one warp instruction per cycle
+# (label, KernelSpec fields, M it serves): the configs the shipped table / choose_spec use for 4096x11008
+SASS_SPECS = [
+    ("gemv, before (table: M=1)", dict(path="gemv", stages=2, block_m=1, block_n=4, block_k=512, num_warps=4,
+                                       num_stages=2), 1),
+    ("gemm, before (table: M=256)", dict(path="gemm", stages=2, block_m=64, block_n=64, block_k=32, num_warps=4,
+                                         num_stages=3), 256),
+    ("mma bits, M=1", dict(path="mma", stages=2, block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=3), 1),
+    ("mma asm, M=1", dict(path="mma", stages=2, block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=3,
+                          decode="asm"), 1),
+    ("mma bits, M=1, T=1, BLOCK_N=16", dict(path="mma", stages=1, block_m=1, block_n=16, block_k=256,
+                                            num_warps=4, num_stages=3), 1),
+    ("mma bits, M=1, T=1", dict(path="mma", stages=1, block_m=1, block_n=32, block_k=256, num_warps=4,
+                                num_stages=3), 1),
+    ("mma asm, M=1, T=1", dict(path="mma", stages=1, block_m=1, block_n=32, block_k=256, num_warps=4,
+                               num_stages=3, decode="asm"), 1),
+    ("mma asm, M=8", dict(path="mma", stages=2, block_m=8, block_n=16, block_k=256, num_warps=4, num_stages=3,
+                          decode="asm"), 8),
+    ("mma asm, M=16", dict(path="mma", stages=2, block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=3,
+                           decode="asm"), 16),
+    ("dense bits, M=64", dict(path="dense", stages=2, block_m=64, block_n=128, block_k=32, num_warps=8,
+                              num_stages=3), 64),
+    ("dense asm, M=64", dict(path="dense", stages=2, block_m=64, block_n=128, block_k=32, num_warps=8,
+                             num_stages=3, decode="asm"), 64),
+    ("dense bits, M=256", dict(path="dense", stages=2, block_m=128, block_n=128, block_k=32, num_warps=8,
+                               num_stages=3), 256),
+    ("dense asm, M=256", dict(path="dense", stages=2, block_m=128, block_n=128, block_k=32, num_warps=8,
+                              num_stages=3, decode="asm"), 256),
+]
+
+
+def _sass_loop(sass: str) -> Dict:
+    """Opcode histogram of the longest backward branch's body (the kernel's main K loop)."""
+    import collections
+    import re
+
+    ins = []
+    for line in sass.splitlines():
+        mt = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if mt:
+            ins.append((int(mt.group(1), 16), mt.group(3), line))
+    loops = []
+    for addr, op, line in ins:
+        tgt = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line) if op == "BRA" else None
+        if tgt and tgt.group(1) and int(tgt.group(1), 16) < addr:
+            loops.append((int(tgt.group(1), 16), addr))
+    lo, hi = max(loops, key=lambda p: p[1] - p[0])
+    body = collections.Counter(op.split(".")[0] for a, op, _ in ins if lo <= a <= hi)
+    spills = sum(1 for _, op, _ in ins if op.startswith(("STL", "LDL")))
+    return {"instructions": sum(body.values()), "opcodes": dict(body.most_common()), "local_mem_ops": spills}
+
+
+def sass_profile(args) -> int:
+    import glob
+    import os
+    import subprocess
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from fairy2i_compile.codegen.triton_packed import KernelSpec, load_kernel
+
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    if not tools:
+        print("bench_kernels --sass: triton's bundled cuobjdump was not found; nothing written.", file=sys.stderr)
+        return 1
+    ty = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
+    n, m, shape = 2048, 5504, "4096x11008"  # divisible by 16 as on the device; KW = 344 is not
+    rows = []
+    for label, fields, M in SASS_SPECS:
+        spec = KernelSpec(scale="tensor", act_dtype="bfloat16", **fields)
+        fn = load_kernel(spec)
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        sig = {"x_ptr": ty[spec.act_dtype], "codes_ptr": "*i32", "scales_ptr": "*fp32", "y_ptr": ty[spec.act_dtype]}
+        if spec.path != "gemv":
+            sig["M"] = "i32"
+        sig.update(n="i32", m="i32", KW="i32", G="i32")
+        consts = {"BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k}
+        if spec.path != "gemv":
+            consts["BLOCK_M"] = spec.block_m
+        sig.update({c: "constexpr" for c in consts})
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a in ("x_ptr", "codes_ptr", "scales_ptr", "y_ptr", "n", "m")}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        with open("/tmp/fairy2i_sass.cubin", "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([tools[0], "-sass", "/tmp/fairy2i_sass.cubin"], capture_output=True, text=True).stdout
+        res = subprocess.run([tools[0], "-res-usage", "/tmp/fairy2i_sass.cubin"], capture_output=True, text=True).stdout
+        loop = _sass_loop(sass)
+        codes_per_step = spec.planes * spec.block_n * spec.block_k
+        lane_ops = loop["instructions"] * 32 * spec.num_warps / codes_per_step
+        passes = -(-M // spec.block_m)  # the codes are decoded once per BLOCK_M activation rows
+        total_codes = spec.planes * n * m
+        regs = int(res.split("REG:")[1].split()[0]) if "REG:" in res else None
+        rows.append({"label": label, "spec": dataclasses.asdict(spec), "M": M, "shape": shape,
+                     "registers": regs, "loop": loop, "codes_per_step": codes_per_step,
+                     "lane_ops_per_code": lane_ops, "decode_passes": passes,
+                     "perfect_issue_us": 1e6 * total_codes * lane_ops * passes / H200_LANE_OPS_PER_S})
+        r = rows[-1]
+        print(f"{label:28s} {loop['instructions']:5d} instr/step/warp  {lane_ops:6.2f} lane-ops/code  "
+              f"x{passes} passes  {r['perfect_issue_us']:7.2f} us at perfect issue  regs {regs}", flush=True)
+    meta = {"target": "sm_90 (GPUTarget('cuda', 90, 32)), compiled offline, no GPU", "triton": triton.__version__,
+            "torch": torch.__version__, "shape": shape, "issue_rate_lane_ops_per_s": H200_LANE_OPS_PER_S}
+    md = ["# Static SASS profile of the packed kernels' main loops (sm_90, compiled offline)", "",
+          f"Triton {meta['triton']} compiled each kernel for sm_90 on a machine without a GPU; its bundled cuobjdump "
+          "disassembled it. Counts are of the main K loop's body (the longest backward branch), per warp and step.",
+          f"Layer {shape} (n = {n}, m = {m} complex), bf16 activations, tensor scales, T = 2 unless the label says.",
+          "lane-ops per code = loop instructions x 32 x warps / codes per step (planes x BLOCK_N x BLOCK_K); "
+          "passes = how often each code is decoded (ceil(M / BLOCK_M)); perfect-issue time = all codes x lane-ops x "
+          "passes / (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz): a lower bound, not a measurement.", "",
+          "| kernel | instr / step / warp | lane-ops / code | passes | perfect-issue us | registers | top opcodes |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        top = ", ".join(f"{o} {c}" for o, c in list(r["loop"]["opcodes"].items())[:8])
+        md.append(f"| {r['label']} | {r['loop']['instructions']} | {r['lane_ops_per_code']:.2f} | "
+                  f"{r['decode_passes']} | {r['perfect_issue_us']:.2f} | {r['registers']} | {top} |")
+    write_results(args.out, {"meta": meta, "rows": rows}, "\n".join(md) + "\n", indent=1)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.sass:
+        return sass_profile(args)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device here; this benchmark times GPU kernels against cuBLAS and "
               "writes nothing without one (run it on a GPU machine).", file=sys.stderr)

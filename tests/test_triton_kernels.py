@@ -367,6 +367,49 @@ def test_package_imports_without_triton():
     assert r.returncode == 0, r.stderr
 
 
+def test_gpu_sources_compile_for_sm90(tmp_path):
+    """The code only a GPU runs (bf16 atoms in the dot, inline PTX, the IEEE fp32 dot) goes through Triton's
+    compiler and ptxas for sm_90 without a GPU, in a process without the interpreter."""
+    code = (
+        "import sys\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "import triton\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "from fairy2i_compile.codegen.triton_packed import KernelSpec, load_kernel\n"
+        "specs = [KernelSpec('mma', 2, 'tensor', 0, 'bfloat16', False, 1, 16, 64, 4, 3, decode='asm'),\n"
+        "         KernelSpec('mma', 1, 'row', 0, 'float32', True, 4, 16, 32, 4, 2),\n"
+        "         KernelSpec('dense', 1, 'group', 32, 'float16', True, 32, 64, 32, 4, 2, decode='asm'),\n"
+        "         KernelSpec('dense', 2, 'tensor', 0, 'bfloat16', False, 32, 64, 32, 4, 2)]\n"
+        "ty = {'bfloat16': '*bf16', 'float16': '*fp16', 'float32': '*fp32'}\n"
+        "for spec in specs:\n"
+        "    fn = load_kernel(spec)\n"
+        "    while not isinstance(fn, JITFunction):\n"
+        "        fn = fn.fn\n"
+        "    sig = {'x_ptr': ty[spec.act_dtype], 'codes_ptr': '*i32', 'scales_ptr': '*fp32'}\n"
+        "    if spec.has_bias:\n"
+        "        sig['bias_ptr'] = ty[spec.act_dtype]\n"
+        "    sig.update(y_ptr=ty[spec.act_dtype], M='i32', n='i32', m='i32', KW='i32', G='i32')\n"
+        "    consts = dict(BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, BLOCK_K=spec.block_k)\n"
+        "    if spec.scale == 'group':\n"
+        "        consts['GROUP'] = spec.group_size\n"
+        "    sig.update({c: 'constexpr' for c in consts})\n"
+        "    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget('cuda', 90, 32),\n"
+        "                       options={'num_warps': spec.num_warps, 'num_stages': spec.num_stages})\n"
+        "    assert k.asm['cubin'] and ('mma' in k.asm['ptx'] or spec.act_dtype == 'float32'), spec\n"
+        "    print('compiled', spec.name)\n"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FAIRY2I_KERNEL_CACHE"] = str(tmp_path)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()):
+        pytest.skip("this triton install has no ptxas for sm_90")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("compiled") == 4, r.stdout
+
+
 # --------------------------------------------------------------------------- #
 # bad inputs
 

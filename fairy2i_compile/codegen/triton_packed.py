@@ -779,13 +779,18 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
         if interpret:
             cfg = dict(block_m=_clamp_pow2(M, 1, 64), block_n=_clamp_pow2(n, 1, 16), block_k=_clamp_pow2(m, 16, 64),
                        num_warps=4, num_stages=2)
-        elif M <= 8:  # the dot's N side is at most 16 columns: long K steps, few registers
-            cfg = dict(block_m=8, block_n=16, block_k=256, num_warps=4, num_stages=3)
+        # 4 warps take 16 stacked atom rows each: planes * BLOCK_N = 64 rows, or the warps decode the same
+        # rows twice (sm_90 SASS, T = 1 at BLOCK_N = 16: 7.4 lane-ops per code against 3.8 at BLOCK_N = 32)
+        rows = max(1, 64 // _next_pow2(2 * stages))
+        if M <= 8:  # the dot's N side is at most 16 columns: long K steps, few registers
+            cfg = dict(block_m=8, block_n=rows, block_k=256, num_warps=4, num_stages=3)
         else:  # [planes * BLOCK_N, 2 * BLOCK_M] fp32 accumulators: shorter K steps
-            cfg = dict(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=3)
+            cfg = dict(block_m=32, block_n=rows, block_k=64, num_warps=4, num_stages=3)
         cfg.update(tuned or {})
         decode = "bits" if interpret else str((tuned or {}).get("decode", "bits"))
         cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 1, 64))  # no activation rows past next_pow2(M)
+        if dtype == "float32" and not interpret:  # the IEEE fp32 dot runs on FMAs: small tiles (sm_90: no spills)
+            cfg.update(block_n=min(cfg["block_n"], 16), block_k=min(cfg["block_k"], 32))
         if scale == "group":  # the largest power of two dividing g (g % 16 == 0): steps tile each group
             cfg["block_k"] = min(cfg["block_k"], g & -g)
     elif path == "dense":
@@ -797,6 +802,9 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
         cfg.update(tuned or {})
         decode = "bits" if interpret or dtype == "float32" else str((tuned or {}).get("decode", "bits"))
         cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 16, 256))
+        if dtype == "float32" and not interpret:  # the IEEE fp32 dot runs on FMAs: small tiles
+            cfg.update(block_m=min(cfg["block_m"], 32), block_n=min(cfg["block_n"], 32), block_k=16,
+                       num_warps=4)
         if scale == "group":
             cfg["block_k"] = min(cfg["block_k"], g & -g)
     elif path == "gemv":
