@@ -10,7 +10,24 @@ b = x[:, m:]) and plane p = 2t + (0 for U_t, 1 for W_t):
 
 and s is s_re for the +-1 codes (0, 2) and s_im for the +-i codes (1, 3).
 
-GEMV (decode, M <= GEMV_MAX_M = 2): grid (cdiv(n, BLOCK_N), M), one program per BLOCK_N
+Four kernel paths; `choose_spec` picks one per call (M = activation rows):
+
+    mma    M <= MMA_MAX_M (16)   each code as two +-1 sign-bit atoms, summed by tl.dot   triton_mma.py
+    dense  M >  MMA_MAX_M        the atoms combined into dense tiles of A_hat + tl.dot   triton_mma.py
+    gemv   M <= GEMV_MAX_M (2)   multiplication-free selects on the CUDA cores           below
+    gemm   M >  GEMV_MAX_M       decode to tiles with selects + tl.dot                   below
+
+mma and dense take tensor and row scales and groups whose size is a multiple of 16; gemv and
+gemm take every group size (groups that start inside a code word: 6, 24, ...) and stay as the
+CPU-style reference kernels. Which is which and why (sm_90 SASS of the main loops,
+benchmarks/results/bench_kernels_sass_sm90.md): on a GPU a select costs what an FMA costs, so
+"multiplication-free" buys nothing by itself; what costs is integer work per code. The GEMV spends
+~34 lane-ops per code (compares, selects, adds, and a cross-warp reduction every step); the mma
+path spends ~3.3-3.8 (a shift and two logic ops per pair of atoms) and lets the tensor cores add,
+at 2T times the dense product's tensor-core work, which is cheap while the batch is small; dense
+spends ~6-18 per code per BLOCK_M rows and does the dense product's work, for larger batches.
+
+GEMV (decode, forced or M <= GEMV_MAX_M for other groups): grid (cdiv(n, BLOCK_N), M), one program per BLOCK_N
 complex output rows of one activation row. Per code, i**k z (U) or i**k conj(z)
 (W) is a signed pick of a or b (`sign_table.TABLE`, expanded with sympy), so
 the inner loop is selects, negations and adds: it sums, per plane, the picks of
@@ -25,7 +42,7 @@ its word is computed per column, which costs a few integer ops but no multiply.
 The region between the `inner loop: begin/end` markers of every GEMV source has
 no `*` (the tests parse it).
 
-GEMM (prefill and batched decode, M > 2): grid (cdiv(n, BLOCK_N), cdiv(M, BLOCK_M)). Per K step
+GEMM (forced, or M > 2 for other groups): grid (cdiv(n, BLOCK_N), cdiv(M, BLOCK_M)). Per K step
 the codes of all 2T planes are decoded into fp32 tiles [BLOCK_K, BLOCK_N] of
 Re/Im U and W summed over stages, scales applied during decode (a select of
 +-s, group scales gathered per column), then the four real blocks of A_hat^T
@@ -1027,7 +1044,8 @@ def packed_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, bias: Optiona
     m:      complex input width;  group_size: the scale group size, 0 for tensor / row scales
     -> y:   [..., 2n] in x's dtype (y[..., :n] = Re, y[..., n:] = Im)
 
-    GEMV (multiplication-free) for M = prod(x.shape[:-1]) <= GEMV_MAX_M (2), else decode-to-tile GEMM.
+    M = prod(x.shape[:-1]) rows: the tensor-core atom kernel (mma) for M <= MMA_MAX_M, dense tiles above;
+    group sizes that are not multiples of 16 take the GEMV (M <= GEMV_MAX_M) or the GEMM (choose_spec).
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Eager calls launch directly;
     traced calls (torch.compile, make_fx, export) go through the op fairy2i::packed_linear_triton.
     """
