@@ -4,7 +4,9 @@ One kernel family per file:
 
     sign_table.py      the code -> (swap, sign) table, derived with sympy
     triton_packed.py   Triton kernels generated from a template (GPU; TRITON_INTERPRET=1 on CPU):
-                       multiplication-free GEMV for decode, decode-to-tile + tl.dot GEMM for prefill
+                       specs, path choice, launch; multiplication-free GEMV, decode-to-tile GEMM
+    triton_mma.py      its tensor-core templates: codes as +-1 sign-bit atoms summed by tl.dot
+                       (small batches), or combined into dense tiles of A_hat (larger batches)
     cpu_packed.py      the vectorised C++ kernel for CPU tensors, built once with the system
                        compiler and cached
 
