@@ -386,11 +386,19 @@ def cmd_quantize(args) -> int:
         config = Fairy2iConfig.from_options(options)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    model, _ = load_model(args.model, args.dtype, args.progress)
+    model, tokenizer = load_model(args.model, args.dtype, args.progress)
     source = args.model if args.model in MODEL_CHOICES else str(Path(args.model).expanduser().resolve())
     dense_dtype = getattr(torch, args.dense_dtype) if args.dense_dtype else None
     try:
-        save_packed(model, out, config, dense_dtype=dense_dtype, extra={"source": source}, progress=args.progress)
+        if args.calibrate:
+            result = _calibrated(model, tokenizer, config, args)
+            print(f"calibrated {len(result.layers)} layers on {result.settings['calibration_tokens']} tokens in "
+                  f"{result.seconds:.0f} s: mean H-weighted output error {result.summary()['mean_rtn_error']:.4f} "
+                  f"(round-to-nearest) -> {result.summary()['mean_calibrated_error']:.4f}")
+            result.settings["source"] = source
+            result.save(out, dense_dtype=dense_dtype)
+        else:
+            save_packed(model, out, config, dense_dtype=dense_dtype, extra={"source": source}, progress=args.progress)
         info = packed_state_info(out)
     except (OSError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
@@ -404,6 +412,36 @@ def cmd_quantize(args) -> int:
     for name, reason in settings["kept_real"].items():
         print(f"  kept real: {name} ({reason})")
     return 0
+
+
+def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
+    """`quantize --calibrate`: Hessian-aware rounding on the tail of the enwiki sample (or --calib-text)."""
+    import torch
+
+    from .calibration import calibrate, calibration_windows
+
+    if tokenizer is None:
+        raise CLIError(f"--calibrate needs the model's tokenizer to read calibration text, and --model "
+                       f"{args.model!r} has none; use smollm2 or a Hugging Face folder with its tokenizer")
+    if args.calib_text is not None:
+        path = Path(args.calib_text).expanduser()
+        if not path.is_file():
+            raise CLIError(f"--calib-text {args.calib_text!r}: no such file")
+        ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+        tokens = torch.tensor(list(getattr(ids, "ids", ids)), dtype=torch.long)
+        avoid = 0
+    else:
+        from .eval import wiki_tokens
+
+        try:
+            tokens = wiki_tokens(tokenizer)
+        except ModuleNotFoundError as e:
+            raise CLIError(f"{e}; or pass --calib-text FILE") from None
+        avoid = args.calib_avoid
+    windows = calibration_windows(tokens, args.calib_samples, args.calib_seq_len, avoid=avoid)
+    return calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
+                     skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
+                     progress=args.progress)
 
 
 # --------------------------------------------------------------------------- parser
@@ -490,6 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the tensors that stay dense (embeddings, norms, biases, kept-real layers) in this "
                         "dtype (default: as the model holds them)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="checkpoint file to write")
+    g = p.add_argument_group("calibration (Hessian-aware rounding; fairy2i_compile.calibration)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="choose the codes with calibration data instead of round-to-nearest (needs a tokenizer)")
+    g.add_argument("--calib-samples", type=_positive("--calib-samples"), default=64,
+                   help="calibration windows (default 64)")
+    g.add_argument("--calib-seq-len", type=_positive("--calib-seq-len"), default=512,
+                   help="tokens per calibration window (default 512)")
+    g.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="plain-text calibration file (default: the end of the enwiki sample of `make setup-eval`)")
+    g.add_argument("--calib-avoid", type=int, default=8 * 2048, metavar="N",
+                   help="the first N enwiki tokens are evaluation text and never used (default 16384)")
+    g.add_argument("--calib-parallel", action="store_true",
+                   help="every layer from the float model's activations (default: block by block)")
+    g.add_argument("--act-order", action="store_true", help="round columns by descending activation energy")
     p.set_defaults(func=cmd_quantize)
     return parser
 

@@ -269,3 +269,43 @@ def test_a_model_without_convertible_layers_is_refused():
     model = nn.Sequential(nn.Embedding(10, 3), nn.Linear(3, 5))
     with pytest.raises(ValueError, match="no layer to calibrate"):
         calibrate(model, torch.randint(0, 10, (2, 200)), progress=False)
+
+
+def test_cli_quantize_calibrate_needs_a_tokenizer(tmp_path, capsys):
+    from fairy2i_compile import cli
+
+    rc = cli.main(["quantize", "--model", "tiny-llama", "--calibrate", "--out", str(tmp_path / "x.safetensors"),
+                   "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "fairy2i quantize: error: --calibrate needs the model's tokenizer" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_hessian_decision_with_identity_is_the_euclidean_nearest_point():
+    a = torch.randn(10, 16, generator=torch.Generator().manual_seed(4))
+    r = gptq_round(a, torch.eye(16, dtype=torch.float64), 1, "row", decision="hessian")
+    for which, (re, im) in (("U", _real_to_widely(a)[:2]), ("W", _real_to_widely(a)[2:])):
+        q = quant.phase_quant(re, im, 1, "row")
+        s_re, s_im = q.s_re[0], q.s_im[0]  # [n, 1]
+        zero = torch.zeros_like(s_re)
+        opts_re = torch.stack([s_re, zero, -s_re, zero], -1)  # [n, 1, 4]
+        opts_im = torch.stack([zero, s_im, zero, -s_im], -1)
+        dist = (re[..., None] - opts_re) ** 2 + (im[..., None] - opts_im) ** 2
+        codes = (r.qu if which == "U" else r.qw).codes[0]
+        assert torch.equal(codes, dist.argmin(-1).to(torch.uint8)), which
+
+
+@pytest.mark.parametrize("gran", ["tensor", "row"])
+def test_scale_refit_never_increases_the_output_error_and_stays_packable(gran):
+    for seed in range(3):
+        a = torch.randn(32, 48, generator=torch.Generator().manual_seed(seed))
+        h = _spd(48, seed=seed)
+        r0 = gptq_round(a, h, 2, gran)
+        r1 = gptq_round(a, h, 2, gran, refit_scales=True)
+        assert torch.equal(r1.qu.codes, r0.qu.codes)  # only the scales move
+        assert output_error(a, r1.a_hat, h) <= output_error(a, r0.a_hat, h)
+        re, im = quant.dequant_phase(r1.qw.codes, r1.qw.s_re, r1.qw.s_im, 24, None)
+        assert torch.equal(re, r1.qw.re) and torch.equal(im, r1.qw.im)
+    with pytest.raises(ValueError, match="refit_scales supports"):
+        gptq_round(a, h, 2, 8, refit_scales=True)

@@ -242,6 +242,8 @@ def calibrate(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    refit_scales: bool = False,
+    decision: str = "phase",
     pack: Optional[bool] = None,
     kernel: str = "auto",
     min_tokens: int = 256,
@@ -252,7 +254,7 @@ def calibrate(
     batches:  token ids [B, S] or a list of [b, S] / [S] tensors (calibration text; keep it
               apart from evaluation text, e.g. with :func:`calibration_windows`).
     stages, scale_granularity, method, skip, kernel: as the backend options.
-    damp, block_size, act_order: the rounding's (``rounding.gptq_round``).
+    damp, block_size, act_order, refit_scales, decision: the rounding's (``rounding.gptq_round``).
     pack:     replace each layer by a PackedLinear holding the calibrated codes (default for
               "phase"); False keeps nn.Linear layers holding the dequantized weights (the
               real baselines always do: the packed kernels hold phase codes only).
@@ -273,6 +275,10 @@ def calibrate(
                          f"use pack=False for method={config.method!r}")
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
         raise ValueError(f"min_tokens must be a positive int, got {min_tokens!r}")
+    if decision not in ("phase", "hessian"):
+        raise ValueError(f"decision must be 'phase' or 'hessian', got {decision!r}")
+    if refit_scales and not isinstance(config.scale_granularity, str):
+        raise ValueError(f"refit_scales supports scale_granularity 'tensor' or 'row', got {config.scale_granularity!r}")
     data = _as_batches(batches, _vocab_size(model), min_tokens)
     targets, kept, matched = _targets(model, config)
     if not targets:
@@ -296,7 +302,7 @@ def calibrate(
         t = time.perf_counter()
         a = mod.weight.detach()
         r = gptq_round(a, h, config.stages, config.scale_granularity, method=config.method, damp=damp,
-                       block_size=block_size, act_order=act_order)
+                       block_size=block_size, act_order=act_order, refit_scales=refit_scales, decision=decision)
         rtn = rtn_round(a, config.stages, config.scale_granularity, method=config.method)
         report[name] = LayerCalibration(name, tuple(a.shape), tokens, output_error(a, rtn, h),
                                         output_error(a, r.a_hat, h), time.perf_counter() - t)
@@ -366,7 +372,8 @@ def calibrate(
     settings = {
         "method": config.method, "stages": config.stages, "granularity": config.scale_granularity,
         "skip": list(config.skip), "sequential": bool(sequential and blocks is not None), "damp": damp,
-        "block_size": block_size, "act_order": bool(act_order),
+        "block_size": block_size, "act_order": bool(act_order), "refit_scales": bool(refit_scales),
+        "decision": decision,
         "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
         "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
     }

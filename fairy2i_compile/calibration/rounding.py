@@ -47,6 +47,15 @@ scales. Hence the law the tests check: with H = I (no cross-column terms, L
 diagonal) no error is ever propagated and the codes are PhaseQuant's, bit for
 bit.
 
+``refit_scales=True`` (tensor and row scales) then solves for the scales the
+chosen codes should have: with the codes fixed, Â is linear in the 4T scales of
+a scale group (stage t, U or W, re or im axis), Â = Σ_k s_k B_k with B_k the
+real form of that group's ±1 code mask, so the H-weighted error is a least
+squares problem with normal equations ``G s = c``, ``G_kl = tr(B_k H B_lᵀ)``,
+``c_k = tr(A H B_kᵀ)`` (summed over the real rows i and i + n of complex row i
+for row scales, over all rows for tensor scales). The old scales are a feasible
+point, so the refit never increases the error (it is kept only if it lowers it).
+
 ``act_order=True`` visits the pairs by descending ``H[a,a] + H[b,b]``
 (GPTQ's activation order); it changes only the order of decisions, never the
 stored layout or the scales.
@@ -177,6 +186,52 @@ def _round_phase_column(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor) -> T
     return torch.stack(codes), acc_re, acc_im
 
 
+_OPT_RE = torch.tensor([1.0, 0.0, -1.0, 0.0])  # code k -> Re(i^k), Im(i^k)
+_OPT_IM = torch.tensor([0.0, 1.0, 0.0, -1.0])
+
+
+def _round_pair_hessian(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor, scales, l_aa: float,
+                        l_ab: float, l_bb: float):
+    """T stages of greedy (U, W) code-pair choice by the pair's OBS loss, one column [n].
+
+    Per stage and complex row, the 4 x 4 code pairs are scored by the loss of the real
+    residual they leave in rows (i, i+n) of columns (a, b): with e = residual,
+    ``(e_a / L_aa)² + ((e_b - e_a L_ab / L_aa) / L_bb)²``. With H = I this is the
+    Euclidean-nearest point of the stage's codebook (greedy over stages).
+    """
+    su_re, su_im, sw_re, sw_im = scales  # [T, n_s] each
+    dt = u_re.dtype
+    ore, oim = _OPT_RE.to(dt), _OPT_IM.to(dt)
+    codes_u, codes_w = [], []
+    acc = None
+    e = [u_re, u_im, w_re, w_im]
+    for t in range(su_re.shape[0]):
+        # candidate stage values [4, n] for U and W
+        cu_re, cu_im = ore[:, None] * su_re[t], oim[:, None] * su_im[t]
+        cw_re, cw_im = ore[:, None] * sw_re[t], oim[:, None] * sw_im[t]
+        ur, ui = e[0] - cu_re, e[1] - cu_im            # [4, n] residual of U per U code
+        wr, wi = e[2] - cw_re, e[3] - cw_im            # [4, n] residual of W per W code
+        # real residual block per (U code, W code): [4, 4, n]
+        top_a = ur[:, None] + wr[None]
+        top_b = wi[None] - ui[:, None]
+        bot_a = wi[None] + ui[:, None]
+        bot_b = ur[:, None] - wr[None]
+        r = l_ab / l_aa
+        loss = ((top_a.square() + bot_a.square()) / (l_aa * l_aa)
+                + ((top_b - top_a * r).square() + (bot_b - bot_a * r).square()) / (l_bb * l_bb))
+        best = loss.reshape(16, -1).argmin(0)          # [n]
+        ku, kw = best // 4, best % 4
+        qur = torch.gather(cu_re.expand(4, ku.shape[0]), 0, ku[None])[0]
+        qui = torch.gather(cu_im.expand(4, ku.shape[0]), 0, ku[None])[0]
+        qwr = torch.gather(cw_re.expand(4, kw.shape[0]), 0, kw[None])[0]
+        qwi = torch.gather(cw_im.expand(4, kw.shape[0]), 0, kw[None])[0]
+        e = [e[0] - qur, e[1] - qui, e[2] - qwr, e[3] - qwi]
+        codes_u.append(ku.to(torch.uint8))
+        codes_w.append(kw.to(torch.uint8))
+        acc = [qur, qui, qwr, qwi] if acc is None else [acc[0] + qur, acc[1] + qui, acc[2] + qwr, acc[3] + qwi]
+    return torch.stack(codes_u), torch.stack(codes_w), acc[0], acc[1], acc[2], acc[3]
+
+
 def _real_params(a: Tensor, method: str, stages: int, granularity: Granularity) -> List[Tuple[Tensor, Tensor]]:
     """Per-stage (center, scale) per group of the float A's residual recursion."""
     m = a.shape[1]
@@ -214,6 +269,8 @@ def gptq_round(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    refit_scales: bool = False,
+    decision: str = "phase",
 ) -> RoundedLayer:
     """Round A [2n, 2m] onto the codebook minimising tr(E H Eᵀ) greedily (module docstring).
 
@@ -223,6 +280,11 @@ def gptq_round(
     exactly as the packed kernels dequantize.
     """
     _check_inputs(a, h, method, stages, granularity, damp, block_size)
+    if decision not in ("phase", "hessian"):
+        raise ValueError(f"decision must be 'phase' (the PhaseQuant rule) or 'hessian' (the 16 (U, W) code "
+                         f"pairs scored by the pair's OBS loss), got {decision!r}")
+    if decision == "hessian" and method != "phase":
+        raise ValueError(f"decision='hessian' is for method='phase', got method={method!r}")
     rows, cols = a.shape
     m = cols // 2
     work_dtype = quant.compute_dtype(a.dtype)
@@ -261,10 +323,14 @@ def gptq_round(
                 top_a, bot_a, top_b, bot_b = col_a[:n], col_a[n:], col_b[:n], col_b[n:]
                 u_re, u_im = (top_a + bot_b) * 0.5, (bot_a - top_b) * 0.5
                 w_re, w_im = (top_a - bot_b) * 0.5, (top_b + bot_a) * 0.5
-                cu, qu_re, qu_im = _round_phase_column(u_re, u_im, _column_scales(ref_u.s_re, j, gs_col),
-                                                       _column_scales(ref_u.s_im, j, gs_col))
-                cw, qw_re, qw_im = _round_phase_column(w_re, w_im, _column_scales(ref_w.s_re, j, gs_col),
-                                                       _column_scales(ref_w.s_im, j, gs_col))
+                scales = (_column_scales(ref_u.s_re, j, gs_col), _column_scales(ref_u.s_im, j, gs_col),
+                          _column_scales(ref_w.s_re, j, gs_col), _column_scales(ref_w.s_im, j, gs_col))
+                if decision == "hessian":
+                    cu, cw, qu_re, qu_im, qw_re, qw_im = _round_pair_hessian(
+                        u_re, u_im, w_re, w_im, scales, float(L[ga, ga]), float(L[ga, gb]), float(L[gb, gb]))
+                else:
+                    cu, qu_re, qu_im = _round_phase_column(u_re, u_im, scales[0], scales[1])
+                    cw, qw_re, qw_im = _round_phase_column(w_re, w_im, scales[2], scales[3])
                 codes_u[:, :, j] = cu
                 codes_w[:, :, j] = cw
                 q_a = torch.cat([qu_re + qw_re, qw_im + qu_im])
@@ -286,10 +352,74 @@ def gptq_round(
         qu = _fixed(codes_u, ref_u, m)
         qw = _fixed(codes_w, ref_w, m)
         a_hat = _widely_to_real(qu.re, qu.im, qw.re, qw.im)
-        return RoundedLayer(a_hat, qu, qw, total_loss)
+        info = {}
+        if refit_scales:
+            if gs is not None and gs < m:
+                raise ValueError(f"refit_scales supports 'tensor' and 'row' scales, got granularity={granularity!r}")
+            qu, qw, a_hat, info = _refit(a, h, qu, qw, a_hat)
+        return RoundedLayer(a_hat, qu, qw, total_loss, info)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(cols)
     return RoundedLayer(q_all[:, inv].contiguous(), None, None, total_loss)
+
+
+def _basis(qu: PhaseQuantized, qw: PhaseQuantized) -> List[Tensor]:
+    """Real [2n, 2m] code masks B_k, k = (stage, U/W, re/im) in that nesting, float32."""
+    out = []
+    for t in range(qu.stages):
+        for which, codes in ((0, qu.codes[t]), (1, qw.codes[t])):
+            on_re = (codes == 0).float() - (codes == 2).float()   # Re of the stage value / s_re
+            on_im = (codes == 1).float() - (codes == 3).float()   # Im / s_im
+            zero = torch.zeros_like(on_re)
+            if which == 0:   # U: A11 += re, A22 += re; A12 -= im, A21 += im
+                out.append(_widely_to_real(on_re, zero, zero, zero))
+                out.append(_widely_to_real(zero, on_im, zero, zero))
+            else:            # W: A11 += re, A22 -= re; A12 += im, A21 += im
+                out.append(_widely_to_real(zero, zero, on_re, zero))
+                out.append(_widely_to_real(zero, zero, zero, on_im))
+    return out
+
+
+def _refit(a: Tensor, h: Tensor, qu: PhaseQuantized, qw: PhaseQuantized, a_hat: Tensor):
+    """Least-squares scales for fixed codes (module docstring); tensor or row scales."""
+    rows = a.shape[0]
+    n = rows // 2
+    per_row = qu.s_re.shape[1] > 1
+    hf = h.to(torch.float32)
+    basis = _basis(qu, qw)
+    k = len(basis)
+    ah = (a.detach().float() @ hf)
+    gram = torch.zeros(n if per_row else 1, k, k, dtype=torch.float64)
+    rhs = torch.zeros(n if per_row else 1, k, dtype=torch.float64)
+
+    def fold(v: Tensor) -> Tensor:  # per real row [2n] -> per complex row [n] or total [1]
+        v = v[:n] + v[n:]
+        return v if per_row else v.sum(0, keepdim=True)
+
+    for i, bi in enumerate(basis):
+        yi = bi @ hf
+        rhs[:, i] = fold((ah * bi).sum(1).double())
+        for j in range(i, k):
+            g = fold((yi * basis[j]).sum(1).double())
+            gram[:, i, j] = g
+            gram[:, j, i] = g
+        del yi
+    old = torch.stack([torch.stack([qu.s_re[t], qu.s_im[t], qw.s_re[t], qw.s_im[t]]) for t in range(qu.stages)])
+    old = old.reshape(k, -1).t().double()                      # [n | 1, k]
+    diag = torch.diagonal(gram, dim1=1, dim2=2)
+    ridge = 1e-9 * diag.mean(1, keepdim=True).clamp_min(1e-30)
+    unused = diag <= 0
+    reg = gram + torch.diag_embed(ridge.expand_as(diag) + unused.double())
+    new = torch.linalg.solve(reg, rhs + unused.double() * old)  # an unused scale keeps its value
+    new = torch.where(unused, old, new)
+    s = new.t().reshape(qu.stages, 4, -1, 1).to(qu.s_re.dtype)  # [T, 4, n_s, 1]
+    qu2 = _fixed(qu.codes, PhaseQuantized(qu.codes, s[:, 0], s[:, 1], qu.re, qu.im, qu.group_size), qu.codes.shape[2])
+    qw2 = _fixed(qw.codes, PhaseQuantized(qw.codes, s[:, 2], s[:, 3], qw.re, qw.im, qw.group_size), qw.codes.shape[2])
+    a_hat2 = _widely_to_real(qu2.re, qu2.im, qw2.re, qw2.im)
+    before, after = output_error(a, a_hat, h), output_error(a, a_hat2, h)
+    if not after < before:
+        return qu, qw, a_hat, {"refit": False, "error_before": before, "error_after": after}
+    return qu2, qw2, a_hat2, {"refit": True, "error_before": before, "error_after": after}
 
 
 def _fixed(codes: Tensor, ref: PhaseQuantized, m: int) -> PhaseQuantized:

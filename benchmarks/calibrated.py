@@ -1,0 +1,223 @@
+"""Calibrated conversion vs round-to-nearest vs the peers, SmolLM2-135M, one process.
+
+    .venv/bin/python benchmarks/calibrated.py                      # every configuration below
+    .venv/bin/python benchmarks/calibrated.py --configs fp cal-w2 hqq-4 --tasks arc_easy piqa --limit 500
+
+Every row converts ALL linear layers, lm_head included (its weight is the tied token
+embedding: the head gets its own quantized copy, the embedding stays float), and is
+measured on the same evaluation text:
+
+* perplexity on the first ``--windows`` windows of ``--seq-len`` tokens of the enwiki
+  sample (``peers.eval_windows``: what the tokenizer prepends, nothing for SmolLM2);
+* optional zero-shot accuracy on the first ``--limit`` records of each ``--tasks``;
+* calibration text: ``--calib-samples`` windows of ``--calib-seq-len`` tokens from the END
+  of the same sample (``calibration.calibration_windows``), never overlapping the
+  evaluation windows (it raises if it would).
+
+Bits per weight include the scales (float32 for ours, fp16 scale + zero for HQQ) and are
+averaged over every quantized linear weight.
+
+Configurations (``--configs``; names say what they are):
+
+    fp                      the float model
+    rtn-w{T}                Fairy2i PhaseQuant, T stages, round-to-nearest (today's PTQ)
+    cal-w{T}[-row|-g{G}]    calibrated (sequential, block by block), per-tensor scales unless named
+    cal-w{T}-par            calibrated from the float model's activations (the ablation)
+    cal-w{T}-act            calibrated with activation order
+    cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
+    rtn-binary-t{T}, rtn-ternary-t{T}   and without it
+    hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from fairy2i_compile import eval as ev  # noqa: E402
+from fairy2i_compile import quant  # noqa: E402
+from fairy2i_compile.calibration import calibrate, calibration_windows, rtn_round  # noqa: E402
+from fairy2i_compile.models import load_smollm2  # noqa: E402
+from peers import eval_windows, hqq_available, hqq_dequantized  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-par",
+                   "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)(?:-(row|g\d+|par|act))?$")
+
+
+def parse_config(name: str) -> Dict[str, Any]:
+    """'cal-w2-g64' -> {kind: cal, method: phase, stages: 2, granularity: 64, sequential: True, act_order: False}."""
+    if name == "fp":
+        return {"kind": "fp"}
+    m = re.fullmatch(r"hqq-(\d)", name)
+    if m:
+        return {"kind": "hqq", "nbits": int(m.group(1)), "group_size": 64}
+    m = _CAL.match(name)
+    if not m:
+        raise SystemExit(f"unknown configuration {name!r}; see the module docstring for the names")
+    kind, meth, stages, opt = m.groups()
+    gran: Any = "tensor"
+    if opt == "row":
+        gran = "row"
+    elif opt and opt.startswith("g"):
+        gran = int(opt[1:])
+    return {"kind": kind, "method": {"w": "phase", "binary-t": "binary", "ternary-t": "ternary"}[meth],
+            "stages": int(stages), "granularity": gran, "sequential": opt != "par", "act_order": opt == "act"}
+
+
+def _untie_all(model: nn.Module) -> None:
+    """Give every linear its own weight (lm_head ~ embedding) so quantizing it leaves the embedding float."""
+    emb = model.get_input_embeddings().weight
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and mod.weight is emb:
+            mod.weight = nn.Parameter(emb.detach().clone(), requires_grad=False)
+
+
+def _bits(model_before: nn.Module, method: str, stages: int, gran: Any) -> float:
+    """Bits per quantized real weight, scales included, over every linear layer."""
+    total_bits = weights = 0
+    for mod in model_before.modules():
+        if isinstance(mod, nn.Linear):
+            out_f, in_f = mod.weight.shape
+            total_bits += 8 * quant.storage_bytes(method, stages, out_f, in_f, gran)
+            weights += out_f * in_f
+    return total_bits / weights
+
+
+@torch.no_grad()
+def build(name: str, cal_windows: torch.Tensor) -> tuple:
+    """(model ready to evaluate, row info) for one configuration."""
+    cfg = parse_config(name)
+    model, _ = load_smollm2(progress=False)
+    info: Dict[str, Any] = {"name": name, **{k: v for k, v in cfg.items() if k != "kind"}, "kind": cfg["kind"]}
+    t0 = time.perf_counter()
+    if cfg["kind"] == "fp":
+        info["bits_per_weight"] = 32.0
+    elif cfg["kind"] == "hqq":
+        out = hqq_dequantized(model, cfg["nbits"], cfg["group_size"])
+        info.update(bits_per_weight=out["bits_per_weight"], hqq_version=out["hqq_version"], rel_err=out["rel_err"])
+    elif cfg["kind"] == "rtn":
+        info["bits_per_weight"] = _bits(model, cfg["method"], cfg["stages"], cfg["granularity"])
+        _untie_all(model)
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                a = mod.weight
+                mod.weight = nn.Parameter(rtn_round(a, cfg["stages"], cfg["granularity"], method=cfg["method"])
+                                          .to(a.dtype), requires_grad=False)
+    else:
+        info["bits_per_weight"] = _bits(model, cfg["method"], cfg["stages"], cfg["granularity"])
+        res = calibrate(model, cal_windows, stages=cfg["stages"], scale_granularity=cfg["granularity"],
+                        method=cfg["method"], sequential=cfg["sequential"], act_order=cfg["act_order"],
+                        pack=False, progress=False)
+        s = res.summary()
+        info.update(calibration_s=round(res.seconds, 1), mean_rtn_output_error=s["mean_rtn_error"],
+                    mean_calibrated_output_error=s["mean_calibrated_error"],
+                    layers={n: [lc.rtn_error, lc.calibrated_error] for n, lc in res.layers.items()})
+        del model
+        model = res.model
+    info["build_s"] = round(time.perf_counter() - t0, 1)
+    return model, info
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.4g}" if x < 1e4 else f"{x:.3g}"
+
+
+def markdown(payload: Dict[str, Any]) -> str:
+    s = payload["settings"]
+    fp = next((r["ppl"] for r in payload["rows"] if r["name"] == "fp"), None)
+    tasks = s["tasks"]
+    head = "| configuration | bits/weight (scales incl.) | wiki ppl | × FP |" + "".join(f" {t} acc_norm |" for t in tasks)
+    lines = [
+        f"# Calibrated conversion, SmolLM2-135M ({payload['machine']}, torch {payload['torch']})", "",
+        f"Perplexity: first {s['windows']} windows of {s['seq_len']} tokens of the enwiki sample "
+        f"(prepended: {s['prepended']}). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens from the "
+        f"end of the same sample (token {s['calib_start']} on; evaluation text ends at {s['eval_end']}). All linear "
+        f"layers incl. lm_head quantized; embedding float." + (f" Zero-shot: first {s['limit']} records per task."
+                                                                if tasks else ""), "",
+        head, "|---|---|---|---|" + "---|" * len(tasks)]
+    for r in payload["rows"]:
+        ratio = r["ppl"] / fp if fp else None
+        accs = "".join(f" {r['tasks'][t]['acc_norm']:.3f} |" if t in r.get("tasks", {}) else " – |" for t in tasks)
+        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {_fmt(r['ppl'])} | {_fmt(ratio)} |{accs}")
+    lines += ["", "Mean H-weighted relative output error over the layers, tr(E H Eᵀ)/tr(A H Aᵀ) with each layer's "
+              "own calibration H (round-to-nearest -> calibrated):", ""]
+    for r in payload["rows"]:
+        if "mean_rtn_output_error" in r:
+            lines.append(f"- {r['name']}: {r['mean_rtn_output_error']:.4f} -> {r['mean_calibrated_output_error']:.4f} "
+                         f"(calibration {r['calibration_s']} s)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--tasks", nargs="*", default=[])
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--zero-shot-configs", nargs="*", default=None,
+                   help="configurations that also get zero-shot (default: all when --tasks is given)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "calibrated"))
+    args = p.parse_args(argv)
+    for name in args.configs:
+        cfg = parse_config(name)
+        if cfg["kind"] == "hqq" and not hqq_available():
+            raise SystemExit(f"{name} needs hqq: make setup-peers")
+
+    _, tokenizer = load_smollm2(progress=False)
+    windows = eval_windows(tokenizer, args.seq_len, args.windows)
+    eval_end = int(windows.numel())
+    cal = calibration_windows(ev.wiki_tokens(tokenizer), args.calib_samples, args.calib_seq_len, avoid=eval_end)
+    payload: Dict[str, Any] = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "settings": {"windows": args.windows, "seq_len": args.seq_len, "calib_samples": args.calib_samples,
+                     "calib_seq_len": args.calib_seq_len, "eval_end": eval_end,
+                     "calib_start": int(ev.wiki_tokens(tokenizer).numel() - cal.numel()),
+                     "prepended": ev.prefix_text(tokenizer, ev.special_prefix(tokenizer)),
+                     "tasks": args.tasks, "limit": args.limit},
+        "rows": [],
+    }
+    zs = set(args.configs if args.zero_shot_configs is None else args.zero_shot_configs)
+    examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
+    for name in args.configs:
+        model, info = build(name, cal)
+        t = time.perf_counter()
+        info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
+        info["tasks"] = {}
+        if name in zs:
+            for task, exs in examples.items():
+                r = ev.score_multiple_choice(model, tokenizer, exs, progress=False)
+                info["tasks"][task] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]}
+        info["eval_s"] = round(time.perf_counter() - t, 1)
+        print(f"{name}: bits {info['bits_per_weight']:.3f} ppl {info['ppl']:.4g} {info['tasks']} "
+              f"(build {info['build_s']} s, eval {info['eval_s']} s)", flush=True)
+        payload["rows"].append(info)
+        write_results(args.out, payload, markdown(payload))  # after every row: a long run keeps what it has
+        del model
+        gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
