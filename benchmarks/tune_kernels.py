@@ -187,7 +187,9 @@ def run_case(out_f: int, in_f: int, M: int, T: int, path: str, bench, deadline: 
             twin = next((q for q in timed if q["decode"] == "asm" and q["spec"] == r["spec"]), None)
             if twin:
                 pairs.append({"spec": r["spec"], "bits_us": r["us"], "asm_us": twin["us"]})
-    best_spec = dict(best["spec"], decode=best["decode"]) if best and path in ("mma", "dense") else (best or {}).get("spec")
+    best_spec = (best or {}).get("spec")
+    if best and path in ("mma", "dense"):
+        best_spec = dict(best["spec"], decode=best["decode"])
     return {"shape": f"{out_f}x{in_f}", "M": M, "stages": T, "path": path, "bf16_us": t_bf16,
             "current_us": cur["us"] if cur else None, "best_us": best["us"] if best else None,
             "best_spec": best_spec, "n_candidates": len(rows), "best_by_decode_us": by_decode,

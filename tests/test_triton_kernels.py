@@ -544,7 +544,8 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
         assert (s.path, s.block_m, s.block_n, s.num_warps) == ("gemm", 128, 128, 8)
         s = choose_spec(32, 2048, 5504, 2, 0, False, torch.bfloat16, False, False, "gemm")
         assert s.block_m == 32  # fewer than 64 rows: no 128-row tiles of masked work
-        assert choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, True, "gemv").block_n == 16  # interpreter: no table
+        # the interpreter reads no table
+        assert choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, True, "gemv").block_n == 16
         path.write_text("{not json")
         tp._config_table.cache_clear()
         with pytest.raises(ValueError, match="cannot be read as JSON.*tune_kernels.py"):

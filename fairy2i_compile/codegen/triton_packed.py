@@ -222,7 +222,8 @@ class KernelSpec:
                 raise ValueError(f"KernelSpec: gemv block_k must be >= 16 (one code word), got {self.block_k}")
         elif self.path in ("mma", "dense"):
             if self.block_k < 16:
-                raise ValueError(f"KernelSpec: {self.path} block_k must be >= 16 (whole code words), got {self.block_k}")
+                raise ValueError(f"KernelSpec: {self.path} block_k must be >= 16 (whole code words), "
+                                 f"got {self.block_k}")
             if self.scale == "group" and self.group_size % self.block_k:
                 raise ValueError(f"KernelSpec: {self.path} with group scales needs block_k to divide the group, got "
                                  f"{self.group_size=} {self.block_k=}")
