@@ -12,16 +12,16 @@
 #
 # Stages and budgets (seconds):
 #   1  env + import check                                     ~10
-#   2  pytest tests/test_triton_kernels.py -n 6 (CUDA)   |    150 (in parallel with 3: nothing timed)
-#   3  tune_kernels.py --warm-only, 9 shards             |    110
-#   4  tune_kernels.py: the sweep, timed, writes the table    75
-#   5  bench_kernels.py --warm-only, 10 shards                45
-#   6  bench_kernels.py --variants with the new table         75
-#   7  bench_kernels.py --decode (bf16, w2)                   130, if time is left
-#   8  ncu on one mma launch (counters, if the runtime allows) 25, if time is left
+#   2  pytest tests/test_triton_kernels.py -n 6 (CUDA)   |    120 (in parallel with 3: nothing timed)
+#   3  tune_kernels.py --warm-only, 9 shards             |    100
+#   4  tune_kernels.py: the sweep, timed, writes the table    65
+#   5  bench_kernels.py --warm-only, 10 shards                35
+#   6  bench_kernels.py --variants with the new table         65
+#   7  bench_kernels.py --decode (bf16, w2)                   up to 125, what is left
+#   8  ncu on one mma launch (counters, if the runtime allows) 20, if time is left
 set -u
 OUT=${OUT:-/tmp/gpu_session_out}
-TOTAL=${GPU_SESSION_BUDGET_S:-385}
+TOTAL=${GPU_SESSION_BUDGET_S:-425}
 mkdir -p "$OUT" /tmp/r
 export PYTHONUNBUFFERED=1 PYTHONPATH=. FAIRY2I_KERNEL_CACHE=/tmp/fairy2i_kernels TRITON_CACHE_DIR=/tmp/triton_cache
 unset TRITON_INTERPRET
@@ -41,12 +41,12 @@ python3 -c "import fairy2i_compile.codegen.triton_packed as tp; print('import ok
 cp fairy2i_compile/codegen/triton_configs.json /tmp/r/triton_configs.json
 
 stage "2+3 GPU tests (pytest -n 6) and sweep compile (9 warm shards), side by side"
-( timeout 150 python3 -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider -n 6 -ra \
+( timeout 120 python3 -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider -n 6 -ra \
     > /tmp/r/gpu_tests.log 2>&1; echo "pytest exit $?" >> /tmp/r/gpu_tests.log ) &
 TESTS=$!
 WARM=()
 for i in 0 1 2 3 4 5 6 7 8; do
-  timeout 110 python3 benchmarks/tune_kernels.py --warm-only --shard $i --shards 9 > /tmp/r/warm_tune_$i.log 2>&1 &
+  timeout 100 python3 benchmarks/tune_kernels.py --warm-only --shard $i --shards 9 > /tmp/r/warm_tune_$i.log 2>&1 &
   WARM+=($!)
 done
 wait "${WARM[@]}"
@@ -56,7 +56,7 @@ stage "tests done"; tail -n 25 /tmp/r/gpu_tests.log
 keep /tmp/r/gpu_tests.log
 
 stage "4 sweep (timed)"
-timeout 75 python3 benchmarks/tune_kernels.py --budget-s 60 --rep 25 --out /tmp/r/tune_kernels \
+timeout 65 python3 benchmarks/tune_kernels.py --budget-s 50 --rep 20 --out /tmp/r/tune_kernels \
   --write-configs /tmp/r/triton_configs.json
 echo "tune exit $?"
 keep /tmp/r/tune_kernels.json /tmp/r/triton_configs.json
@@ -65,7 +65,7 @@ export FAIRY2I_TRITON_CONFIGS=/tmp/r/triton_configs.json
 stage "5 bench compile (10 warm shards)"
 WARM=()
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  timeout 45 python3 benchmarks/bench_kernels.py --variants --warm-only --shard $i --shards 10 \
+  timeout 35 python3 benchmarks/bench_kernels.py --variants --batches 1,2,4,8,16,64,256 --warm-only --shard $i --shards 10 \
     > /tmp/r/warm_bench_$i.log 2>&1 &
   WARM+=($!)
 done
@@ -73,21 +73,23 @@ wait "${WARM[@]}"
 grep -h "warm:" /tmp/r/warm_bench_*.log | head -20
 
 stage "6 bench (timed)"
-timeout 75 python3 benchmarks/bench_kernels.py --variants --out /tmp/r/bench_kernels
+timeout 65 python3 benchmarks/bench_kernels.py --variants --batches 1,2,4,8,16,64,256 --rep 25 \
+  --out /tmp/r/bench_kernels
 echo "bench exit $?"
 keep /tmp/r/bench_kernels.json
 
 if [ "$(left)" -gt 60 ]; then
-  B=$(( $(left) - 25 )); [ $B -gt 130 ] && B=130
+  B=$(( $(left) - 20 )); [ $B -gt 125 ] && B=125
   stage "7 end-to-end decode (budget ${B}s)"
-  timeout $B python3 benchmarks/bench_kernels.py --decode --decode-configs bf16,w2 --out /tmp/r/gpu_decode
+  timeout $B python3 benchmarks/bench_kernels.py --decode --decode-configs bf16,w2 --decode-tokens 48 \
+    --out /tmp/r/gpu_decode
   echo "decode exit $?"
   keep /tmp/r/gpu_decode.json
 else
   stage "7 end-to-end decode skipped: $(left)s left"
 fi
 
-if [ "$(left)" -gt 25 ] && command -v ncu > /dev/null; then
+if [ "$(left)" -gt 22 ] && command -v ncu > /dev/null; then
   stage "8 ncu: one mma launch, 4096x11008, M = 1, T = 2"
   cat > /tmp/r/one_launch.py <<'EOF'
 import torch, sys
@@ -101,7 +103,7 @@ for _ in range(3):
     launch_packed_linear(spec, x, codes, scales, None, m)
 torch.cuda.synchronize()
 EOF
-  timeout 22 ncu --clock-control none -k regex:fairy2i_mma -c 1 --section SpeedOfLight --section Occupancy \
+  timeout 20 ncu --clock-control none -k regex:fairy2i_mma -c 1 --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section ComputeWorkloadAnalysis python3 /tmp/r/one_launch.py > /tmp/r/ncu.txt 2>&1
   echo "ncu exit $?"; tail -n 60 /tmp/r/ncu.txt
   keep /tmp/r/ncu.txt
