@@ -34,7 +34,7 @@ def test_unknown_option_names_the_allowed_ones():
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"mode": "train"}, r"option 'mode' must be one of \['exact', 'ptq', 'qat'\], got 'train'"),
+        ({"mode": "train"}, r"option 'mode' must be one of \['exact', 'ptq', 'qat', 'calibrate'\], got 'train'"),
         ({"stages": 0}, r"'stages' must be in 1..4, got 0"),
         ({"stages": 5}, r"'stages' must be in 1..4, got 5"),
         ({"stages": 2.0}, r"'stages' must be an int"),
