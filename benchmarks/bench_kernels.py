@@ -27,8 +27,8 @@ For each shape (out x in of the real layer: U, W are [out/2, in/2] complex) and 
 --decode times greedy decoding of a Llama-architecture model (random weights, LLaMA-7B layer
 sizes, --layers blocks) compiled with torch.compile: bf16 with Inductor vs the same model
 packed (pack_model, T = 1 and 2) compiled with the fairy2i backend (Inductor for the rest of
-the graph, the Triton kernels for the packed layers); both with CUDA graphs (Inductor's
-cudagraph trees) when they capture, tokens/s = 1 / median step time, from one run.
+the graph, the Triton kernels for the packed layers); with --cudagraphs Inductor's cudagraph trees
+are tried first; tokens/s = 1 / median step time, from one run.
 
 --sass is the profile that needs no GPU: it compiles the kernels' "before" and "after" specs
 for sm_90 (Triton's own compiler and ptxas, GPUTarget("cuda", 90, 32)), disassembles them with
@@ -111,6 +111,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="--decode: prompt length (default 32)")
     p.add_argument("--decode-configs", default="bf16,w2,w1",
                    help="--decode: comma-separated subset of bf16, w1, w2 (default all, bf16 first)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="--decode: try Inductor's CUDA graphs first (H200 run 1: the process crashed with them)")
     p.add_argument("--sass", action="store_true",
                    help="offline sm_90 SASS instruction counts of the kernels' main loops (needs no GPU)")
     return p.parse_args(argv)
@@ -364,7 +366,7 @@ def decode_config(name: str, args) -> Dict:
     ids = torch.randint(0, 32000, (1, args.prompt_tokens), device="cuda")
     cache = StaticCache(config=model.config, max_cache_len=args.prompt_tokens + args.decode_tokens)
     result = None
-    for cudagraphs in (True, False):
+    for cudagraphs in ((True, False) if args.cudagraphs else (False,)):
         try:
             with inductor_config.patch({"triton.cudagraphs": cudagraphs}):
                 torch._dynamo.reset()

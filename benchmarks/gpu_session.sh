@@ -10,6 +10,9 @@
 # triton_configs.json (the shipped table merged with this sweep), bench_kernels.json,
 # gpu_decode.json, ncu.txt. The .md tables are regenerated from the JSON by the scripts' to_markdown.
 #
+# GPU_SESSION_CASES=mma makes a short second call: the pytest subset TESTS_K (default "mma"), the
+# batch-1..16 sweep (tune_kernels.MMA_CASES), bench without variants, decode; ~300 s.
+#
 # Stages and budgets (seconds):
 #   1  env + import check                                     ~10
 #   2  pytest tests/test_triton_kernels.py -n 6 (CUDA)   |    120 (in parallel with 3: nothing timed)
@@ -41,7 +44,8 @@ python3 -c "import fairy2i_compile.codegen.triton_packed as tp; print('import ok
 cp fairy2i_compile/codegen/triton_configs.json /tmp/r/triton_configs.json
 
 stage "2+3 GPU tests (pytest -n 6) and sweep compile (9 warm shards), side by side"
-( timeout 120 python3 -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider -n 6 -ra \
+if [ "${GPU_SESSION_CASES:-}" = mma ]; then KSEL=(-k "${TESTS_K:-mma}"); VARIANTS=(); else KSEL=(); VARIANTS=(--variants); fi
+( timeout 120 python3 -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider -n 6 -ra "${KSEL[@]}" \
     > /tmp/r/gpu_tests.log 2>&1; echo "pytest exit $?" >> /tmp/r/gpu_tests.log ) &
 TESTS=$!
 WARM=()
@@ -65,7 +69,7 @@ export FAIRY2I_TRITON_CONFIGS=/tmp/r/triton_configs.json
 stage "5 bench compile (10 warm shards)"
 WARM=()
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  timeout 35 python3 benchmarks/bench_kernels.py --variants --batches 1,2,4,8,16,64,256 --warm-only --shard $i --shards 10 \
+  timeout 35 python3 benchmarks/bench_kernels.py "${VARIANTS[@]}" --batches 1,2,4,8,16,64,256 --warm-only --shard $i --shards 10 \
     > /tmp/r/warm_bench_$i.log 2>&1 &
   WARM+=($!)
 done
@@ -73,23 +77,25 @@ wait "${WARM[@]}"
 grep -h "warm:" /tmp/r/warm_bench_*.log | head -20
 
 stage "6 bench (timed)"
-timeout 65 python3 benchmarks/bench_kernels.py --variants --batches 1,2,4,8,16,64,256 --rep 25 \
+timeout 65 python3 benchmarks/bench_kernels.py "${VARIANTS[@]}" --batches 1,2,4,8,16,64,256 --rep 25 \
   --out /tmp/r/bench_kernels
 echo "bench exit $?"
 keep /tmp/r/bench_kernels.json
 
 if [ "$(left)" -gt 60 ]; then
   B=$(( $(left) - 20 )); [ $B -gt 125 ] && B=125
-  stage "7 end-to-end decode (budget ${B}s)"
-  timeout $B python3 benchmarks/bench_kernels.py --decode --decode-configs bf16,w2 --decode-tokens 48 \
-    --out /tmp/r/gpu_decode
-  echo "decode exit $?"
-  keep /tmp/r/gpu_decode.json
+  stage "7 end-to-end decode (budget ${B}s), one process per configuration"
+  for c in bf16 w2; do
+    timeout $(( B / 2 )) python3 benchmarks/bench_kernels.py --decode --decode-configs $c --decode-tokens 48 \
+      --out /tmp/r/gpu_decode_$c
+    echo "decode $c exit $?"
+    keep /tmp/r/gpu_decode_$c.json
+  done
 else
   stage "7 end-to-end decode skipped: $(left)s left"
 fi
 
-if [ "$(left)" -gt 22 ] && command -v ncu > /dev/null; then
+if [ "${GPU_SESSION_CASES:-}" != mma ] && [ "$(left)" -gt 22 ] && command -v ncu > /dev/null; then
   stage "8 ncu: one mma launch, 4096x11008, M = 1, T = 2"
   cat > /tmp/r/one_launch.py <<'EOF'
 import torch, sys

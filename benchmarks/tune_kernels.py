@@ -39,6 +39,11 @@ DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "tune_kernel
 BF16_TOL = 2e-2  # relative to the output scale, as bench_kernels.py
 
 # (out, in, M, T, path): the decode and prefill sizes of LLaMA-7B-class layers the issue names
+# GPU_SESSION_CASES=mma: the batch-1..16 cases only (a short second call)
+MMA_CASES = [
+    (4096, 11008, 1, 2, "mma"), (11008, 4096, 1, 2, "mma"), (4096, 11008, 1, 1, "mma"), (11008, 4096, 1, 1, "mma"),
+    (4096, 4096, 1, 2, "mma"), (8192, 8192, 1, 2, "mma"), (4096, 11008, 8, 2, "mma"), (4096, 4096, 1, 1, "mma"),
+]
 CASES = [
     (4096, 11008, 1, 2, "mma"), (11008, 4096, 1, 2, "mma"), (4096, 11008, 1, 1, "mma"), (11008, 4096, 1, 1, "mma"),
     (4096, 11008, 16, 2, "mma"), (4096, 11008, 16, 2, "dense"),
@@ -49,7 +54,8 @@ CASES = [
 GRIDS = {
     # M = 1..8: the N side of the dot is tiny; the knobs are rows per program (programs in flight),
     # K step (bytes per load), pipelining depth and the decode
-    "mma": dict(block_n=(8, 16, 32), block_k=(256, 512), num_warps=(2, 4), num_stages=(3, 5), decode=("asm",)),
+    "mma": dict(block_n=(8, 16, 32), block_k=(256, 512), num_warps=(2, 4), num_stages=(3,), decode=("asm",),
+                split_k=(1, 2, 4, 8)),
     # larger M: the activation block and the row block trade registers for reuse
     "mma_large": dict(block_m=(16, 32, 64), block_n=(8, 16), block_k=(64, 128), num_warps=(4, 8),
                       num_stages=(3,), decode=("asm",)),
@@ -61,6 +67,10 @@ GRIDS = {
 }
 # the pure-Triton decode next to the PTX one, at a few configs per case (the comparison the notes report)
 BITS_TOO = 3
+
+
+if __import__("os").environ.get("GPU_SESSION_CASES") == "mma":
+    CASES = MMA_CASES
 
 
 def candidates(base, M: int) -> List:
@@ -157,7 +167,8 @@ def run_case(out_f: int, in_f: int, M: int, T: int, path: str, bench, deadline: 
     for spec in specs:
         if time.monotonic() > deadline:
             break
-        row = {"spec": {k: getattr(spec, k) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")},
+        row = {"spec": {k: getattr(spec, k) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages",
+                                                      "split_k")},
                "path": spec.path, "decode": spec.decode, "current": spec == specs[0]}
         try:
             launch_packed_linear(spec, x, codes, scales, None, m, out=y)

@@ -181,6 +181,30 @@ def test_dense_asm_decode_matches_reference(dtype, stages, granularity, M):
     _check(70, 150, stages, granularity, (M,), dtype=dtype, bias=True, path="dense", decode="asm")
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("granularity,M", [("tensor", 1), ("row", 5), (32, 3)])
+def test_mma_split_k_matches_reference(split_k, granularity, M):
+    """Split K: programs add their partial sums into a zeroed y (fp32 here: the interpreter has no bf16 atomics)."""
+    codes, scales, g = _layer(70, 150, 2, granularity)
+    x, b = _inputs((M,), 70, 150, torch.float32, True)
+    spec = dataclasses.replace(choose_spec(M, 70, 150, 2, g, granularity == "row", torch.float32, True, INTERPRET,
+                                           "mma"), split_k=split_k, block_k=32)
+    y = torch.full((M, 140), float("nan"), device=DEVICE)  # the launcher zeroes it
+    _assert_matches(launch_packed_linear(spec, x, codes, scales, b, 150, out=y), x, codes, scales, b, 150, g)
+
+
+@pytest.mark.skipif(INTERPRET, reason="bf16 / fp16 atomic adds run on a CUDA device only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("decode", ["bits", "asm"])
+def test_mma_split_k_half_on_gpu(dtype, decode):
+    _check(70, 150, 2, "row", (3,), dtype=dtype, bias=True, path="mma", decode=decode)
+    codes, scales, g = _layer(70, 150, 2, "row")
+    x, b = _inputs((3,), 70, 150, dtype, True)
+    spec = dataclasses.replace(choose_spec(3, 70, 150, 2, g, True, dtype, True, False, "mma"), split_k=4,
+                               block_k=32, decode=decode)
+    _assert_matches(launch_packed_linear(spec, x, codes, scales, b, 150), x, codes, scales, b, 150, g)
+
+
 def test_mma_block_m_splits_activation_rows():
     """More rows than one program's BLOCK_M: a second grid dimension over the rows (ragged)."""
     n, m = 24, 40
@@ -458,6 +482,8 @@ def test_kernel_spec_validation():
         choose_spec(1, 8, 40, 1, 6, True, torch.float32, False, True, "mma")
     with pytest.raises(ValueError, match="bfloat16 or float16 activations only"):
         KernelSpec("dense", 1, "tensor", act_dtype="float32", decode="asm")
+    with pytest.raises(ValueError, match="split_k"):
+        KernelSpec("dense", 1, "tensor", split_k=2)
 
 
 @pytest.mark.parametrize("interpret", [True, False])
@@ -519,7 +545,8 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
         {"path": "gemm", "stages": 2, "M": 256, "n": 2048, "m": 5504,
          "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}},
         {"path": "mma", "stages": 2, "M": 1, "n": 2048, "m": 5504,
-         "config": {"block_m": 1, "block_n": 8, "block_k": 512, "num_warps": 2, "num_stages": 4, "decode": "asm"}},
+         "config": {"block_m": 1, "block_n": 8, "block_k": 512, "num_warps": 2, "num_stages": 4, "decode": "asm",
+                    "split_k": 2}},
         {"path": "mma", "stages": 2, "M": 64, "n": 2048, "m": 5504,
          "config": {"block_m": 32, "block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 3, "decode": "bits"}},
     ], "some other GPU": [{"path": "gemv", "stages": 1, "M": 1, "n": 8, "m": 8, "config": dict(gemv, block_n=64)}]}
@@ -538,6 +565,8 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
         assert (s.path, s.block_m, s.block_n, s.block_k, s.num_stages, s.decode) == ("mma", 1, 8, 512, 4, "asm")
         s = choose_spec(16, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
         assert (s.block_m, s.block_n, s.decode) == (16, 16, "bits")  # the M = 64 entry, block_m <= next_pow2(16)
+        s = choose_spec(4, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
+        assert (s.block_m, s.block_n, s.split_k) == (4, 8, 2)  # the M = 1 entry's blocks, but BLOCK_M from M
         s = choose_spec(256, 2048, 5504, 2, 0, False, torch.bfloat16, False, False)
         assert (s.path, s.block_m, s.block_n, s.decode) == ("dense", 128, 128, "bits")  # no entry: defaults
         s = choose_spec(256, 2048, 5504, 2, 0, False, torch.bfloat16, False, False, "gemm")
@@ -567,6 +596,6 @@ def test_shipped_config_table_is_valid():
         tp._config_table.cache_clear()
         assert tp._config_table(str(tp.CONFIGS_FILE), device) == entries and entries
         for e in entries:
-            spec = KernelSpec(e["path"], e["stages"], "tensor", **e["config"])  # valid block sizes
+            spec = KernelSpec(e["path"], e["stages"], "tensor", act_dtype="bfloat16", **e["config"])  # valid blocks
             assert spec.path in tp.PATHS and spec.block_m <= max(16, e["M"])
     tp._config_table.cache_clear()

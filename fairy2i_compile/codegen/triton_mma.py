@@ -85,10 +85,12 @@ MMA_BODY = """\
     BLOCK_K: tl.constexpr,  # input columns per K step (a multiple of 16: whole code words)$group_param
 ):
     PLANES: tl.constexpr = $planes_pad  # 2T = $planes planes, padded to a power of two
+    SPLIT_K: tl.constexpr = $split_k  # programs per output tile along K (their sums meet in y by atomic adds)
     R: tl.constexpr = PLANES * BLOCK_N
     BW: tl.constexpr = BLOCK_K // 16
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)  # this program's K steps: pid_k, pid_k + SPLIT_K, ...
     # weight side: tile row rho = plane * BLOCK_N + i holds output row j = pid_n * BLOCK_N + i of that plane
     rho = tl.arange(0, R)
     plane_of_row = rho // BLOCK_N
@@ -111,9 +113,17 @@ $loop
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 $bias    y_out = y_ptr + offs_m[None, :].to(tl.int64) * (2 * n) + offs_n[:, None]
     mask_out = mask_n[:, None] & (offs_m < M)[None, :]
-    tl.store(y_out, re.to(y_ptr.dtype.element_ty), mask=mask_out)
-    tl.store(y_out + n, im.to(y_ptr.dtype.element_ty), mask=mask_out)
+$store
 """
+
+_STORE = """\
+    tl.store(y_out, re.to(y_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(y_out + n, im.to(y_ptr.dtype.element_ty), mask=mask_out)"""
+
+# split K: y was zeroed by the launcher; every program adds its partial sums (rounded to y's dtype)
+_STORE_SPLIT = """\
+    tl.atomic_add(y_out, re.to(y_ptr.dtype.element_ty), mask=mask_out, sem="relaxed")
+    tl.atomic_add(y_out + n, im.to(y_ptr.dtype.element_ty), mask=mask_out, sem="relaxed")"""
 
 # one K step: activations, code words, atoms, two dots
 _STEP = """\
@@ -156,14 +166,14 @@ im $op tl.sum(sgn * s_re * (pb + qb) + s_im * (pa - qa), axis=0)"""
 _LOOP_FLAT = """\
     acc_p = tl.zeros([R, 2 * BLOCK_M], dtype=tl.float32)
     acc_q = tl.zeros([R, 2 * BLOCK_M], dtype=tl.float32)
-    for k in range(0, m, BLOCK_K):
+    for k in range(pid_k * BLOCK_K, m, SPLIT_K * BLOCK_K):
 $step
 $combine"""
 
 _LOOP_GROUPED = """\
     re = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     im = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for g0 in range(0, m, GROUP):  # BLOCK_K divides GROUP: K steps never cross a group
+    for g0 in range(pid_k * GROUP, m, SPLIT_K * GROUP):  # BLOCK_K divides GROUP: steps never cross a group
         acc_p = tl.zeros([R, 2 * BLOCK_M], dtype=tl.float32)
         acc_q = tl.zeros([R, 2 * BLOCK_M], dtype=tl.float32)
         for k in range(g0, g0 + GROUP, BLOCK_K):
@@ -172,7 +182,7 @@ $step
 $combine"""
 
 # every fragment's text, for the source hash
-MMA_TEMPLATE = MMA_BODY + _STEP + _DECODE_BITS + _DECODE_ASM + _COMBINE + _LOOP_FLAT + _LOOP_GROUPED
+MMA_TEMPLATE = MMA_BODY + _STORE + _STORE_SPLIT + _STEP + _DECODE_BITS + _DECODE_ASM + _COMBINE + _LOOP_FLAT + _LOOP_GROUPED
 
 
 def _indent(text: str, spaces: int) -> str:
@@ -235,11 +245,13 @@ def mma_slots(spec, planes_pad: int) -> Dict[str, str]:
         combine = Template(_COMBINE).substitute(scale_loads=scale_loads, op="=")
         loop = Template(_LOOP_FLAT).substitute(step=_indent(step, 8), combine=_indent(combine, 4))
     bias = ""
-    if spec.has_bias:
-        bias = ("    re += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]\n"
-                "    im += tl.load(bias_ptr + n + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]\n")
+    if spec.has_bias:  # with split K only the first program adds it
+        keep = "" if spec.split_k == 1 else " * (pid_k == 0)"
+        bias = (f"    re += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]{keep}\n"
+                f"    im += tl.load(bias_ptr + n + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]{keep}\n")
     return dict(
         planes=str(planes), planes_pad=str(planes_pad), plane_mask=plane_mask, loop=loop, bias=bias,
+        split_k=str(spec.split_k), store=_STORE if spec.split_k == 1 else _STORE_SPLIT,
         dot_dtype=dot_dtype, decode_name=spec.decode,
         group_note=" (per group: the sums restart at every group)" if grouped else "",
     )

@@ -172,6 +172,8 @@ class KernelSpec:
     interpret:  generated for the Triton interpreter (tl.dot inputs in fp32)
     decode:     "bits" (integer ops in Triton) | "asm" (mma / dense, GPU only: PTX lop3 per atom pair; dense
                 also sums the tiles as bf16x2 / f16x2 pairs, so not for fp32 activations)
+    split_k:    mma only: programs per output tile along K, their partial sums added into a zeroed y
+                (atomic adds in y's dtype): more programs in flight when n is small (batch 1)
     """
 
     path: str
@@ -187,6 +189,7 @@ class KernelSpec:
     num_stages: int = 2
     interpret: bool = False
     decode: str = "bits"
+    split_k: int = 1
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -196,6 +199,10 @@ class KernelSpec:
         if self.decode == "asm" and (self.path not in ("mma", "dense") or self.interpret):
             raise ValueError(f"KernelSpec: decode='asm' (inline PTX) exists for paths 'mma' and 'dense' on a GPU "
                              f"only, got {self.path=} {self.interpret=}")
+        if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1 or (
+                self.split_k > 1 and self.path != "mma"):
+            raise ValueError(f"KernelSpec.split_k must be an int >= 1, and 1 unless path='mma', got "
+                             f"{self.split_k!r} for {self.path=}")
         if self.decode == "asm" and self.path == "dense" and self.act_dtype == "float32":
             raise ValueError("KernelSpec: path='dense' with decode='asm' sums tiles in bf16x2 / f16x2 pairs: "
                              "bfloat16 or float16 activations only, got float32")
@@ -258,7 +265,8 @@ class KernelSpec:
         bias = "_bias" if self.has_bias else ""
         interp = "_interp" if self.interpret else ""
         asm = "_asm" if self.decode == "asm" else ""
-        return f"fairy2i_{self.path}_t{self.stages}_{scale}_{_SHORT[self.act_dtype]}{bias}{asm}{interp}"
+        split = f"_split{self.split_k}" if self.split_k > 1 else ""
+        return f"fairy2i_{self.path}_t{self.stages}_{scale}_{_SHORT[self.act_dtype]}{bias}{asm}{split}{interp}"
 
 
 # --------------------------------------------------------------------------- #
@@ -792,7 +800,7 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
     elif path in ("mma", "dense") and not mma_applies(group_size, m):
         raise ValueError(f"choose_spec: the {path} path needs group sizes that are multiples of 16, got {group_size}")
     tuned = None if interpret else tuned_config(path, stages, n, m, M)
-    decode = "bits"
+    decode, split_k = "bits", 1
     if path == "mma":
         if interpret:
             cfg = dict(block_m=_clamp_pow2(M, 1, 64), block_n=_clamp_pow2(n, 1, 16), block_k=_clamp_pow2(m, 16, 64),
@@ -806,7 +814,12 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
             cfg = dict(block_m=32, block_n=rows, block_k=64, num_warps=4, num_stages=3)
         cfg.update(tuned or {})
         decode = "bits" if interpret else str((tuned or {}).get("decode", "bits"))
+        if tuned and int(tuned.get("M", 0)) < M:
+            # an entry measured at fewer rows (block_m 1 at M = 1) says nothing about BLOCK_M here: one
+            # program per activation row would decode every tile M times
+            cfg["block_m"] = 16
         cfg["block_m"] = min(cfg["block_m"], _clamp_pow2(M, 1, 64))  # no activation rows past next_pow2(M)
+        split_k = int(cfg.get("split_k", 1))
         if dtype == "float32" and not interpret:  # the IEEE fp32 dot runs on FMAs: small tiles (sm_90: no spills)
             cfg.update(block_n=min(cfg["block_n"], 16), block_k=min(cfg["block_k"], 32))
         if scale == "group":  # the largest power of two dividing g (g % 16 == 0): steps tile each group
@@ -852,7 +865,8 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
             else:  # scales gathered per column: small steps, no pipelining (the gathers are [BLOCK_K, BLOCK_N])
                 cfg["block_k"], cfg["num_stages"] = 16, 1
     return KernelSpec(path, stages, scale, g, dtype, has_bias, cfg["block_m"], cfg["block_n"], cfg["block_k"],
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], interpret=interpret, decode=decode)
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], interpret=interpret, decode=decode,
+                      split_k=split_k)
 
 
 _CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
@@ -902,10 +916,14 @@ def tuned_config(path: str, stages: int, n: int, m: int, M: int) -> Optional[Dic
         size = abs(math.log(e["n"] / max(1, n))) + abs(math.log(e["m"] / max(1, m)))
         return (e["stages"] != stages, size, abs(math.log(e["M"] / max(1, M))))
 
-    cfg = min(entries, key=rank)["config"]
+    best = min(entries, key=rank)
+    cfg = best["config"]
     out: Dict[str, Any] = {k: int(cfg[k]) for k in _CONFIG_KEYS if k in cfg}
     if path in ("mma", "dense") and cfg.get("decode") in ("bits", "asm"):
         out["decode"] = cfg["decode"]
+    if path == "mma":
+        out["split_k"] = int(cfg.get("split_k", 1))
+        out["M"] = int(best["M"])  # the batch the entry was measured at (block_m follows it)
     return out
 
 
@@ -921,7 +939,10 @@ def launch_packed_linear(spec: KernelSpec, x: Tensor, codes: Tensor, scales: Ten
     P, n, kw = (int(v) for v in codes.shape)
     G = int(scales.shape[3])
     assert P == spec.planes and (bias is not None) == spec.has_bias and x.dtype == _ACT_DTYPES[spec.act_dtype]
-    y = x.new_empty((M, 2 * n)) if out is None else out
+    if out is None:
+        y = x.new_zeros((M, 2 * n)) if spec.split_k > 1 else x.new_empty((M, 2 * n))
+    else:
+        y = out.zero_() if spec.split_k > 1 else out
     if M == 0:
         return y
     kernel = load_kernel(spec)
@@ -935,7 +956,7 @@ def launch_packed_linear(spec: KernelSpec, x: Tensor, codes: Tensor, scales: Ten
         grid = (-(-n // spec.block_n), M)
         kernel[grid](*args, n, m, kw, G, **consts)
     else:
-        grid = (-(-n // spec.block_n), -(-M // spec.block_m))
+        grid = (-(-n // spec.block_n), -(-M // spec.block_m), spec.split_k)
         kernel[grid](*args, M, n, m, kw, G, BLOCK_M=spec.block_m, **consts)
     return y
 
