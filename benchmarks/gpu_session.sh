@@ -83,7 +83,7 @@ echo "bench exit $?"
 keep /tmp/r/bench_kernels.json
 
 if [ "$(left)" -gt 60 ]; then
-  B=$(( $(left) - 20 )); [ $B -gt 125 ] && B=125
+  B=$(( $(left) - 20 )); CAP=${DECODE_MAX_S:-125}; [ $B -gt $CAP ] && B=$CAP
   stage "7 end-to-end decode (budget ${B}s), one process per configuration"
   for c in bf16 w2; do
     timeout $(( B / 2 )) python3 benchmarks/bench_kernels.py --decode --decode-configs $c --decode-tokens 48 \
