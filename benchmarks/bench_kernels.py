@@ -354,12 +354,15 @@ def decode_config(name: str, args) -> Dict:
     if name == "bf16":
         compile_kw = dict(dynamic=False)
     else:
+        from fairy2i_compile.backend import Fairy2iBackend
         from fairy2i_compile.packed_model import pack_model
 
         stages = int(name[1])
         pack_model(model, stages=stages)
-        compile_kw = dict(dynamic=False, backend="fairy2i",
-                          options={"mode": "ptq", "stages": stages, "compiler": "inductor", "kernel": "auto"})
+        # the backend object, not backend="fairy2i": that name is registered by the package's entry point,
+        # i.e. only where it is pip-installed (H200 run 2: "Invalid backend: 'fairy2i'" from a checkout)
+        compile_kw = dict(dynamic=False, backend=Fairy2iBackend(
+            {"mode": "ptq", "stages": stages, "compiler": "inductor", "kernel": "auto"}))
     row["pack_s"] = time.perf_counter() - t0
     row["weight_bytes"] = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     torch.cuda.empty_cache()

@@ -773,10 +773,11 @@ def choose_spec(M: int, n: int, m: int, stages: int, group_size: int, row_scales
     above. mma does 2T times the tensor-core work of a dense product with the cheapest decode
     (two sign-bit atoms per code); dense decodes each tile of A_hat once per BLOCK_M rows and does
     the dense product's work, so it wins once the batch pays for its decode. `path` forces a
-    path (benchmarks, tests). Measured on an H200 (benchmarks/results/bench_kernels.md):
-    before the mma path, the GEMV's time grew with M (4096x11008, T=2: 92 / 168 / 319 us at M = 1 / 2 / 4)
-    and the GEMM decoded each tile once per BLOCK_M rows; the mma path decodes a tile once for up
-    to BLOCK_M = next_pow2(M) <= 64 rows, with the tensor cores doing the sums.
+    path (benchmarks, tests). Measured on an H200 (benchmarks/results/bench_kernels.md and
+    bench_kernels_h200_issue19_run1.md, 4096x11008, T = 2): the GEMV took 92 / 169 / 319 us at
+    M = 1 / 2 / 4, mma 24-25 / 27 / 31 us and 37 us at M = 16 (dense 154 us there); at M = 64
+    mma (106 us) and dense (245 us) both lose to cuBLAS bf16 (38 us), and at 11008x4096 dense
+    is the faster of the two (95 us), hence MMA_MAX_M = 16.
 
     row_scales: the scales have one row per output (n_s = n) rather than one per tensor.
     The interpreter's cost grows with programs x loop steps, so it gets large blocks. On GPU the
