@@ -21,9 +21,11 @@ Configurations (``--configs``; names say what they are):
 
     fp                      the float model
     rtn-w{T}                Fairy2i PhaseQuant, T stages, round-to-nearest (today's PTQ)
-    cal-w{T}[-row|-g{G}]    calibrated (sequential, block by block), per-tensor scales unless named
-    cal-w{T}-par            calibrated from the float model's activations (the ablation)
-    cal-w{T}-act            calibrated with activation order
+    cal-w{T}[-row|-g{G}]    calibrated (block by block, true-sequential, activation order: the defaults of
+                            `calibrate`), per-tensor scales unless named; suffixes combine:
+      -par                  from the float model's activations instead of block by block (ablation)
+      -noact / -nts         without activation order / without true-sequential groups (ablations)
+      -refit                least-squares scale refit after rounding
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import platform
 import re
 import sys
@@ -55,9 +58,9 @@ from fairy2i_compile.models import load_smollm2  # noqa: E402
 from peers import eval_windows, hqq_available, hqq_dequantized  # noqa: E402
 from results_io import write_results  # noqa: E402
 
-DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-par",
+DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)(?:-(row|g\d+|par|act))?$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -70,14 +73,17 @@ def parse_config(name: str) -> Dict[str, Any]:
     m = _CAL.match(name)
     if not m:
         raise SystemExit(f"unknown configuration {name!r}; see the module docstring for the names")
-    kind, meth, stages, opt = m.groups()
+    kind, meth, stages, opts = m.groups()
+    opts = [o for o in opts.split("-") if o]
     gran: Any = "tensor"
-    if opt == "row":
-        gran = "row"
-    elif opt and opt.startswith("g"):
-        gran = int(opt[1:])
+    for o in opts:
+        if o == "row":
+            gran = "row"
+        elif o.startswith("g"):
+            gran = int(o[1:])
     return {"kind": kind, "method": {"w": "phase", "binary-t": "binary", "ternary-t": "ternary"}[meth],
-            "stages": int(stages), "granularity": gran, "sequential": opt != "par", "act_order": opt == "act"}
+            "stages": int(stages), "granularity": gran, "sequential": "par" not in opts,
+            "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -119,11 +125,25 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                 a = mod.weight
                 mod.weight = nn.Parameter(rtn_round(a, cfg["stages"], cfg["granularity"], method=cfg["method"])
                                           .to(a.dtype), requires_grad=False)
+    elif (cfg["method"] == "phase" and cfg["granularity"] == "tensor" and cfg["sequential"] and cfg["act_order"]
+          and cfg["true_sequential"] and not cfg["refit_scales"] and cal_windows.shape == (16, 512)):
+        # exactly the demo's calibrated rows: calibrate through the demo's cache, so `make demo` reuses them
+        from fairy2i_compile.demo import calibrated_model
+
+        info["bits_per_weight"] = _bits(model, cfg["method"], cfg["stages"], cfg["granularity"])
+        packed, extra = calibrated_model(model, None, {"method": "phase", "stages": cfg["stages"]}, cal_windows,
+                                         progress=False)
+        info.update({k: v for k, v in extra.items() if k not in ("bits_per_weight", "per_layer_output_error")})
+        if "per_layer_output_error" in extra:
+            info["layers"] = extra["per_layer_output_error"]
+        del model
+        model = packed
     else:
         info["bits_per_weight"] = _bits(model, cfg["method"], cfg["stages"], cfg["granularity"])
         res = calibrate(model, cal_windows, stages=cfg["stages"], scale_granularity=cfg["granularity"],
                         method=cfg["method"], sequential=cfg["sequential"], act_order=cfg["act_order"],
-                        pack=False, progress=False)
+                        true_sequential=cfg["true_sequential"], refit_scales=cfg["refit_scales"],
+                        pack=False, progress=False, min_tokens=1)
         s = res.summary()
         info.update(calibration_s=round(res.seconds, 1), mean_rtn_output_error=s["mean_rtn_error"],
                     mean_calibrated_output_error=s["mean_calibrated_error"],
@@ -160,9 +180,9 @@ def markdown(payload: Dict[str, Any]) -> str:
     lines += ["", "Mean H-weighted relative output error over the layers, tr(E H Eᵀ)/tr(A H Aᵀ) with each layer's "
               "own calibration H (round-to-nearest -> calibrated):", ""]
     for r in payload["rows"]:
-        if "mean_rtn_output_error" in r:
+        if r.get("mean_rtn_output_error") is not None:
             lines.append(f"- {r['name']}: {r['mean_rtn_output_error']:.4f} -> {r['mean_calibrated_output_error']:.4f} "
-                         f"(calibration {r['calibration_s']} s)")
+                         f"(calibration {r.get('calibration_s', '?')} s)")
     return "\n".join(lines) + "\n"
 
 
@@ -171,14 +191,26 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--tasks", nargs="*", default=[])
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--zero-shot-configs", nargs="*", default=None,
                    help="configurations that also get zero-shot (default: all when --tasks is given)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "calibrated"))
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
+                   help="write --out from the rows of earlier runs' JSON files (same settings), in the given order")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        keys = ("windows", "seq_len", "calib_samples", "calib_seq_len", "eval_end", "calib_start")
+        for part in parts[1:]:
+            if any(part["settings"][k] != parts[0]["settings"][k] for k in keys):
+                raise SystemExit(f"--merge: the parts were measured with different settings ({keys})")
+        merged = {**parts[0], "rows": [r for part in parts for r in part["rows"]],
+                  "parts": [str(f) for f in args.merge]}
+        write_results(args.out, merged, markdown(merged))
+        return 0
     for name in args.configs:
         cfg = parse_config(name)
         if cfg["kind"] == "hqq" and not hqq_available():

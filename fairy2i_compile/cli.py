@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first N enwiki tokens are evaluation text and never used (default 16384)")
     g.add_argument("--calib-parallel", action="store_true",
                    help="every layer from the float model's activations (default: block by block)")
-    g.add_argument("--act-order", action="store_true", help="round columns by descending activation energy")
+    g.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="round columns in storage order (default: by descending activation energy)")
     p.set_defaults(func=cmd_quantize)
     return parser
 

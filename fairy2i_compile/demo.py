@@ -51,7 +51,7 @@ ROWS: List[tuple] = [
     ("Real binary, calibrated", {"mode": "ptq", "method": "binary", "stages": 1}, True),
     ("Real ternary, calibrated", {"mode": "ptq", "method": "ternary", "stages": 1}, True),
 ]
-CALIBRATION = {"samples": 32, "seq_len": 512}  # tokens from the end of the enwiki sample
+CALIBRATION = {"samples": 16, "seq_len": 512}  # tokens from the end of the enwiki sample
 
 
 def _compile_row(model, options: Dict[str, Any]):
@@ -83,7 +83,7 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
 
     settings = {"method": options["method"], "stages": options["stages"], "scale_granularity": "tensor",
                 "calibration_tokens": hashlib.sha256(cal_windows.numpy().tobytes()).hexdigest()[:16],
-                "model": type(model).__name__, "format": 1}
+                "model": type(model).__name__, "format": 1, "calibrate": "defaults-1"}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(default_cache_dir()) / "calibrated" / f"smollm2-{options['method']}-t{options['stages']}-{key}.safetensors"
     if options["method"] == "phase" and path.is_file():
@@ -92,7 +92,7 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
         except (OSError, ValueError) as e:  # a broken cache entry is rebuilt, never trusted
             print(f"  ignoring the cached calibration {path}: {e}", flush=True)
     result = calibration.calibrate(model, cal_windows, stages=options["stages"], method=options["method"],
-                                   progress=progress)
+                                   progress=progress, min_tokens=1)
     if options["method"] == "phase":
         path.parent.mkdir(parents=True, exist_ok=True)
         result.save(path)

@@ -241,7 +241,7 @@ def calibrate(
     sequential: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
     refit_scales: bool = False,
     decision: str = "phase",
     true_sequential: bool = True,
