@@ -26,6 +26,7 @@ Configurations (``--configs``; names say what they are):
       -par                  from the float model's activations instead of block by block (ablation)
       -noact / -nts         without activation order / without true-sequential groups (ablations)
       -refit                least-squares scale refit after rounding
+      -nosearch             stage-1 scales by the paper's rule, no per-layer search (ablation)
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -60,7 +61,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -83,7 +84,8 @@ def parse_config(name: str) -> Dict[str, Any]:
             gran = int(o[1:])
     return {"kind": kind, "method": {"w": "phase", "binary-t": "binary", "ternary-t": "ternary"}[meth],
             "stages": int(stages), "granularity": gran, "sequential": "par" not in opts,
-            "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts}
+            "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts,
+            "scale_search": "nosearch" not in opts}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -126,7 +128,8 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                 mod.weight = nn.Parameter(rtn_round(a, cfg["stages"], cfg["granularity"], method=cfg["method"])
                                           .to(a.dtype), requires_grad=False)
     elif (cfg["method"] == "phase" and cfg["granularity"] == "tensor" and cfg["sequential"] and cfg["act_order"]
-          and cfg["true_sequential"] and not cfg["refit_scales"] and cal_windows.shape == (16, 512)):
+          and cfg["true_sequential"] and not cfg["refit_scales"] and cfg["scale_search"]
+          and cal_windows.shape == (16, 512)):
         # exactly the demo's calibrated rows: calibrate through the demo's cache, so `make demo` reuses them
         from fairy2i_compile.demo import calibrated_model
 
@@ -143,6 +146,7 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
         res = calibrate(model, cal_windows, stages=cfg["stages"], scale_granularity=cfg["granularity"],
                         method=cfg["method"], sequential=cfg["sequential"], act_order=cfg["act_order"],
                         true_sequential=cfg["true_sequential"], refit_scales=cfg["refit_scales"],
+                        scale_search=cfg["scale_search"],
                         pack=False, progress=False, min_tokens=1)
         s = res.summary()
         info.update(calibration_s=round(res.seconds, 1), mean_rtn_output_error=s["mean_rtn_error"],

@@ -321,3 +321,29 @@ def test_true_sequential_groups_a_llama_block_by_what_each_layer_reads():
     groups = _input_groups(block, layers, inputs[0])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_first_scale_one_is_the_paper_rule_and_others_rescale_stage_one_only():
+    re_, im_ = torch.randn(6, 10), torch.randn(6, 10)
+    base = quant.phase_quant(re_, im_, 3, "row")
+    same = quant.phase_quant(re_, im_, 3, "row", first_scale=1.0)
+    assert torch.equal(base.codes, same.codes) and torch.equal(base.s_re, same.s_re)
+    wide = quant.phase_quant(re_, im_, 3, "row", first_scale=2.0)
+    assert torch.equal(wide.codes[0], base.codes[0])
+    torch.testing.assert_close(wide.s_re[0], 2.0 * base.s_re[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first_scale"):
+        quant.phase_quant(re_, im_, 1, first_scale=0.0)
+
+
+def test_scale_search_picks_the_lowest_rtn_error_and_never_loses_to_the_paper_rule():
+    from fairy2i_compile.calibration.rounding import search_first_scale
+
+    # a heavy-tailed weight, like real LLM layers: a few large entries
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 64, generator=g) * (1 + 8 * (torch.rand(40, 64, generator=g) < 0.02))
+    h = _spd(64, seed=7)
+    best, errors = search_first_scale(a, h, 4, "tensor")
+    assert errors[best] == min(errors.values()) and errors[best] <= errors[1.0]
+    searched = gptq_round(a, h, 4, "tensor", scale_search=True)
+    assert searched.info["first_scale"] == best
+    assert torch.equal(searched.qu.s_re[0], quant.phase_quant(*_real_to_widely(a)[:2], 4, first_scale=best).s_re[0])

@@ -61,6 +61,7 @@ class LayerCalibration:
     rtn_error: float          # round-to-nearest (the PTQ quantizer) under this layer's H
     calibrated_error: float   # after Hessian-aware rounding
     seconds: float
+    first_scale: float = 1.0  # stage-1 scale multiplier the scale search chose
 
 
 @dataclass
@@ -245,6 +246,7 @@ def calibrate(
     refit_scales: bool = False,
     decision: str = "phase",
     true_sequential: bool = True,
+    scale_search: bool = True,
     pack: Optional[bool] = None,
     kernel: str = "auto",
     min_tokens: int = 256,
@@ -255,7 +257,8 @@ def calibrate(
     batches:  token ids [B, S] or a list of [b, S] / [S] tensors (calibration text; keep it
               apart from evaluation text, e.g. with :func:`calibration_windows`).
     stages, scale_granularity, method, skip, kernel: as the backend options.
-    damp, block_size, act_order, refit_scales, decision: the rounding's (``rounding.gptq_round``).
+    damp, block_size, act_order, refit_scales, decision, scale_search: the rounding's
+              (``rounding.gptq_round``; scale_search applies to method "phase").
     true_sequential: within a block, round the layers group by group in call order (q/k/v, then
               o, then gate/up, then down), each group's H gathered with the groups before it
               already quantized (GPTQ's "true sequential"); False: one H per layer from the
@@ -307,10 +310,12 @@ def calibrate(
         t = time.perf_counter()
         a = mod.weight.detach()
         r = gptq_round(a, h, config.stages, config.scale_granularity, method=config.method, damp=damp,
-                       block_size=block_size, act_order=act_order, refit_scales=refit_scales, decision=decision)
+                       block_size=block_size, act_order=act_order, refit_scales=refit_scales, decision=decision,
+                       scale_search=scale_search and config.method == "phase")
         rtn = rtn_round(a, config.stages, config.scale_granularity, method=config.method)
         report[name] = LayerCalibration(name, tuple(a.shape), tokens, output_error(a, rtn, h),
-                                        output_error(a, r.a_hat, h), time.perf_counter() - t)
+                                        output_error(a, r.a_hat, h), time.perf_counter() - t,
+                                        float(r.info.get("first_scale", 1.0)))
         # a new Parameter: a weight tied to another module (lm_head ~ embedding) is untied, not overwritten
         mod.weight = nn.Parameter(r.a_hat.to(a.dtype), requires_grad=False)
         rounded[name] = r
@@ -382,6 +387,7 @@ def calibrate(
         "skip": list(config.skip), "sequential": bool(sequential and blocks is not None), "damp": damp,
         "block_size": block_size, "act_order": bool(act_order), "refit_scales": bool(refit_scales),
         "decision": decision, "true_sequential": bool(true_sequential and sequential),
+        "scale_search": bool(scale_search and config.method == "phase"),
         "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
         "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
     }

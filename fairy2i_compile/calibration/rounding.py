@@ -56,6 +56,14 @@ squares problem with normal equations ``G s = c``, ``G_kl = tr(B_k H B_lᵀ)``,
 for row scales, over all rows for tensor scales). The old scales are a feasible
 point, so the refit never increases the error (it is kept only if it lowers it).
 
+``scale_search=True`` first picks, per layer, the multiplier of stage 1's
+scales (``quant.phase_quant(first_scale=)``, grid ``SCALE_GRID``) whose
+round-to-nearest has the lowest H-weighted output error, and fixes the scales
+from that. Why: with the paper's rule (stage scale = mean magnitude of the
+residual) T stages reach at most about 2-2.5 times the mean weight, so the
+large weights of heavy-tailed layers are clipped; on SmolLM2 layers a
+multiplier of 1.5-2 cuts the round-to-nearest output error 2-4 times at T = 4.
+
 ``act_order=True`` visits the pairs by descending ``H[a,a] + H[b,b]``
 (GPTQ's activation order); it changes only the order of decisions, never the
 stored layout or the scales.
@@ -71,7 +79,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -155,12 +163,39 @@ def _pair_order(h: Tensor, m: int, act_order: bool) -> Tensor:
     return torch.argsort(d[:m] + d[m:], descending=True, stable=True)
 
 
-def _phase_scales(a: Tensor, stages: int, granularity: Granularity
+def _phase_scales(a: Tensor, stages: int, granularity: Granularity, first_scale: float = 1.0
                   ) -> Tuple[PhaseQuantized, PhaseQuantized]:
     """Round-to-nearest PhaseQuant of the float U and W: fixes every stage's scales."""
     u_re, u_im, w_re, w_im = _real_to_widely(a.detach())
-    return (quant.phase_quant(u_re, u_im, stages, granularity, name="U"),
-            quant.phase_quant(w_re, w_im, stages, granularity, name="W"))
+    return (quant.phase_quant(u_re, u_im, stages, granularity, name="U", first_scale=first_scale),
+            quant.phase_quant(w_re, w_im, stages, granularity, name="W", first_scale=first_scale))
+
+
+SCALE_GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+def search_first_scale(a: Tensor, h: Tensor, stages: int, granularity: Granularity,
+                       grid: Sequence[float] = SCALE_GRID, max_rows: int = 2048) -> Tuple[float, dict]:
+    """The stage-1 scale multiplier (``quant.phase_quant(first_scale=)``) whose round-to-nearest
+    minimises the H-weighted output error; the error is measured on at most ``max_rows``
+    complex rows (rows i and i + n of A), the scales on the whole matrix. Returns (best, {mult: error}).
+    """
+    n = a.shape[0] // 2
+    if n > max_rows:
+        idx = torch.linspace(0, n - 1, max_rows).round().long()
+        rows = torch.cat([idx, idx + n])
+    else:
+        rows = torch.arange(2 * n)
+    hf = h.to(torch.float32)
+    sub = a.detach().float()[rows]
+    ref = float(((sub @ hf) * sub).sum())
+    errors = {}
+    for mult in grid:
+        qu, qw = _phase_scales(a, stages, granularity, mult)
+        e = sub - _widely_to_real(qu.re, qu.im, qw.re, qw.im)[rows]
+        errors[float(mult)] = float(((e @ hf) * e).sum()) / ref if ref > 0 else float("inf")
+    best = min(errors, key=errors.get)
+    return best, errors
 
 
 def _column_scales(s: Tensor, j: int, group_size: Optional[int]) -> Tensor:
@@ -271,6 +306,7 @@ def gptq_round(
     act_order: bool = False,
     refit_scales: bool = False,
     decision: str = "phase",
+    scale_search: bool = False,
 ) -> RoundedLayer:
     """Round A [2n, 2m] onto the codebook minimising tr(E H Eᵀ) greedily (module docstring).
 
@@ -294,8 +330,13 @@ def gptq_round(
     else:
         gs_col = gs
 
+    search_info = {}
     if method == "phase":
-        ref_u, ref_w = _phase_scales(a, stages, granularity)
+        first = 1.0
+        if scale_search:
+            first, errs = search_first_scale(a, h, stages, granularity)
+            search_info = {"first_scale": first, "rtn_errors": errs}
+        ref_u, ref_w = _phase_scales(a, stages, granularity, first)
         codes_u = torch.zeros((stages, rows // 2, m), dtype=torch.uint8)
         codes_w = torch.zeros_like(codes_u)
         n = rows // 2
@@ -352,11 +393,12 @@ def gptq_round(
         qu = _fixed(codes_u, ref_u, m)
         qw = _fixed(codes_w, ref_w, m)
         a_hat = _widely_to_real(qu.re, qu.im, qw.re, qw.im)
-        info = {}
+        info = dict(search_info)
         if refit_scales:
             if gs is not None and gs < m:
                 raise ValueError(f"refit_scales supports 'tensor' and 'row' scales, got granularity={granularity!r}")
-            qu, qw, a_hat, info = _refit(a, h, qu, qw, a_hat)
+            qu, qw, a_hat, refit = _refit(a, h, qu, qw, a_hat)
+            info.update(refit)
         return RoundedLayer(a_hat, qu, qw, total_loss, info)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(cols)
