@@ -8,7 +8,8 @@ owns them) and adds the packed codes. To free the dense weights, pack the model
 first: `pack_model` replaces every convertible `nn.Linear` by a `PackedLinear`
 (codes + scales as buffers, the bias as a parameter), one layer at a time, so the
 dense weight of each layer is released as soon as its codes exist and the peak
-memory is the dense model plus one layer's codes. (A weight shared with another
+memory is the dense model plus one layer's codes and the temporaries of one block
+of rows (`quant_ops.pack_layer` quantizes a layer block by block, chunked.py). (A weight shared with another
 module, such as an `lm_head` tied to the embedding, stays alive through that other
 module.) `checkpoint.load_packed` builds such a model straight from a packed file,
 never materialising a dense quantized weight at all.
@@ -186,9 +187,12 @@ def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "te
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack_model needs an nn.Module, got {type(model).__name__}")
     report = PackReport()
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    # names, not modules: a list of the nn.Linear objects would keep every dense weight alive
+    # until the end, where the point is to free each one as soon as its codes exist
+    targets = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     matched = set()
-    for name, mod in _progress(targets, progress):
+    for name in _progress(targets, progress):
+        mod = model.get_submodule(name)
         reason = packable_reason(mod)
         pat = matching_skip_pattern(name, config.skip)
         if pat is not None:
@@ -205,7 +209,7 @@ def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "te
     report.unmatched_skip_patterns = [p for p in config.skip if p not in matched]
     if report.unmatched_skip_patterns:
         warnings.warn(f"pack_model: skip pattern(s) {report.unmatched_skip_patterns} matched no nn.Linear of the "
-                      f"model (names such as {[n for n, _ in targets][:3]}); those layers were packed. Check for "
+                      f"model (names such as {targets[:3]}); those layers were packed. Check for "
                       f"a typo", UserWarning, stacklevel=2)
     return report
 

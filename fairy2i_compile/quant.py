@@ -45,6 +45,12 @@ mean |im| for +-i), so no stage can increase the Frobenius error except
 through the 1e-6 clamp. Dequantized: code0 -> +s_re, code2 -> -s_re,
 code1 -> +i*s_im, code3 -> -i*s_im (the other component is exactly 0).
 
+Each mean is (sum of the members) / (count). A "tensor" mean is summed in
+float64, as the sum of the float64 sums of its rows, and rounded to the compute
+dtype once; "row" and group means are summed in the compute dtype. Either way a
+row is summed in an order that depends on that row alone (:func:`row_sums`), so
+``chunked.py`` can quantize a layer in blocks of rows and get the same bits.
+
 Granularity (a scale group):
 
 * ``"tensor"``: one (s_re, s_im) per matrix per stage (the paper's rule, default);
@@ -112,6 +118,8 @@ __all__ = [
     "bits_per_real_weight",
     "compute_dtype",
     "scale_groups",
+    "row_sums",
+    "tensor_sum",
     "storage_bytes",
     "quant_error",
     "PhaseQuantSTE",
@@ -228,25 +236,47 @@ def _check_matrix(t: Any, what: str) -> None:
 # scale groups
 
 
+def row_sums(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Sum of each row of ``x`` [r, m] -> [r] (in ``dtype``, default x's dtype).
+
+    The order a row is summed in depends only on the row, never on how many rows
+    ``x`` has: that is what lets a matrix be quantized in row chunks bit for bit
+    (``chunked.py``). torch reduces a single row of 32768+ entries as a full
+    reduction split across threads (another order than the same row inside a
+    taller matrix), so a 1-row input is reduced as 2 rows (a zero row added).
+    """
+    r = x.shape[0]
+    if r == 1:
+        x = F.pad(x, (0, 0, 0, 1))
+    return x.sum(dim=1, dtype=dtype)[:r]
+
+
 def _group_sum(x: Tensor, granularity: Granularity) -> Tensor:
     """Sum ``x`` [n, m] over each scale group -> [1, 1] | [n, 1] | [n, ceil(m/g)].
 
+    "tensor": the float64 sum of the float64 row sums (:func:`row_sums`), so a
+    matrix streamed in row chunks (``chunked.py``) reduces in exactly this order.
     Ragged last group: zero-padding adds exact zeros to the sum; callers pass
     values already multiplied by a 0/1 membership mask and sum the mask itself
     for the counts, so padding never enters a mean.
     """
     n, m = x.shape
     if granularity == "tensor":
-        return x.sum().reshape(1, 1)
+        return tensor_sum(row_sums(x, torch.float64))
     if granularity == "row":
-        return x.sum(dim=1, keepdim=True)
+        return row_sums(x).unsqueeze(1)
     g = int(granularity)
     if g >= m:
-        return x.sum(dim=1, keepdim=True)
+        return row_sums(x).unsqueeze(1)
     groups = -(-m // g)
     if groups * g != m:
         x = F.pad(x, (0, groups * g - m))
     return x.reshape(n, groups, g).sum(dim=2)
+
+
+def tensor_sum(rows: Tensor) -> Tensor:
+    """float64 row sums [n] (all rows of the matrix, in order) -> the tensor's sum [1, 1], float64."""
+    return rows.sum().reshape(1, 1)
 
 
 def expand_scales(s: Tensor, m: int, group_size: Optional[int]) -> Tensor:
@@ -261,8 +291,12 @@ def _group_mean(values: Tensor, mask: Tensor, granularity: Granularity) -> tuple
     """Mean of ``values`` over masked entries per group, and the member count."""
     total = _group_sum(values * mask, granularity)
     count = _group_sum(mask, granularity)
-    mean = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
-    return mean, count
+    return _mean_of(total, count, values.dtype), count
+
+
+def _mean_of(total: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
+    """total / count where count > 0, else 0, in ``dtype`` (per-tensor sums arrive in float64)."""
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)).to(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -331,6 +365,11 @@ def _phase_stage(
 def _phase_scale(mag: Tensor, on_axis: Tensor, granularity: Granularity) -> Tensor:
     """max(mean, 1e-6) per group; exactly 0 if every member is 0; 1e-6 if no members."""
     mean, count = _group_mean(mag, on_axis, granularity)
+    return _scale_of(mean, count)
+
+
+def _scale_of(mean: Tensor, count: Tensor) -> Tensor:
+    """The clamp rule of :func:`_phase_scale` on a group mean and its member count."""
     floor = torch.where(count > 0, torch.zeros_like(mean), torch.full_like(mean, SCALE_EPS))
     return torch.where(mean > 0, mean.clamp_min(SCALE_EPS), floor)
 

@@ -87,10 +87,14 @@ def phase_quant_layer(a: Tensor, stages: int, granularity: Union[str, int], name
 
 
 def pack_layer(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):
-    """A [2n, 2m] -> packing.PackedWidely (T stages of U and W, 2-bit codes + scales)."""
-    from .packing import pack_phase
+    """A [2n, 2m] -> packing.PackedWidely (T stages of U and W, 2-bit codes + scales).
 
-    return pack_phase(*phase_quant_layer(a, stages, granularity, name))
+    Quantized in blocks of rows (chunked.py): the temporaries are those of one block,
+    and the result equals ``pack_phase(*phase_quant_layer(...))`` bit for bit.
+    """
+    from .chunked import pack_layer_chunked
+
+    return pack_layer_chunked(a, stages, granularity, name)
 
 
 # --------------------------------------------------------------------------- QAT ops

@@ -1,0 +1,162 @@
+"""Quantize and pack one layer in row chunks: bounded memory, bit-identical to `quant.phase_quant`.
+
+    packed = pack_layer_chunked(a, stages=2)                  # a: [2n, 2m] real weight
+    packed = pack_layer_chunked(reader, stages=2, shape=(2n, 2m), dtype=torch.bfloat16)
+
+`quant.phase_quant` on a whole [n, m] matrix keeps about a dozen [n, m] float32
+temporaries alive (masks, magnitudes, each stage's values and residual, the final
+dense sum): 5-7 times the layer's own bytes for an LLM's lm_head. Here U and W are
+built, quantized and packed a block of complex rows at a time, so the temporaries
+are those of one block (about `chunk_elements` entries each) and the only
+layer-sized result is the packed codes (T/32 of the float32 layer).
+
+Why the chunked result equals the whole-matrix one bit for bit
+----------------------------------------------------------------
+* U, W (ops._real_to_widely) are elementwise in A: complex rows j0..j1 of U and W
+  come from real rows j0..j1 and n+j0..n+j1 of A, with the same float operations.
+* Codes are elementwise in the residual; the residual is elementwise in U (or W),
+  the earlier stages' codes and their scales.
+* "row" and group scales are means over one row (or one group of one row):
+  `quant.row_sums` sums a row in an order that does not depend on how many rows the
+  tensor has, so quantizing a block of rows gives the rows' codes and scales of the
+  whole matrix. One `quant.phase_quant` call per block does it.
+* "tensor" scales: `quant.phase_quant` sums the whole matrix as the float64 sum of
+  its float64 row sums (`quant._group_sum`). The stream collects the same row sums
+  block by block and finishes with the same `quant.tensor_sum` over all n of them.
+  Stage t's scale needs stage t's codes of every row, and stage t's codes need the
+  residual after stages 1..t-1, so there is one pass over the rows per stage; each
+  pass rebuilds a block's residual from U (or W) and the packed codes and scales of
+  the earlier stages (subtracting them in stage order, as phase_quant does), so no
+  dense residual of the layer is ever held.
+
+`reader(r0, r1)` returns real rows r0..r1-1 of A ([r1 - r0, 2m], any floating dtype);
+a checkpoint reader (convert.py) reads them from disk, so a layer is never whole
+in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import quant
+from .ops import _real_to_widely
+from .packing import PackedWidely, pack_codes, scale_shape, unpack_codes, words_per_row
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "RowReader", "pack_layer_chunked", "chunk_rows_for"]
+
+RowReader = Callable[[int, int], Tensor]
+# entries of one [rows, m] block: each block temporary is 4 MiB in float32
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_rows_for(n: int, m: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Complex rows per block so that a [rows, m] block has about ``chunk_elements`` entries (>= 1 row)."""
+    return max(1, min(int(n), int(chunk_elements) // max(1, int(m))))
+
+
+def pack_layer_chunked(
+    a: Union[Tensor, RowReader],
+    stages: int,
+    granularity: quant.Granularity = "tensor",
+    name: str = "weight",
+    *,
+    shape: Optional[Tuple[int, int]] = None,
+    dtype: Optional[torch.dtype] = None,
+    chunk_rows: Optional[int] = None,
+    first_scale: float = 1.0,
+) -> PackedWidely:
+    """PhaseQuant (T stages) of A [2n, 2m] packed, one block of ``chunk_rows`` complex rows at a time.
+
+    a:        the weight, or a reader (r0, r1) -> rows r0..r1-1 of A; a reader needs
+              ``shape`` (out, in) and ``dtype`` (the weight's dtype).
+    Returns a PackedWidely equal bit for bit (codes and scales) to
+    ``packing.pack_phase(*quant_ops.phase_quant_layer(a, stages, granularity))``.
+    """
+    if isinstance(a, Tensor):
+        if a.dim() != 2:
+            raise ValueError(f"{name}: the weight must be 2-D [out, in], got {tuple(a.shape)}")
+        weight = a.detach()
+        shape, dtype = tuple(weight.shape), weight.dtype
+        reader: RowReader = lambda r0, r1: weight[r0:r1]  # noqa: E731
+        device = weight.device
+    elif callable(a):
+        if shape is None or dtype is None:
+            raise ValueError(f"{name}: a row reader needs shape=(out_features, in_features) and dtype=")
+        reader, device = a, torch.device("cpu")
+    else:
+        raise TypeError(f"{name}: pack_layer_chunked takes a weight tensor or a row reader, got {type(a).__name__}")
+    out_f, in_f = (int(d) for d in shape)
+    if out_f % 2 or in_f % 2 or out_f < 2 or in_f < 2:
+        raise ValueError(f"{name}: Fairy2i needs even in/out features (pairing by halves), got {shape=}; "
+                         f"leave this layer real")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{name}: the weight must be a real floating type, got {dtype}")
+    T = quant._validate_stages(stages)
+    n, m = out_f // 2, in_f // 2
+    quant.validate_granularity(granularity, m)
+    rows = chunk_rows_for(n, m) if chunk_rows is None else int(chunk_rows)
+    if rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
+    if not (isinstance(first_scale, (int, float)) and math.isfinite(first_scale) and first_scale > 0):
+        raise ValueError(f"first_scale must be a positive finite float (1.0 = the paper's rule), got {first_scale!r}")
+    cdt = quant.compute_dtype(dtype)
+    blocks = [(j0, min(n, j0 + rows)) for j0 in range(0, n, rows)]
+
+    def uw(j0: int, j1: int) -> Tuple[Tensor, ...]:
+        top, bottom = reader(j0, j1), reader(n + j0, n + j1)
+        parts = _real_to_widely(torch.cat([top, bottom]))  # [r, m] each, compute dtype
+        for t, what in zip(parts, ("U real", "U imaginary", "W real", "W imaginary")):
+            quant.check_finite(t, f"{name} ({what} part, complex rows {j0}..{j1 - 1})")
+        return parts
+
+    codes = torch.zeros((2 * T, n, words_per_row(m)), dtype=torch.int32, device=device)
+    n_s, groups = scale_shape(n, m, granularity)
+    scales = torch.zeros((2 * T, 2, n_s, groups), dtype=cdt, device=device)
+    if granularity != "tensor":
+        for j0, j1 in blocks:
+            u_re, u_im, w_re, w_im = uw(j0, j1)
+            qu = quant.phase_quant(u_re, u_im, T, granularity, name=f"{name} (U)", first_scale=first_scale)
+            qw = quant.phase_quant(w_re, w_im, T, granularity, name=f"{name} (W)", first_scale=first_scale)
+            del u_re, u_im, w_re, w_im
+            # planes stage-major, U before W (packing.pack_phase)
+            codes[:, j0:j1] = pack_codes(torch.stack([qu.codes, qw.codes], dim=1).reshape(2 * T, j1 - j0, m))
+            for off, q in ((0, qu), (1, qw)):
+                scales[off::2, 0, j0:j1] = q.s_re
+                scales[off::2, 1, j0:j1] = q.s_im
+    else:
+        for t in range(T):
+            # per plane (U, W) and axis (re, im): float64 row sums of the magnitudes and counts
+            sums: List[List[List[Tensor]]] = [[[], [], [], []] for _ in range(2)]
+            for j0, j1 in blocks:
+                parts = uw(j0, j1)
+                for off in (0, 1):
+                    e_re, e_im = parts[2 * off], parts[2 * off + 1]
+                    for s in range(t):  # the residual after stages 1..t-1, in phase_quant's order
+                        p = 2 * s + off
+                        c = unpack_codes(codes[p:p + 1, j0:j1], m)[0]
+                        q_re, q_im = quant.stage_values(c, scales[p, 0], scales[p, 1])
+                        e_re, e_im = e_re - q_re, e_im - q_im
+                    c = quant.phase_codes(e_re, e_im)
+                    on_re = ((c == 0) | (c == 2)).to(cdt)
+                    on_im = ((c == 1) | (c == 3)).to(cdt)
+                    acc = sums[off]
+                    acc[0].append(quant.row_sums(e_re.abs() * on_re, torch.float64))
+                    acc[1].append(quant.row_sums(on_re, torch.float64))
+                    acc[2].append(quant.row_sums(e_im.abs() * on_im, torch.float64))
+                    acc[3].append(quant.row_sums(on_im, torch.float64))
+                    codes[2 * t + off, j0:j1] = pack_codes(c.unsqueeze(0))[0]
+                del parts
+            for off in (0, 1):
+                for axis in (0, 1):
+                    total = quant.tensor_sum(torch.cat(sums[off][2 * axis]))
+                    count = quant.tensor_sum(torch.cat(sums[off][2 * axis + 1]))
+                    s = quant._scale_of(quant._mean_of(total, count, cdt), count)
+                    if t == 0 and first_scale != 1.0:
+                        s = s * first_scale
+                    scales[2 * t + off, axis] = s
+    group_size = None if isinstance(granularity, str) else int(granularity)
+    return PackedWidely(codes, scales, n, m, group_size)
