@@ -17,6 +17,11 @@ graph leaves the layers it kept real as they are (they are added to `--skip`).
 The compile options (`--mode`, `--stages`, `--method`, `--granularity`, `--skip`,
 `--compiler`) are the backend's options (README "Options").
 
+`quantize --model FOLDER` (without --calibrate) never builds the dense model: it
+reads the folder's safetensors shards layer by layer into the packed file
+(convert.py), so a model larger than memory converts; the file is the one the
+dense path would write.
+
 Bad input (a missing model folder, an invalid option value, a missing extra) is
 reported as one line on stderr and exit code 2, without a traceback.
 """
@@ -386,11 +391,25 @@ def cmd_quantize(args) -> int:
         config = Fairy2iConfig.from_options(options)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    model, tokenizer = load_model(args.model, args.dtype, args.progress)
     source = args.model if args.model in MODEL_CHOICES else str(Path(args.model).expanduser().resolve())
     dense_dtype = getattr(torch, args.dense_dtype) if args.dense_dtype else None
+    if args.model not in MODEL_CHOICES and not args.calibrate and (Path(source) / "config.json").is_file():
+        # a Hugging Face folder: layer by layer from its shards, never the dense model (convert.py);
+        # the same file save_packed writes for the model loaded in --dtype
+        from .convert import convert_folder
+
+        try:
+            convert_folder(source, out, config, dtype=getattr(torch, args.dtype or "float32"),
+                           dense_dtype=dense_dtype, extra={"source": source}, progress=args.progress)
+        except (OSError, ValueError, TypeError) as e:
+            raise CLIError(str(e)) from None
+        model = tokenizer = None
+    else:
+        model, tokenizer = load_model(args.model, args.dtype, args.progress)
     try:
-        if args.calibrate:
+        if model is None:
+            pass
+        elif args.calibrate:
             result = _calibrated(model, tokenizer, config, args)
             print(f"calibrated {len(result.layers)} layers on {result.settings['calibration_tokens']} tokens in "
                   f"{result.seconds:.0f} s: mean H-weighted output error {result.summary()['mean_rtn_error']:.4f} "
