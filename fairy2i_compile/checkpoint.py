@@ -158,16 +158,18 @@ def save_packed(
     # Dedupe on the model's own tensors (before any cast makes tied ones distinct copies).
     tensors, aliases = _dedupe_state(tensors)
     packed_keys = {f"{name}.{part}" for name in layers for part in ("codes", "scales")}
+    # the dtype each tensor is written in; the cast copy is made as the tensor is written,
+    # one tensor at a time, never a cast copy of the whole model at once
+    out_dtype: Dict[str, torch.dtype] = {}
     for key, t in tensors.items():
         if t.is_meta:
             raise ValueError(f"save_packed: tensor {key!r} is on the meta device (it has no data); "
                              "load the model's weights before saving it")
-        if dense_dtype is not None and key not in packed_keys and t.is_floating_point():
-            tensors[key] = t.detach().to(dense_dtype)
+        cast = dense_dtype is not None and key not in packed_keys and t.is_floating_point()
+        out_dtype[key] = dense_dtype if cast else t.dtype
     for name, spec in layers.items():
         if spec["bias"]:
-            spec["dtypes"]["bias"] = _dtype_name(tensors[f"{name}.bias"].dtype)
-    tensors = {k: _standalone(t) for k, t in tensors.items()}
+            spec["dtypes"]["bias"] = _dtype_name(out_dtype[f"{name}.bias"])
 
     hf_config = _hf_config(model)
     metadata = {
@@ -177,7 +179,7 @@ def save_packed(
         "model_config": hf_config.to_json_string() if hf_config is not None else "",
         "fairy2i": _dumps(settings, "fairy2i settings"),
         "layers": _dumps(layers, "layers"),
-        "tensors": _dumps({k: _dtype_name(t.dtype) for k, t in tensors.items()}, "tensors"),
+        "tensors": _dumps({k: _dtype_name(d) for k, d in out_dtype.items()}, "tensors"),
         "aliases": _dumps(aliases, "aliases"),
         "dense_dtype": _dumps(_dtype_name(dense_dtype) if dense_dtype is not None else None, "dense_dtype"),
         "extra": extra_json,
@@ -185,7 +187,7 @@ def save_packed(
     }
     if hf_config is not None:
         metadata["config_sha256"] = _config_digest(metadata["model_class"], metadata["model_config"])
-    _atomic_save_file(tensors, path, metadata)
+    _atomic_save_file(tensors, out_dtype, path, metadata)
     return packed_state_info(path)
 
 
@@ -291,8 +293,10 @@ def _pack_float(model: nn.Module, settings: Fairy2iConfig,
     return tensors, layers, info
 
 
-def _atomic_save_file(tensors: Dict[str, Tensor], path: pathlib.Path, metadata: Dict[str, str]) -> None:
-    """write_safetensors into a temp file beside `path`, fsync, os.replace.
+def _atomic_save_file(tensors: Dict[str, Tensor], out_dtype: Dict[str, torch.dtype], path: pathlib.Path,
+                      metadata: Dict[str, str]) -> None:
+    """write_safetensors into a temp file beside `path`, fsync, os.replace; each tensor is cast
+    to `out_dtype[key]` only when the writer reads it (_CastOnRead).
 
     The cache.atomic_write_bytes pattern, streaming (safetensors' `save` would first build
     the whole file as one bytes object, twice the checkpoint in memory). The temp name
@@ -306,7 +310,7 @@ def _atomic_save_file(tensors: Dict[str, Tensor], path: pathlib.Path, metadata: 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
-            safetensors_io.write_safetensors(tensors, f, metadata)
+            safetensors_io.write_safetensors(_CastOnRead(tensors, out_dtype), f, metadata)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is shared like any model file
@@ -315,6 +319,26 @@ def _atomic_save_file(tensors: Dict[str, Tensor], path: pathlib.Path, metadata: 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class _CastOnRead(Mapping):
+    """{key: tensor cast to its output dtype}, the cast made on each read and not kept.
+
+    write_safetensors reads every tensor a few times (header, then data) and keeps none:
+    so a dense_dtype save holds one cast copy at a time, never a cast copy of the model.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], dtypes: Mapping[str, torch.dtype]):
+        self._tensors, self._dtypes = tensors, dtypes
+
+    def __getitem__(self, key: str) -> Tensor:
+        return _standalone(self._tensors[key].detach().to(self._dtypes[key]))
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _remove_stale_partials(path: pathlib.Path) -> None:
