@@ -49,8 +49,9 @@ from .packing import PackedWidely, pack_codes, scale_shape, unpack_codes, words_
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "RowReader", "pack_layer_chunked", "chunk_rows_for"]
 
 RowReader = Callable[[int, int], Tensor]
-# entries of one [rows, m] block: each block temporary is 4 MiB in float32
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+# entries of one [rows, m] block: each block temporary is 1 MiB in float32, and a dozen
+# of them are alive at once; large enough that the per-block Python overhead is noise
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
 
 
 def chunk_rows_for(n: int, m: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:

@@ -120,3 +120,25 @@ def test_errors_name_value_and_fix():
     bad[5, 1] = float("nan")
     with pytest.raises(ValueError, match="layer.x .*NaN"):
         pack_layer_chunked(bad, 2, name="layer.x", chunk_rows=2)
+
+
+def test_pack_model_frees_each_dense_weight_as_it_goes(monkeypatch):
+    import gc
+    import weakref
+
+    from fairy2i_compile import packed_model
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    weights = [weakref.ref(m.weight) for m in model]
+    alive_at_call = []
+    real = quant_ops.pack_layer
+
+    def spy(a, *args, **kwargs):
+        gc.collect()
+        alive_at_call.append(sum(w() is not None for w in weights))
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(packed_model.quant_ops, "pack_layer", spy)
+    packed_model.pack_model(model, stages=2)
+    # layer k is quantized while the k layers before it are already gone
+    assert alive_at_call == [4, 3, 2, 1]

@@ -1,0 +1,275 @@
+"""Peak memory (RSS) of converting a model to packed Fairy2i form, before and after issue 21.
+
+Each measurement runs in a fresh Python process (`--worker CASE`), with the package
+imported from either this checkout ("after") or a git worktree of the baseline commit
+("before", default: the last commit before the issue-21 work). The worker imports
+torch / transformers / fairy2i_compile, records its RSS (the import baseline), loads or
+builds the model, records the RSS and resets the peak (`/proc/self/clear_refs` 5), runs
+the conversion, and reports the peak (VmHWM) of the conversion alone. The lifetime peak
+(ru_maxrss, loading included) is reported too.
+
+Cases (the model bytes are what the user's model holds: unique parameters + buffers):
+
+  head_*        one random 262144 x 640 float32 linear (the issue's lm_head), quantized and
+                packed with quant_ops.pack_layer: W2 (T=2, per-tensor) and T=4 per-row scales
+  smollm2_*     SmolLM2-135M (float32, lm_head tied to the embedding): pack_model W2 and
+                T=4 rows; save_packed W2 with float16 dense tensors
+  llama1b_*     a 1B-class Llama (Llama-3.2-1B's shapes, random bfloat16 weights, written
+                as a safetensors folder under /tmp, not committed): `fairy2i quantize
+                --model FOLDER --stages 2` (before: the dense model loaded in float32 and
+                save_packed; after: the streaming conversion of convert.py)
+
+Targets (issue 21): peak conversion RSS <= model bytes + 1.5 x the largest layer (float32),
+counted above the import baseline; streaming conversion of the 1B folder with peak RSS <=
+25% of its dense size.
+
+    .venv/bin/python benchmarks/convert_memory.py [--cases ...] [--baseline-rev REV]
+        [--out benchmarks/results/convert_memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_REV = "85df09e"  # the last commit before issue 21's memory work
+LLAMA1B_DIR = Path("/tmp/fairy2i_llama1b_random")
+LLAMA1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+               max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
+CASES = ("head_w2", "head_t4_row", "smollm2_pack_w2", "smollm2_pack_t4_row", "smollm2_save_w2_fp16",
+         "llama1b_quantize_w2")
+MB = 2**20
+SMOKE_CASES = ("head_small_w2",)  # a 4096 x 640 head: checks the plumbing in seconds
+
+
+# ------------------------------------------------------------------ worker (one process per case)
+def _status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _model_bytes(model) -> tuple:
+    import torch
+
+    seen, total, largest = set(), 0, 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            largest = max(largest, mod.weight.numel() * 4)
+    return total, largest
+
+
+def worker(case: str, tmp: Path) -> dict:
+    import resource
+
+    import torch
+    import transformers  # noqa: F401  (part of the import baseline in every case)
+
+    import fairy2i_compile  # noqa: F401
+
+    base = _status()["VmRSS"]
+    rec: dict = {"case": case, "import_rss": base}
+    if case.startswith("head_"):
+        from fairy2i_compile import quant_ops
+
+        rows = 4096 if case == "head_small_w2" else 262144
+        a = torch.randn(rows, 640, generator=torch.Generator().manual_seed(0))
+        rec["model_bytes"] = rec["largest_layer_bytes"] = a.numel() * 4
+        stages, gran = (4, "row") if case == "head_t4_row" else (2, "tensor")
+        run = lambda: quant_ops.pack_layer(a, stages, gran, "lm_head")  # noqa: E731
+    elif case.startswith("smollm2_"):
+        from fairy2i_compile.models import load_smollm2
+
+        model, _ = load_smollm2(torch.float32, progress=False)
+        rec["model_bytes"], rec["largest_layer_bytes"] = _model_bytes(model)
+        if case == "smollm2_save_w2_fp16":
+            from fairy2i_compile.checkpoint import save_packed
+
+            run = lambda: save_packed(model, tmp / "smollm2-w2.safetensors", {"stages": 2},  # noqa: E731
+                                      dense_dtype=torch.float16)
+        else:
+            from fairy2i_compile.packed_model import pack_model
+
+            stages, gran = (2, "tensor") if case == "smollm2_pack_w2" else (4, "row")
+            run = lambda: pack_model(model, stages, gran)  # noqa: E731
+    elif case == "llama1b_quantize_w2":
+        from fairy2i_compile import cli
+
+        rec["model_bytes"] = sum(p.stat().st_size for p in LLAMA1B_DIR.glob("*.safetensors"))
+        rec["model_bytes_float32"], rec["largest_layer_bytes"] = _llama1b_sizes()
+        argv = ["quantize", "--model", str(LLAMA1B_DIR), "--stages", "2", "--out", str(tmp / "llama1b-w2.safetensors"),
+                "--no-progress"]
+        run = lambda: cli.main(argv)  # noqa: E731
+    else:
+        raise SystemExit(f"unknown case {case!r}; one of {CASES}")
+    rec["loaded_rss"] = _status()["VmRSS"]
+    _reset_peak()
+    t0 = time.perf_counter()
+    result = run()
+    rec["seconds"] = time.perf_counter() - t0
+    rec["peak_rss"] = _status()["VmHWM"]
+    rec["lifetime_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del result
+    return rec
+
+
+def _llama1b_sizes() -> tuple:
+    d, f, v, L = LLAMA1B["hidden_size"], LLAMA1B["intermediate_size"], LLAMA1B["vocab_size"], LLAMA1B["num_hidden_layers"]
+    kv = LLAMA1B["num_key_value_heads"] * LLAMA1B["head_dim"]
+    params = v * d + L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d
+    return params * 4, v * d * 4
+
+
+# ------------------------------------------------------------------ driver
+def make_llama1b_folder() -> None:
+    """Random bfloat16 weights with Llama-3.2-1B's shapes, saved as HF shards (skipped if present)."""
+    if (LLAMA1B_DIR / "config.json").is_file():
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"writing the random 1B-class Llama folder to {LLAMA1B_DIR} ...", flush=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**LLAMA1B)
+    torch.set_default_dtype(torch.bfloat16)  # storage made in bfloat16 directly (2.5 GB, not 5 GB + 2.5 GB)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        model = model.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+    tmp = LLAMA1B_DIR.with_name(LLAMA1B_DIR.name + ".partial")
+    model.save_pretrained(tmp, max_shard_size="1GB")
+    os.replace(tmp, LLAMA1B_DIR)
+
+
+def baseline_tree(rev: str) -> Path:
+    path = Path(f"/tmp/fairy2i_baseline_{rev}")
+    if not (path / "fairy2i_compile").is_dir():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
+    return path
+
+
+def run_case(case: str, code: Path) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="convert_memory_") as tmp:
+        env = dict(os.environ, PYTHONPATH=str(code),
+                   FAIRY2I_CACHE=os.environ.get("FAIRY2I_CACHE", str(REPO / ".cache" / "fairy2i_compile")))
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", case, "--tmp", tmp,
+                               "--code", str(code)], env=env, capture_output=True, text=True, cwd=tmp)
+    if proc.returncode:
+        raise RuntimeError(f"case {case} ({code}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(rec: dict) -> dict:
+    over = rec["peak_rss"] - rec["import_rss"]
+    rec["conversion_rss_above_imports"] = over
+    rec["bound_model_plus_1p5_layer"] = rec["model_bytes"] + 1.5 * rec["largest_layer_bytes"]
+    if rec["case"].startswith("llama1b"):
+        rec["peak_over_dense_bf16"] = rec["peak_rss"] / rec["model_bytes"]
+        rec["peak_over_dense_fp32"] = rec["peak_rss"] / rec["model_bytes_float32"]
+    return rec
+
+
+def markdown(rows: list, meta: dict) -> str:
+    lines = [
+        "# Conversion memory (issue 21)",
+        "",
+        f"Peak RSS of one conversion per fresh process; before = commit {meta['baseline_rev']}, after = "
+        f"{meta['after_rev']}. torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}.",
+        "Peak = VmHWM from just before the conversion to its end (the model already loaded); "
+        "\"above imports\" subtracts the RSS of the process after importing torch, transformers and "
+        "fairy2i_compile. Bound = model bytes + 1.5 x largest layer (float32). MiB throughout.",
+        "",
+        "| case | code | model | largest layer | import RSS | loaded RSS | peak RSS | peak above imports | bound | "
+        "within bound | lifetime peak | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ok = r["conversion_rss_above_imports"] <= r["bound_model_plus_1p5_layer"]
+        lines.append(
+            f"| {r['case']} | {r['code']} | {r['model_bytes'] / MB:,.0f} | {r['largest_layer_bytes'] / MB:,.0f} | "
+            f"{r['import_rss'] / MB:,.0f} | {r['loaded_rss'] / MB:,.0f} | {r['peak_rss'] / MB:,.0f} | "
+            f"{r['conversion_rss_above_imports'] / MB:,.0f} | {r['bound_model_plus_1p5_layer'] / MB:,.0f} | "
+            f"{'yes' if ok else 'no'} | {r['lifetime_peak_rss'] / MB:,.0f} | {r['seconds']:.1f} |")
+    big = [r for r in rows if r["case"].startswith("llama1b")]
+    if big:
+        lines += ["", "1B-class Llama folder (random bfloat16 weights, Llama-3.2-1B shapes, tied embedding): "
+                      "peak RSS as a share of the dense model (target <= 25%):", "",
+                  "| code | peak RSS | / folder bytes (bfloat16) | / float32 model |", "|---|---|---|---|"]
+        for r in big:
+            lines.append(f"| {r['code']} | {r['peak_rss'] / MB:,.0f} | {100 * r['peak_over_dense_bf16']:.1f}% | "
+                         f"{100 * r['peak_over_dense_fp32']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    p.add_argument("--code", help=argparse.SUPPRESS)
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES + SMOKE_CASES)
+    p.add_argument("--which", nargs="*", default=["before", "after"], choices=("before", "after"))
+    p.add_argument("--baseline-rev", default=BASELINE_REV)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "convert_memory"))
+    args = p.parse_args()
+    if args.worker:
+        sys.path.insert(0, args.code)
+        print(json.dumps(worker(args.worker, Path(args.tmp))))
+        return
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from results_io import write_results
+
+    if any(c.startswith("llama1b") for c in args.cases):
+        make_llama1b_folder()
+    trees = {"before": baseline_tree(args.baseline_rev), "after": REPO}
+    after_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True).stdout.strip()
+    rows = []
+    for case in args.cases:
+        for which in args.which:
+            rec = summarize(run_case(case, trees[which]))
+            rec["code"] = which
+            rows.append(rec)
+            print(f"{case:24s} {which:6s} peak {rec['peak_rss'] / MB:8.0f} MiB (above imports "
+                  f"{rec['conversion_rss_above_imports'] / MB:8.0f}, bound {rec['bound_model_plus_1p5_layer'] / MB:8.0f})"
+                  f"  {rec['seconds']:.1f} s", flush=True)
+    meta = {"baseline_rev": args.baseline_rev, "after_rev": after_rev, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
+    write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
