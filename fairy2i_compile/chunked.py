@@ -74,8 +74,9 @@ def pack_layer_chunked(
 
     a:        the weight, or a reader (r0, r1) -> rows r0..r1-1 of A; a reader needs
               ``shape`` (out, in) and ``dtype`` (the weight's dtype).
-    Returns a PackedWidely equal bit for bit (codes and scales) to
-    ``packing.pack_phase(*quant_ops.phase_quant_layer(a, stages, granularity))``.
+    Returns a PackedWidely equal bit for bit (codes and scales) to ``packing.pack_phase`` of
+    ``quant.phase_quant`` on U and on W of ``ops.real_to_widely(a)`` (same stages, granularity
+    and first_scale).
     """
     if isinstance(a, Tensor):
         if a.dim() != 2:
@@ -110,8 +111,9 @@ def pack_layer_chunked(
     def uw(j0: int, j1: int) -> Tuple[Tensor, ...]:
         top, bottom = reader(j0, j1), reader(n + j0, n + j1)
         parts = _real_to_widely(torch.cat([top, bottom]))  # [r, m] each, compute dtype
-        for t, what in zip(parts, ("U real", "U imaginary", "W real", "W imaginary")):
-            quant.check_finite(t, f"{name} ({what} part, complex rows {j0}..{j1 - 1})")
+        for t, (mat, what) in zip(parts, (("U", "real"), ("U", "imaginary"), ("W", "real"), ("W", "imaginary"))):
+            # quant.phase_quant's wording, plus where
+            quant.check_finite(t, f"{name} ({mat}) ({what} part, complex rows {j0}..{j1 - 1})")
         return parts
 
     codes = torch.zeros((2 * T, n, words_per_row(m)), dtype=torch.int32, device=device)

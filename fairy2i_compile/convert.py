@@ -334,6 +334,9 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
     """
     from .train import _ST_DTYPES
 
+    for key, (_, dt) in specs.items():
+        if dt not in _ST_DTYPES:
+            raise TypeError(f"tensor {key!r} has dtype {dt}, which safetensors cannot store")
     size = {k: torch.empty((), dtype=d).element_size() for k, (_, d) in specs.items()}
     order = sorted(specs, key=lambda k: (-size[k], k))
     header: Dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
@@ -355,7 +358,9 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
         written = 0
         done.add(key)
         for block in produce(key):
-            assert block.dtype == dt, (key, block.dtype, dt)
+            if block.dtype != dt or block.device.type != "cpu" or not block.is_contiguous():
+                raise ValueError(f"tensor {key!r}: a block came as {block.dtype} on {block.device} "
+                                 f"(contiguous={block.is_contiguous()}), the file needs contiguous CPU {dt}")
             if block.numel():
                 f.write(block.reshape(-1).view(torch.uint8).numpy().data)
                 written += block.numel() * block.element_size()

@@ -166,7 +166,7 @@ class PackedWidely:
         if which not in ("U", "W"):
             raise ValueError(f"which must be 'U' or 'W', got {which!r}")
         planes = slice(0 if which == "U" else 1, None, 2)
-        codes = unpack_codes(self.codes, self.m)[planes]
+        codes = unpack_codes(self.codes[planes], self.m)  # only this matrix's T planes
         s_re = self.scales[planes, 0]
         s_im = self.scales[planes, 1]
         re, im = dequant_phase(codes, s_re, s_im, self.m, self.group_size)

@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .ops import _real_to_widely
 
 __all__ = [
     "encode_granularity",
@@ -71,19 +70,27 @@ def decode_granularity(g: str) -> Union[str, int]:
 
 
 def phase_quant_reference(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):
-    """A [2n, 2m] -> quantized (uq_re, uq_im, wq_re, wq_im): the arithmetic every path shares."""
-    return quant.quantize_widely(*_real_to_widely(a), stages, granularity, name=name)
+    """A [2n, 2m] -> quantized (uq_re, uq_im, wq_re, wq_im): the arithmetic every path shares.
+
+    Equal bit for bit to ``quant.quantize_widely(*real_to_widely(a), ...)`` (U and W are in
+    the compute dtype, so its casts back are no-ops); computed in blocks of rows.
+    """
+    qu, qw = phase_quant_layer(a, stages, granularity, name)
+    return qu.re, qu.im, qw.re, qw.im
 
 
 def phase_quant_layer(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):
     """A [2n, 2m] -> (PhaseQuantized of U, of W): codes, scales and the dequantized sums.
 
-    ``(qu.re, qu.im, qw.re, qw.im)`` equals :func:`phase_quant_reference` bit for bit.
+    ``(qu.re, qu.im, qw.re, qw.im)`` equals :func:`phase_quant_reference` bit for bit, and
+    everything equals ``quant.phase_quant`` of ``real_to_widely(a)``. Quantized in blocks of
+    rows (chunked.py) and rebuilt from the packed codes, so the only layer-sized memory is
+    the result (the dense sums, the codes) and not phase_quant's temporaries of the whole layer.
     """
-    u_re, u_im, w_re, w_im = _real_to_widely(a)
-    qu = quant.phase_quant(u_re, u_im, stages, granularity, name=f"{name} (U)")
-    qw = quant.phase_quant(w_re, w_im, stages, granularity, name=f"{name} (W)")
-    return qu, qw
+    from .chunked import pack_layer_chunked
+
+    packed = pack_layer_chunked(a, stages, granularity, name)
+    return packed.quantized("U"), packed.quantized("W")
 
 
 def pack_layer(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):

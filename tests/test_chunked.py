@@ -142,3 +142,19 @@ def test_pack_model_frees_each_dense_weight_as_it_goes(monkeypatch):
     packed_model.pack_model(model, stages=2)
     # layer k is quantized while the k layers before it are already gone
     assert alive_at_call == [4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", 3])
+def test_dense_ptq_paths_equal_quantize_widely(granularity):
+    from fairy2i_compile.ops import _real_to_widely
+
+    a = torch.randn(40, 26, generator=torch.Generator().manual_seed(5))
+    want = quant.quantize_widely(*_real_to_widely(a), 3, granularity)
+    for got, w in zip(quant_ops.phase_quant_reference(a, 3, granularity), want):
+        torch.testing.assert_close(got, w, atol=0, rtol=0)
+    qu, qw = quant_ops.phase_quant_layer(a, 3, granularity)
+    ru, rw = _reference(a, 3, granularity)
+    for x, y in ((qu, ru), (qw, rw)):
+        for f in ("codes", "s_re", "s_im", "re", "im"):
+            assert torch.equal(getattr(x, f), getattr(y, f)), f
+        assert x.group_size == y.group_size
