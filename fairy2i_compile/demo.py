@@ -233,7 +233,7 @@ def _cal_text(settings: dict) -> str:
     return f"{cal['samples']} x {cal['seq_len']} tokens" if cal else "calibration text"
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +245,11 @@ def plot(result: dict, path: Path) -> None:
         if errs:
             ax.plot(range(len(errs)), list(errs.values()), marker=".", linewidth=1,
                     label=f"{r['name']} ({r['bits_per_weight']:.2f} bit)")
-    names = list(next(r for r in result["rows"] if r["per_layer_rel_fro"])["per_layer_rel_fro"])
+    with_errors = [r for r in result["rows"] if r["per_layer_rel_fro"]]
+    if not with_errors:  # only rows without per-layer weight errors (e.g. calibrated rows from the cache)
+        plt.close(fig)
+        return False
+    names = list(with_errors[0]["per_layer_rel_fro"])
     ticks = [i for i, n in enumerate(names) if n.endswith("q_proj") or n == "lm_head"]
     ax.set_xticks(ticks, [names[i].replace("model.layers.", "L").replace(".self_attn.q_proj", "") for i in ticks],
                   rotation=90, fontsize=6)
@@ -259,6 +263,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120, format="png")
     os.replace(tmp, path)
     plt.close(fig)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,8 +304,9 @@ def main(argv=None) -> int:
     command = "python -m fairy2i_compile.demo " + " ".join(sys.argv[1:] if argv is None else argv)
     atomic_write_text(str(out.with_suffix(".md")), f"# fairy2i demo\n\nCommand: `{command.strip()}`\n\n{text}\n")
     atomic_write_text(str(out.with_suffix(".json")), json.dumps({**result, "command": command.strip()}, indent=1, default=str) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    plotted = plot(result, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.json')}"
+          + (f", {out.with_suffix('.png')}" if plotted else " (no row with per-layer weight errors: no plot)"))
     return 0
 
 

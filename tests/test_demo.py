@@ -78,3 +78,11 @@ def test_demo_rows_include_the_calibrated_ladder():
     calibrated = [name for name, _, cal in demo.ROWS if cal]
     assert [n for n in calibrated if n.startswith("Fairy2i")] == [f"Fairy2i-W{t}, calibrated" for t in (1, 2, 3, 4)]
     assert any(name == "Fairy2i-W2, round-to-nearest" for name, _, _ in demo.ROWS)
+
+
+def test_plot_without_per_layer_errors_writes_nothing(tmp_path):
+    result = _fake_result()
+    for r in result["rows"]:
+        r["per_layer_rel_fro"] = {}
+    assert plot(result, tmp_path / "demo.png") is False
+    assert not (tmp_path / "demo.png").exists()
