@@ -11,7 +11,9 @@ the conversion, and reports the peak (VmHWM) of the conversion alone. The lifeti
 Cases (the model bytes are what the user's model holds: unique parameters + buffers):
 
   head_*        one random 262144 x 640 float32 linear (the issue's lm_head), quantized and
-                packed with quant_ops.pack_layer: W2 (T=2, per-tensor) and T=4 per-row scales
+                packed with quant_ops.pack_layer: W2 (T=2, per-tensor) and T=4 per-row scales;
+                head_compile_w2: a 1-block Llama with that lm_head (and an embedding of the same
+                size) through torch.compile(backend="fairy2i", mode ptq, W2) and one forward
   smollm2_*     SmolLM2-135M (float32, lm_head tied to the embedding): pack_model W2 and
                 T=4 rows; save_packed W2 with float16 dense tensors
   llama1b_*     a 1B-class Llama (Llama-3.2-1B's shapes, random bfloat16 weights, written
@@ -44,7 +46,7 @@ LLAMA1B_DIR = Path("/tmp/fairy2i_llama1b_random")
 LLAMA1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
                max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
-CASES = ("head_w2", "head_t4_row", "smollm2_pack_w2", "smollm2_pack_t4_row", "smollm2_save_w2_fp16",
+CASES = ("head_w2", "head_t4_row", "head_compile_w2", "smollm2_pack_w2", "smollm2_pack_t4_row", "smollm2_save_w2_fp16",
          "llama1b_quantize_w2")
 MB = 2**20
 SMOKE_CASES = ("head_small_w2",)  # a 4096 x 640 head: checks the plumbing in seconds
@@ -98,6 +100,22 @@ def worker(case: str, tmp: Path) -> dict:
         rec["model_bytes"] = rec["largest_layer_bytes"] = a.numel() * 4
         stages, gran = (4, "row") if case == "head_t4_row" else (2, "tensor")
         run = lambda: quant_ops.pack_layer(a, stages, gran, "lm_head")  # noqa: E731
+    elif case == "head_compile_w2":
+        # the setting: a 1-block Llama whose lm_head is 262144 x 640, compiled in PTQ mode
+        # (W2); the quantization happens at compile time, in the phase_quant and fuse_stages passes
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=262144, hidden_size=640, intermediate_size=1280, num_hidden_layers=1,
+                          num_attention_heads=10, num_key_value_heads=2, tie_word_embeddings=False,
+                          max_position_embeddings=64)
+        model = LlamaForCausalLM(cfg).eval()
+        rec["model_bytes"], rec["largest_layer_bytes"] = _model_bytes(model)
+        ids = torch.tensor([[1, 2, 3, 4]])
+
+        def run():
+            with torch.no_grad():
+                return torch.compile(model, backend="fairy2i", options={"mode": "ptq", "stages": 2})(ids)
     elif case.startswith("smollm2_"):
         from fairy2i_compile.models import load_smollm2
 

@@ -10,6 +10,8 @@ eligible `nn.Linear` weight is quantized with `quant_ops.pack_layer`, one layer 
 time, into new codes/scales tensors; the user's model is not modified and no dense
 copy of it is made. The packed codes are the ones `pack_model` would give
 (same quantizer, same selection rules), so the two paths load to bit-identical models.
+A Hugging Face folder too large to load is converted from its shards by
+`convert.convert_folder` (`fairy2i quantize --model FOLDER`), which writes this same file.
 
 `load_packed` never unpickles (safetensors + JSON only) and never materialises a
 dense quantized weight. In order, each step before the next, each failure a ValueError

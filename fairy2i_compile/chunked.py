@@ -21,7 +21,7 @@ Why the chunked result equals the whole-matrix one bit for bit
   tensor has, so quantizing a block of rows gives the rows' codes and scales of the
   whole matrix. One `quant.phase_quant` call per block does it.
 * "tensor" scales: `quant.phase_quant` sums the whole matrix as the float64 sum of
-  its float64 row sums (`quant._group_sum`). The stream collects the same row sums
+  its row sums (`quant._group_sum`). The stream collects the same row sums
   block by block and finishes with the same `quant.tensor_sum` over all n of them.
   Stage t's scale needs stage t's codes of every row, and stage t's codes need the
   residual after stages 1..t-1, so there is one pass over the rows per stage; each
@@ -132,7 +132,7 @@ def pack_layer_chunked(
                 scales[off::2, 1, j0:j1] = q.s_im
     else:
         for t in range(T):
-            # per plane (U, W) and axis (re, im): float64 row sums of the magnitudes and counts
+            # per plane (U, W) and axis (re, im): row sums of the magnitudes and counts
             sums: List[List[List[Tensor]]] = [[[], [], [], []] for _ in range(2)]
             for j0, j1 in blocks:
                 parts = uw(j0, j1)
@@ -147,10 +147,10 @@ def pack_layer_chunked(
                     on_re = ((c == 0) | (c == 2)).to(cdt)
                     on_im = ((c == 1) | (c == 3)).to(cdt)
                     acc = sums[off]
-                    acc[0].append(quant.row_sums(e_re.abs() * on_re, torch.float64))
-                    acc[1].append(quant.row_sums(on_re, torch.float64))
-                    acc[2].append(quant.row_sums(e_im.abs() * on_im, torch.float64))
-                    acc[3].append(quant.row_sums(on_im, torch.float64))
+                    acc[0].append(quant.row_sums(e_re.abs() * on_re))
+                    acc[1].append(quant.row_sums(on_re))
+                    acc[2].append(quant.row_sums(e_im.abs() * on_im))
+                    acc[3].append(quant.row_sums(on_im))
                     codes[2 * t + off, j0:j1] = pack_codes(c.unsqueeze(0))[0]
                 del parts
             for off in (0, 1):

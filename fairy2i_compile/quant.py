@@ -45,9 +45,9 @@ mean |im| for +-i), so no stage can increase the Frobenius error except
 through the 1e-6 clamp. Dequantized: code0 -> +s_re, code2 -> -s_re,
 code1 -> +i*s_im, code3 -> -i*s_im (the other component is exactly 0).
 
-Each mean is (sum of the members) / (count). A "tensor" mean is summed in
-float64, as the sum of the float64 sums of its rows, and rounded to the compute
-dtype once; "row" and group means are summed in the compute dtype. Either way a
+Each mean is (sum of the members) / (count), summed in the compute dtype; a
+"tensor" mean is the float64 sum of its rows' sums, divided in float64 and rounded
+to the compute dtype once. Either way a
 row is summed in an order that depends on that row alone (:func:`row_sums`), so
 ``chunked.py`` can quantize a layer in blocks of rows and get the same bits.
 
@@ -254,15 +254,15 @@ def row_sums(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 def _group_sum(x: Tensor, granularity: Granularity) -> Tensor:
     """Sum ``x`` [n, m] over each scale group -> [1, 1] | [n, 1] | [n, ceil(m/g)].
 
-    "tensor": the float64 sum of the float64 row sums (:func:`row_sums`), so a
-    matrix streamed in row chunks (``chunked.py``) reduces in exactly this order.
+    "tensor": the float64 sum of the row sums (:func:`row_sums`, :func:`tensor_sum`),
+    so a matrix streamed in row chunks (``chunked.py``) reduces in exactly this order.
     Ragged last group: zero-padding adds exact zeros to the sum; callers pass
     values already multiplied by a 0/1 membership mask and sum the mask itself
     for the counts, so padding never enters a mean.
     """
     n, m = x.shape
     if granularity == "tensor":
-        return tensor_sum(row_sums(x, torch.float64))
+        return tensor_sum(row_sums(x))
     if granularity == "row":
         return row_sums(x).unsqueeze(1)
     g = int(granularity)
@@ -275,8 +275,8 @@ def _group_sum(x: Tensor, granularity: Granularity) -> Tensor:
 
 
 def tensor_sum(rows: Tensor) -> Tensor:
-    """float64 row sums [n] (all rows of the matrix, in order) -> the tensor's sum [1, 1], float64."""
-    return rows.sum().reshape(1, 1)
+    """Row sums [n] (all rows of the matrix, in order) -> the tensor's sum [1, 1], summed in float64."""
+    return rows.to(torch.float64).sum().reshape(1, 1)
 
 
 def expand_scales(s: Tensor, m: int, group_size: Optional[int]) -> Tensor:
