@@ -175,6 +175,7 @@ def make_llama1b_folder() -> None:
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
         model = model.to_empty(device="cpu")
+        model.tie_weights()  # to_empty gave lm_head storage of its own
     finally:
         torch.set_default_dtype(torch.float32)
     with torch.no_grad():
@@ -275,6 +276,8 @@ def main() -> None:
     trees = {"before": baseline_tree(args.baseline_rev), "after": REPO}
     after_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                text=True).stdout.strip()
+    meta = {"baseline_rev": args.baseline_rev, "after_rev": after_rev, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
     rows = []
     for case in args.cases:
         for which in args.which:
@@ -284,9 +287,7 @@ def main() -> None:
             print(f"{case:24s} {which:6s} peak {rec['peak_rss'] / MB:8.0f} MiB (above imports "
                   f"{rec['conversion_rss_above_imports'] / MB:8.0f}, bound {rec['bound_model_plus_1p5_layer'] / MB:8.0f})"
                   f"  {rec['seconds']:.1f} s", flush=True)
-    meta = {"baseline_rev": args.baseline_rev, "after_rev": after_rev, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
-    write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
+            write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))  # after every case
 
 
 if __name__ == "__main__":

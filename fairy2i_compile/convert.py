@@ -164,12 +164,11 @@ def convert_folder(
     shards = ShardReader(folder)
     model = _skeleton(folder, dtype)
 
-    # the keys of the dense model's state_dict, ties resolved to the key the folder stores
+    # where each state_dict tensor comes from: its own key when the folder stores it (from_pretrained
+    # unties a tied lm_head whose weight the folder stores as well), else the key the folder stores
+    # for the tensor it is tied to (lm_head -> the embedding)
     state = model.state_dict(keep_vars=True)
     source: Dict[str, str] = {}
-    first_of: Dict[int, str] = {}
-    for key, t in state.items():
-        first_of.setdefault(id(t), key)
     for key, t in state.items():
         stored = [k for k, v in state.items() if v is t and k in shards]
         source[key] = key if key in shards else (stored[0] if stored else "")
@@ -193,15 +192,16 @@ def convert_folder(
     specs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
     dense: Dict[str, str] = {}           # file key -> folder key (or "" for a skeleton buffer)
     aliases: Dict[str, str] = {}
-    kept_view: Dict[int, str] = {}
+    kept_view: Dict[Any, str] = {}
     for key, t in state.items():
         if key in weight_keys:
             continue
-        if t.numel() > 0 and id(t) in kept_view:  # checkpoint's _dedupe_state: a tied tensor stored once
-            aliases[key] = kept_view[id(t)]
+        same = source[key] or id(t)  # one tensor of the loaded model <=> one key of the folder
+        if t.numel() > 0 and same in kept_view:  # checkpoint's _dedupe_state: a tied tensor stored once
+            aliases[key] = kept_view[same]
             continue
         if t.numel() > 0:
-            kept_view[id(t)] = key
+            kept_view[same] = key
         if not source[key] and t.is_meta:
             raise ValueError(f"{folder}: the model's tensor {key!r} is in none of the safetensors shards; the "
                              f"folder is incomplete or uses other key names (load it with transformers and use "

@@ -82,3 +82,23 @@ def test_cli_quantize_folder_streams(tmp_path, monkeypatch):
     a, b = load_packed(out), load_packed(want)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
+
+
+def test_tied_folder_that_also_stores_lm_head(tmp_path):
+    # config ties lm_head to the embedding but the shards hold a (different) lm_head.weight too:
+    # from_pretrained then unties them (each from its own key), and so does the streaming conversion
+    from safetensors.torch import save_file
+
+    folder = _folder(tmp_path, shard="10GB")
+    (file,) = folder.glob("*.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    for config in ({"stages": 2}, {"stages": 2, "skip": ["lm_head"]}):
+        want, got = tmp_path / "dense.safetensors", tmp_path / "stream.safetensors"
+        _dense_path(folder, want, config)
+        convert_folder(folder, got, config, extra={"source": "x"})
+        assert got.read_bytes() == want.read_bytes()
