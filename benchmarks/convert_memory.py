@@ -259,6 +259,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES + SMOKE_CASES)
     p.add_argument("--which", nargs="*", default=["before", "after"], choices=("before", "after"))
     p.add_argument("--baseline-rev", default=BASELINE_REV)
+    p.add_argument("--merge", action="store_true", help="keep the other rows of an existing results file")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "convert_memory"))
     args = p.parse_args()
     if args.worker:
@@ -279,11 +280,15 @@ def main() -> None:
     meta = {"baseline_rev": args.baseline_rev, "after_rev": after_rev, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
     rows = []
+    if args.merge and Path(args.out + ".json").is_file():  # keep the rows of an earlier run not measured now
+        again = {(c, w) for c in args.cases for w in args.which}
+        rows = [r for r in json.loads(Path(args.out + ".json").read_text())["rows"] if (r["case"], r["code"]) not in again]
     for case in args.cases:
         for which in args.which:
             rec = summarize(run_case(case, trees[which]))
             rec["code"] = which
             rows.append(rec)
+            rec["rev"] = after_rev if which == "after" else args.baseline_rev
             print(f"{case:24s} {which:6s} peak {rec['peak_rss'] / MB:8.0f} MiB (above imports "
                   f"{rec['conversion_rss_above_imports'] / MB:8.0f}, bound {rec['bound_model_plus_1p5_layer'] / MB:8.0f})"
                   f"  {rec['seconds']:.1f} s", flush=True)

@@ -37,7 +37,7 @@ in memory.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -52,6 +52,28 @@ RowReader = Callable[[int, int], Tensor]
 # entries of one [rows, m] block: each block temporary is 1 MiB in float32, and a dozen
 # of them are alive at once; large enough that the per-block Python overhead is noise
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
+
+
+def _malloc_trim() -> Callable[[], Any]:
+    """glibc's malloc_trim(0), or a no-op elsewhere.
+
+    Blocks are allocated and freed over and over while small long-lived results (row sums,
+    codes) are allocated between them; glibc raises its mmap threshold after the first large
+    free, so the blocks then come from the heap, whose freed holes it does not return to the
+    system: measured, +176 MiB of resident memory for a 65536 x 640 layer whose blocks are
+    1 MiB each, +33 MiB with the holes released after every block.
+    """
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+        return lambda: trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+_release = _malloc_trim()
 
 
 def chunk_rows_for(n: int, m: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -130,6 +152,8 @@ def pack_layer_chunked(
             for off, q in ((0, qu), (1, qw)):
                 scales[off::2, 0, j0:j1] = q.s_re
                 scales[off::2, 1, j0:j1] = q.s_im
+            del qu, qw
+            _release()
     else:
         for t in range(T):
             # per plane (U, W) and axis (re, im): row sums of the magnitudes and counts
@@ -152,7 +176,8 @@ def pack_layer_chunked(
                     acc[2].append(quant.row_sums(e_im.abs() * on_im))
                     acc[3].append(quant.row_sums(on_im))
                     codes[2 * t + off, j0:j1] = pack_codes(c.unsqueeze(0))[0]
-                del parts
+                del parts, e_re, e_im, c, on_re, on_im
+                _release()
             for off in (0, 1):
                 for axis in (0, 1):
                     total = quant.tensor_sum(torch.cat(sums[off][2 * axis]))

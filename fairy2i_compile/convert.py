@@ -145,7 +145,7 @@ def convert_folder(
     dense_dtype=dense_dtype, extra=extra)` writes.
     """
     from . import checkpoint as ck
-    from .chunked import chunk_rows_for, pack_layer_chunked
+    from .chunked import _release, pack_layer_chunked
     from .packed_model import _progress, packable_reason
     from .packing import scale_shape, words_per_row
     from .passes._layers import matching_skip_pattern
@@ -282,6 +282,8 @@ def convert_folder(
         for r0 in range(0, rows, step):
             block = shards.rows(src, r0, min(rows, r0 + step)) if e.shape else shards.rows(src, 0, 1)
             yield block.to(dtype if block.is_floating_point() else block.dtype).to(want).contiguous()
+            del block
+            _release()
 
     done: set = set()
     out.parent.mkdir(parents=True, exist_ok=True)
