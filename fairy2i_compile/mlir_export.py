@@ -99,8 +99,13 @@ def _bodies() -> Dict[str, Any]:
 
     dec = quant_ops.decode_granularity
 
+    def ptq_phase(a, stages, g, name):
+        # the unchunked quantizer: phase_quant_reference's row blocks are data-dependent
+        # (sizes from values) and cannot be traced; the two are equal bit for bit
+        return quant.quantize_widely(*ops._real_to_widely(a), stages, dec(g), name=name)
+
     def ptq_packed(x, a, bias, slot, stages, g, name, kernel):
-        a_hat = ops._widely_to_real(*quant_ops.phase_quant_reference(a, stages, dec(g), name))
+        a_hat = ops._widely_to_real(*ptq_phase(a, stages, g, name))
         return torch.nn.functional.linear(x, a_hat.to(x.dtype), bias)
 
     return {
@@ -112,7 +117,7 @@ def _bodies() -> Dict[str, Any]:
         "real_quant": lambda a, method, stages, g, name: quant.real_quant(
             a, method, stages, dec(g), name=name).to(a.dtype),
         # PTQ: the quantizer itself, not the per-weight cache (data_ptr has no meaning while tracing)
-        "ptq_phase_quant": lambda a, slot, stages, g, name: quant_ops.phase_quant_reference(a, stages, dec(g), name),
+        "ptq_phase_quant": lambda a, slot, stages, g, name: ptq_phase(a, stages, g, name),
         "ptq_real_quant": lambda a, slot, method, stages, g, name: quant.real_quant(
             a, method, stages, dec(g), name=name).to(a.dtype),
         # packed ops: the reference (unpack -> dequantize -> GEMM); the stage-fused PTQ op
@@ -120,8 +125,7 @@ def _bodies() -> Dict[str, Any]:
         "packed_linear": lambda x, codes, scales, bias, m, group_size, kernel: packed_ops.packed_linear_reference(
             x, codes, scales, bias, m, group_size),
         "ptq_packed_linear": ptq_packed,
-        "ptq_packed_dequant": lambda a, slot, stages, g, name: ops._widely_to_real(
-            *quant_ops.phase_quant_reference(a, stages, dec(g), name)),
+        "ptq_packed_dequant": lambda a, slot, stages, g, name: ops._widely_to_real(*ptq_phase(a, stages, g, name)),
     }
 
 
