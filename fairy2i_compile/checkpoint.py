@@ -92,7 +92,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import Fairy2iConfig
-from .packed_model import PackedLinear, _progress, _set_submodule, packable_reason
+from .packed_model import PackedLinear, _progress, _set_submodule, packable_reason, select_layers
 from .packing import scale_shape, words_per_row
 from .train import _ST_DTYPES, _dedupe_state, _few, _standalone
 
@@ -258,22 +258,10 @@ def _pack_float(model: nn.Module, settings: Fairy2iConfig,
     (quant_ops.pack_layer via the identical steps of PackedLinear.from_linear).
     """
     from . import quant_ops
-    from .passes._layers import matching_skip_pattern
-
-    targets: List[Tuple[str, nn.Linear]] = []
-    kept_real: Dict[str, str] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        reason = packable_reason(mod)
-        pat = matching_skip_pattern(name, settings.skip)
-        reason = reason or (f"matches skip pattern {pat!r}" if pat is not None else None)
-        if reason:
-            kept_real[name] = reason
-        elif not name:
-            raise ValueError("save_packed: the model is a bare nn.Linear; wrap it in a container (nn.Sequential)")
-        else:
-            targets.append((name, mod))
+    names, kept_real, _ = select_layers(model, settings.skip)
+    if "" in names:
+        raise ValueError("save_packed: the model is a bare nn.Linear; wrap it in a container (nn.Sequential)")
+    targets: List[Tuple[str, nn.Module]] = [(name, model.get_submodule(name)) for name in names]
 
     state = dict(model.state_dict())
     tensors: Dict[str, Tensor] = {}

@@ -38,7 +38,7 @@ import pathlib
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -146,9 +146,8 @@ def convert_folder(
     """
     from . import checkpoint as ck
     from .chunked import _release, pack_layer_chunked
-    from .packed_model import _progress, packable_reason
+    from .packed_model import _progress, select_layers
     from .packing import scale_shape, words_per_row
-    from .passes._layers import matching_skip_pattern
     from .train import _ST_DTYPES
 
     folder, out = pathlib.Path(folder).expanduser(), pathlib.Path(out).expanduser()
@@ -173,19 +172,7 @@ def convert_folder(
         stored = [k for k, v in state.items() if v is t and k in shards]
         source[key] = key if key in shards else (stored[0] if stored else "")
 
-    # the selection of checkpoint._pack_float
-    targets: List[str] = []
-    kept_real: Dict[str, str] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        reason = packable_reason(mod)
-        pat = matching_skip_pattern(name, settings.skip)
-        reason = reason or (f"matches skip pattern {pat!r}" if pat is not None else None)
-        if reason:
-            kept_real[name] = reason
-        else:
-            targets.append(name)
+    targets, kept_real, _ = select_layers(model, settings.skip)  # the selection of checkpoint._pack_float
     weight_keys = {f"{name}.weight" for name in targets}
 
     # every tensor of the file: (shape, dtype) and how to make it

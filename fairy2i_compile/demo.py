@@ -105,7 +105,6 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
 
 def _linear_bytes(model) -> tuple:
     """(bytes of the linear layers' weights as stored, the same in float32) for a calibrated model."""
-    from . import quant
     from .packed_model import PackedLinear
 
     now = fp32 = 0

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,7 @@ from . import packed_ops, quant_ops
 from .config import Fairy2iConfig
 from .packing import PackedWidely, scale_shape, words_per_row
 
-__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason"]
+__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason", "select_layers"]
 
 Granularity = Union[str, int]
 
@@ -163,6 +163,37 @@ def packable_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def select_layers(model: nn.Module, skip: Sequence[str], *, odd_dims_ok: bool = False
+                  ) -> Tuple[List[str], Dict[str, str], Set[str]]:
+    """Which nn.Linear layers a conversion quantizes: the one selector pack_model, save_packed,
+    the folder converter and calibration share (the graph passes apply the same rules per site).
+
+    Returns (names converted, in module order; {name: why kept real}; the skip patterns that
+    matched). Names, not modules: holding the modules would keep their dense weights alive.
+    ``odd_dims_ok``: the real baselines quantize layers with odd dims too.
+    """
+    from .passes._layers import matching_skip_pattern
+
+    targets: List[str] = []
+    kept: Dict[str, str] = {}
+    matched: Set[str] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        reason = packable_reason(mod)
+        if odd_dims_ok and reason and reason.startswith("odd dims"):
+            reason = None
+        pat = matching_skip_pattern(name, skip)
+        if pat is not None:
+            matched.add(pat)
+            reason = reason or f"matches skip pattern {pat!r}"
+        if reason:
+            kept[name] = reason
+        else:
+            targets.append(name)
+    return targets, kept, matched
+
+
 @dataclass
 class PackReport:
     packed: Dict[str, Dict[str, int]] = field(default_factory=dict)   # name -> {bytes_before, bytes_after}
@@ -181,26 +212,15 @@ class PackReport:
 def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "tensor",
                skip: Sequence[str] = (), kernel: str = "auto", progress: bool = False) -> PackReport:
     """Replace every packable nn.Linear of `model` by a PackedLinear, in place; see the module docstring."""
-    from .passes._layers import matching_skip_pattern
-
     config = Fairy2iConfig(stages=stages, scale_granularity=granularity, skip=skip, kernel=kernel)  # validates
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack_model needs an nn.Module, got {type(model).__name__}")
     report = PackReport()
     # names, not modules: a list of the nn.Linear objects would keep every dense weight alive
     # until the end, where the point is to free each one as soon as its codes exist
-    targets = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    matched = set()
+    targets, report.kept_real, matched = select_layers(model, config.skip)
     for name in _progress(targets, progress):
         mod = model.get_submodule(name)
-        reason = packable_reason(mod)
-        pat = matching_skip_pattern(name, config.skip)
-        if pat is not None:
-            matched.add(pat)
-            reason = reason or f"matches skip pattern {pat!r}"
-        if reason:
-            report.kept_real[name] = reason
-            continue
         packed = PackedLinear.from_linear(mod, config.stages, config.scale_granularity, config.kernel, name)
         _set_submodule(model, name, packed)
         report.packed[name] = {"bytes_before": mod.weight.numel() * mod.weight.element_size(),

@@ -30,10 +30,9 @@ changed, also when calibration fails half way), the captured block inputs
 from __future__ import annotations
 
 import copy
-import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,9 +41,8 @@ from torch import Tensor
 
 from .. import quant
 from ..config import Fairy2iConfig
-from ..packed_model import PackedLinear, packable_reason
+from ..packed_model import PackedLinear, select_layers
 from ..packing import pack_phase
-from ..passes._layers import matching_skip_pattern
 from .observer import Observations, hook_inputs, observing
 from .rounding import RoundedLayer, gptq_round, output_error, rtn_round
 
@@ -172,24 +170,9 @@ def _vocab_size(model: nn.Module) -> Optional[int]:
 
 def _targets(model: nn.Module, config: Fairy2iConfig) -> Tuple[Dict[str, nn.Linear], Dict[str, str], set]:
     """Layers calibration converts (the same choice as the graph passes and pack_model)."""
-    targets: Dict[str, nn.Linear] = {}
-    kept: Dict[str, str] = {}
-    matched = set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        reason = packable_reason(mod)
-        if config.method != "phase" and reason and "odd dims" in reason:
-            reason = None  # the real baselines quantize any real layer
-        pat = matching_skip_pattern(name, config.skip)
-        if pat is not None:
-            matched.add(pat)
-            reason = reason or f"matches skip pattern {pat!r}"
-        if reason:
-            kept[name] = reason
-        else:
-            targets[name] = mod
-    return targets, kept, matched
+    # the real baselines quantize any real layer, odd dims too
+    names, kept, matched = select_layers(model, config.skip, odd_dims_ok=config.method != "phase")
+    return {name: model.get_submodule(name) for name in names}, kept, matched
 
 
 def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[Tuple[str, nn.ModuleList]]:
