@@ -27,6 +27,7 @@ Configurations (``--configs``; names say what they are):
       -noact / -nts         without activation order / without true-sequential groups (ablations)
       -refit                least-squares scale refit after rounding
       -nosearch             stage-1 scales by the paper's rule, no per-layer search (ablation)
+      -noout                no outlier-column correction (``max_outliers=0``; ablation)
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -55,13 +56,14 @@ for _path in (REPO, REPO / "benchmarks"):
 from fairy2i_compile import eval as ev  # noqa: E402
 from fairy2i_compile import quant  # noqa: E402
 from fairy2i_compile.calibration import calibrate, calibration_windows, rtn_round  # noqa: E402
+from fairy2i_compile.calibration.rounding import MAX_OUTLIERS  # noqa: E402
 from fairy2i_compile.models import load_smollm2  # noqa: E402
 from peers import eval_windows, hqq_available, hqq_dequantized  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -85,7 +87,7 @@ def parse_config(name: str) -> Dict[str, Any]:
     return {"kind": kind, "method": {"w": "phase", "binary-t": "binary", "ternary-t": "ternary"}[meth],
             "stages": int(stages), "granularity": gran, "sequential": "par" not in opts,
             "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts,
-            "scale_search": "nosearch" not in opts}
+            "scale_search": "nosearch" not in opts, "outliers": "noout" not in opts and "refit" not in opts}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -128,7 +130,7 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                 mod.weight = nn.Parameter(rtn_round(a, cfg["stages"], cfg["granularity"], method=cfg["method"])
                                           .to(a.dtype), requires_grad=False)
     elif (cfg["method"] == "phase" and cfg["granularity"] == "tensor" and cfg["sequential"] and cfg["act_order"]
-          and cfg["true_sequential"] and not cfg["refit_scales"] and cfg["scale_search"]
+          and cfg["true_sequential"] and not cfg["refit_scales"] and cfg["scale_search"] and cfg["outliers"]
           and cal_windows.shape == (16, 512)):
         # exactly the demo's calibrated rows: calibrate through the demo's cache, so `make demo` reuses them
         from fairy2i_compile.demo import calibrated_model
@@ -146,7 +148,7 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
         res = calibrate(model, cal_windows, stages=cfg["stages"], scale_granularity=cfg["granularity"],
                         method=cfg["method"], sequential=cfg["sequential"], act_order=cfg["act_order"],
                         true_sequential=cfg["true_sequential"], refit_scales=cfg["refit_scales"],
-                        scale_search=cfg["scale_search"],
+                        scale_search=cfg["scale_search"], max_outliers=MAX_OUTLIERS if cfg["outliers"] else 0,
                         pack=False, progress=False, min_tokens=1)
         s = res.summary()
         info.update(calibration_s=round(res.seconds, 1), mean_rtn_output_error=s["mean_rtn_error"],

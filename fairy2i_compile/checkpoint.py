@@ -92,7 +92,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import Fairy2iConfig
-from .packed_model import PackedLinear, _progress, _set_submodule, packable_reason, select_layers
+from .packed_model import PackedLinear, _progress, _set_submodule, check_outliers, packable_reason, select_layers
 from .packing import scale_shape, words_per_row
 from .train import _ST_DTYPES, _dedupe_state, _few, _standalone
 
@@ -224,10 +224,14 @@ def _settings(config: Union[Fairy2iConfig, Mapping[str, Any]]) -> Fairy2iConfig:
     return settings
 
 
-def _layer_spec(in_features: int, out_features: int, stages: int, granularity: Any, bias: bool) -> Dict[str, Any]:
-    return {"in_features": int(in_features), "out_features": int(out_features), "stages": int(stages),
+def _layer_spec(in_features: int, out_features: int, stages: int, granularity: Any, bias: bool,
+                outliers: int = 0) -> Dict[str, Any]:
+    spec = {"in_features": int(in_features), "out_features": int(out_features), "stages": int(stages),
             "granularity": granularity, "bias": bool(bias),
             "dtypes": {"codes": "int32", "scales": "float32", "bias": None}}
+    if outliers:  # calibrated layers with corrected input columns (PackedLinear docstring); absent = 0
+        spec["outliers"] = int(outliers)
+    return spec
 
 
 def _already_packed(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Any], Dict[str, Any]]:
@@ -237,7 +241,7 @@ def _already_packed(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Any]
     for name, mod in model.named_modules():
         if isinstance(mod, PackedLinear):
             layers[name] = _layer_spec(mod.in_features, mod.out_features, mod.stages, mod.granularity,
-                                       mod.bias is not None)
+                                       mod.bias is not None, mod.outliers)
         elif isinstance(mod, nn.Linear):
             kept_real[name] = packable_reason(mod) or "left real when the model was packed"
     stages = {spec["stages"] for spec in layers.values()}
@@ -634,10 +638,16 @@ def _allowed_model_classes(model_type: str) -> List[str]:
 
 
 def _check_scales_finite(tensors: Mapping[str, Tensor], layers: Mapping[str, Any], path: pathlib.Path) -> None:
+    """Finite scales, and a valid outlier correction (distinct in-range columns, finite values)."""
     bad = [f"{name}.scales" for name in layers if not torch.isfinite(tensors[f"{name}.scales"]).all()]
     if bad:
         raise ValueError(f"{path}: tensors {_few(bad)} hold non-finite scales (NaN or Inf): every output of "
                          f"those layers would be NaN; the file is corrupt or was altered, write it again")
+    for name, spec in layers.items():
+        k = spec.get("outliers", 0)
+        if k:
+            check_outliers(tensors[f"{name}.outlier_index"], tensors[f"{name}.outlier_weight"], spec["in_features"],
+                           spec["out_features"], k, f"{path}: packed layer {name!r} (corrupt or altered file)")
 
 
 def _config_dict(config: Any) -> Dict[str, Any]:
@@ -734,7 +744,8 @@ def _skeleton(meta: Mapping[str, str], config: Any, layers: Mapping[str, Any], r
             if spec["bias"] else torch.float32
         try:
             packed = PackedLinear(mod.in_features, mod.out_features, spec["stages"], spec["granularity"],
-                                  spec["bias"], kernel, device="meta", bias_dtype=bias_dtype)
+                                  spec["bias"], kernel, device="meta", bias_dtype=bias_dtype,
+                                  outliers=spec.get("outliers", 0))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: packed layer {name!r}: {err}") from err
         _set_submodule(model, name, packed)
@@ -746,7 +757,7 @@ def _expected_tensors(model: nn.Module, recorded: Mapping[str, str],
     """{key: (shape, dtype)} the skeleton needs: PackedLinear tensors as the layer defines them,
     the others in the dtype the writer recorded (dense_dtype may have cast them)."""
     packed_tensors = {f"{name}.{key}" for name, mod in model.named_modules() if isinstance(mod, PackedLinear)
-                      for key in ("codes", "scales", "bias")}
+                      for key in ("codes", "scales", "bias", "outlier_index", "outlier_weight")}
     out = {}
     for key, t in model.state_dict(keep_vars=True).items():
         dtype = t.dtype if key in packed_tensors or key not in recorded else \

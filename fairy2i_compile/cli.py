@@ -208,6 +208,19 @@ def _steps(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr)
 
 
+def _nonnegative(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+
+    return parse
+
+
 def _positive(name: str):
     def parse(text: str) -> int:
         try:
@@ -460,7 +473,7 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
     windows = calibration_windows(tokens, args.calib_samples, args.calib_seq_len, avoid=avoid)
     return calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
                      skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
-                     progress=args.progress)
+                     max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio, progress=args.progress)
 
 
 # --------------------------------------------------------------------------- parser
@@ -496,6 +509,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibration.rounding import MAX_OUTLIERS, OUTLIER_RATIO
+
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog="`fairy2i <command> --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="{dump,eval,bench,quantize}", parser_class=_Parser)
@@ -564,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every layer from the float model's activations (default: block by block)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="round columns in storage order (default: by descending activation energy)")
+    g.add_argument("--max-outliers", type=_nonnegative("--max-outliers"), default=MAX_OUTLIERS, metavar="K",
+                   help=f"per layer, at most K input columns with massive activations get an exact float16 "
+                        f"correction (default {MAX_OUTLIERS}; 0 = none)")
+    g.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO, metavar="R",
+                   help=f"an input column is an outlier when its mean square is >= R times the median "
+                        f"column's (default {OUTLIER_RATIO:g})")
     p.set_defaults(func=cmd_quantize)
     return parser
 

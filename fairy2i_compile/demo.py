@@ -83,7 +83,8 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
 
     settings = {"method": options["method"], "stages": options["stages"], "scale_granularity": "tensor",
                 "calibration_tokens": hashlib.sha256(cal_windows.numpy().tobytes()).hexdigest()[:16],
-                "model": type(model).__name__, "format": 1, "calibrate": "defaults-1"}
+                "model": type(model).__name__, "format": 1, "calibrate": "defaults-2",
+                "outliers": [calibration.rounding.MAX_OUTLIERS, calibration.rounding.OUTLIER_RATIO]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(default_cache_dir()) / "calibrated" / f"smollm2-{options['method']}-t{options['stages']}-{key}.safetensors"
     if options["method"] == "phase" and path.is_file():

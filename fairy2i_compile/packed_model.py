@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,7 @@ from . import packed_ops, quant_ops
 from .config import Fairy2iConfig
 from .packing import PackedWidely, scale_shape, words_per_row
 
-__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason", "select_layers"]
+__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason", "select_layers", "check_outliers"]
 
 Granularity = Union[str, int]
 
@@ -54,10 +54,18 @@ class PackedLinear(nn.Module):
     scales: float32 buffer [2T, 2, n_s, G]
     bias:   parameter [out] or None
     forward(x [..., in]) -> [..., out] = fairy2i.packed_linear(x, codes, scales, bias, ...)
+
+    With ``outliers=k > 0`` (calibrated layers whose inputs carry massive activations) the
+    layer also holds an exact correction of k input columns:
+
+    outlier_index:  int64 buffer [k], distinct input columns
+    outlier_weight: float16 buffer [out, k], the rounding residual A[:, c] - Â[:, c]
+    forward adds ``x[..., outlier_index] @ outlier_weight.T`` (in x's dtype) to the packed op.
     """
 
     def __init__(self, in_features: int, out_features: int, stages: int = 2, granularity: Granularity = "tensor",
-                 bias: bool = True, kernel: str = "auto", device=None, bias_dtype: torch.dtype = torch.float32):
+                 bias: bool = True, kernel: str = "auto", device=None, bias_dtype: torch.dtype = torch.float32,
+                 outliers: int = 0):
         super().__init__()
         config = Fairy2iConfig(stages=stages, scale_granularity=granularity, kernel=kernel)  # validates
         if in_features % 2 or out_features % 2 or in_features < 2 or out_features < 2:
@@ -71,6 +79,14 @@ class PackedLinear(nn.Module):
         self.register_buffer("codes", torch.zeros((2 * self.stages, n, words_per_row(m)), dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros((2 * self.stages, 2, n_s, g), dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=bias_dtype, device=device)) if bias else None
+        if isinstance(outliers, bool) or not isinstance(outliers, int) or not 0 <= outliers <= self.in_features:
+            raise ValueError(f"outliers must be an int in 0..{self.in_features} (corrected input columns), "
+                             f"got {outliers!r}")
+        self.outliers = int(outliers)
+        if self.outliers:
+            self.register_buffer("outlier_index", torch.arange(self.outliers, dtype=torch.int64, device=device))
+            self.register_buffer("outlier_weight", torch.zeros((self.out_features, self.outliers),
+                                                               dtype=torch.float16, device=device))
 
     @property
     def m(self) -> int:
@@ -109,15 +125,33 @@ class PackedLinear(nn.Module):
             self.codes.copy_(packed.codes)
             self.scales.copy_(packed.scales.to(torch.float32))
 
+    def load_outliers(self, index: Tensor, weight: Tensor) -> None:
+        """Copy the outlier correction: distinct input columns [k] and residuals [out, k]."""
+        check_outliers(index, weight, self.in_features, self.out_features, self.outliers, "outlier correction")
+        with torch.no_grad():
+            self.outlier_index.copy_(index)
+            self.outlier_weight.copy_(weight.to(torch.float16))
+
     def packed(self) -> PackedWidely:
         return PackedWidely(self.codes, self.scales, self.out_features // 2, self.m,
                             None if isinstance(self.granularity, str) else int(self.granularity))
 
     def dequantized_weight(self) -> Tensor:
         """The dense real weight A_hat [out, in] (float32), rebuilt on demand (not stored)."""
-        return packed_ops.dequantize_packed(self.codes, self.scales, self.m, self.group_size)
+        a_hat = packed_ops.dequantize_packed(self.codes, self.scales, self.m, self.group_size)
+        if self.outliers:
+            a_hat[:, self.outlier_index] += self.outlier_weight.to(a_hat.dtype)
+        return a_hat
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._packed_forward(x)
+        if self.outliers:
+            # a matmul, not F.linear: the backend's passes convert every linear call they find,
+            # and this exact correction must stay as it is
+            y = y + torch.matmul(x.index_select(-1, self.outlier_index), self.outlier_weight.to(x.dtype).t())
+        return y
+
+    def _packed_forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.is_floating_point()
                 and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
                                                                            and self.bias.requires_grad)))
@@ -129,11 +163,30 @@ class PackedLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() * 4 + self.scales.numel() * 4
+        extra = self.outliers * (8 + 2 * self.out_features)
+        return self.codes.numel() * 4 + self.scales.numel() * 4 + extra
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, stages={self.stages}, "
-                f"granularity={self.granularity!r}, bias={self.bias is not None}, kernel={self.kernel!r}")
+                f"granularity={self.granularity!r}, bias={self.bias is not None}, kernel={self.kernel!r}"
+                + (f", outliers={self.outliers}" if self.outliers else ""))
+
+
+def check_outliers(index: Any, weight: Any, in_features: int, out_features: int, k: int, what: str) -> None:
+    """Raise a ValueError naming ``what`` unless index is int64 [k] of distinct columns in
+    0..in_features-1 and weight a finite floating [out_features, k]."""
+    if not isinstance(index, Tensor) or index.dtype != torch.int64 or tuple(index.shape) != (k,):
+        raise ValueError(f"{what}: outlier_index must be int64 [{k}], got "
+                         f"{getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
+    if k and (int(index.min()) < 0 or int(index.max()) >= in_features or index.unique().numel() != k):
+        raise ValueError(f"{what}: outlier_index must hold {k} distinct input columns in 0..{in_features - 1}, "
+                         f"got {index.tolist()[:8]}")
+    if (not isinstance(weight, Tensor) or not weight.is_floating_point()
+            or tuple(weight.shape) != (out_features, k)):
+        raise ValueError(f"{what}: outlier_weight must be floating [{out_features}, {k}], got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{what}: outlier_weight holds NaN/Inf")
 
 
 def _eager_cpu_op(kernel: str) -> bool:

@@ -347,3 +347,137 @@ def test_scale_search_picks_the_lowest_rtn_error_and_never_loses_to_the_paper_ru
     searched = gptq_round(a, h, 4, "tensor", scale_search=True)
     assert searched.info["first_scale"] == best
     assert torch.equal(searched.qu.s_re[0], quant.phase_quant(*_real_to_widely(a)[:2], 4, first_scale=best).s_re[0])
+
+
+# ------------------------------------------------------------------ outlier input columns
+def _massive(d: int, channel: int, factor: float, tokens: int = 400, seed: int = 0) -> torch.Tensor:
+    """An input second moment with one "massive activation" channel (factor times the others)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g)
+    x[:, channel] *= factor
+    return (x.double().t() @ x.double()) / tokens
+
+
+def test_select_outliers_takes_the_massive_channels_largest_first_and_caps_the_count():
+    from fairy2i_compile.calibration import select_outliers
+
+    h = _massive(40, 7, 50.0)
+    h[30, 30] = h[7, 7] * 2  # a second, larger outlier
+    assert select_outliers(h).tolist() == [7, 30]
+    assert select_outliers(h, max_count=1).tolist() == [30]
+    assert select_outliers(h, max_count=0).numel() == 0
+    assert select_outliers(torch.eye(40, dtype=torch.float64)).numel() == 0
+    for bad in ({"ratio": 1.0}, {"ratio": float("nan")}, {"max_count": -1}, {"max_count": 1.5}):
+        with pytest.raises(ValueError, match="outlier ratio|max outliers"):
+            select_outliers(h, **bad)
+
+
+@pytest.mark.parametrize("method", ["phase", "binary", "ternary"])
+def test_outlier_column_correction_removes_the_massive_channels_error(method):
+    a = torch.randn(24, 40, generator=torch.Generator().manual_seed(3)) * 0.1
+    a[:, 7] *= 0.2  # small weights on the massive channel, as in SmolLM2's down_proj layers
+    h = _massive(40, 7, 300.0)
+    plain = gptq_round(a, h, 2, method=method, act_order=True)
+    fixed = gptq_round(a, h, 2, method=method, act_order=True, outliers=[7])
+    assert plain.outlier_index is None and fixed.outlier_index.tolist() == [7]
+    assert fixed.outlier_weight.dtype == torch.float16 and fixed.outlier_weight.shape == (24, 1)
+    # that channel dominates the plain error; corrected, it is gone (float16 residual only)
+    assert output_error(a, plain.a_hat, h) > 0.1
+    assert output_error(a, fixed.a_hat, h) < 0.05 * output_error(a, plain.a_hat, h)
+    torch.testing.assert_close(fixed.a_hat[:, 7], a[:, 7], rtol=0, atol=1e-3)
+
+
+@settings(max_examples=15)
+@given(n=st.integers(1, 5), m=st.integers(1, 8), stages=st.integers(1, 3), k=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_identity_hessian_with_outliers_keeps_phasequant_codes_and_restores_those_columns(n, m, stages, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2 * n, 2 * m, generator=g)
+    cols = torch.randperm(2 * m, generator=g)[:k].tolist()
+    r = gptq_round(a, torch.eye(2 * m, dtype=torch.float64), stages, outliers=cols)
+    u_re, u_im, w_re, w_im = _real_to_widely(a)
+    assert torch.equal(r.qu.codes, quant.phase_quant(u_re, u_im, stages).codes)
+    assert torch.equal(r.qw.codes, quant.phase_quant(w_re, w_im, stages).codes)
+    rtn = rtn_round(a, stages)
+    others = [c for c in range(2 * m) if c not in cols]
+    assert torch.equal(r.a_hat[:, others], rtn[:, others])
+    # a corrected column is the float one up to the float16 rounding of its residual
+    resid = (a - rtn)[:, sorted(cols)]
+    torch.testing.assert_close(r.a_hat[:, sorted(cols)], rtn[:, sorted(cols)] + resid.half().float(),
+                               rtol=0, atol=1e-6)
+
+
+def test_outliers_are_validated_and_exclude_the_scale_refit():
+    a = torch.randn(8, 12)
+    h = _spd(12)
+    for bad in ([12], [-1], [3, 3]):
+        with pytest.raises(ValueError, match="outliers must be distinct input columns"):
+            gptq_round(a, h, 2, outliers=bad)
+    with pytest.raises(ValueError, match="refit_scales cannot be combined"):
+        gptq_round(a, h, 2, refit_scales=True, outliers=[1])
+    with pytest.raises(ValueError, match="max_outliers=0 with refit_scales"):
+        calibrate(tiny_llama(seed=0, layers=1), _ids(), refit_scales=True, progress=False)
+    with pytest.raises(ValueError, match="outlier ratio"):
+        calibrate(tiny_llama(seed=0, layers=1), _ids(), outlier_ratio=0.5, progress=False)
+
+
+def _with_outliers(seed=0):
+    """A calibrated tiny Llama whose layers get outlier corrections (a low ratio makes some)."""
+    return calibrate(tiny_llama(seed=seed, layers=1), _ids(), stages=2, progress=False, outlier_ratio=1.5,
+                     max_outliers=3)
+
+
+def test_packed_outlier_correction_equals_fake_quant_compiles_and_round_trips(tmp_path):
+    res = _with_outliers()
+    dense = calibrate(tiny_llama(seed=0, layers=1), _ids(), stages=2, progress=False, outlier_ratio=1.5,
+                      max_outliers=3, pack=False)
+    layers = [m for m in res.model.modules() if isinstance(m, PackedLinear)]
+    assert res.settings["outlier_columns"] == sum(m.outliers for m in layers) > 0
+    for name, lc in res.layers.items():
+        mod = res.model.get_submodule(name)
+        assert mod.outliers == lc.outliers
+        torch.testing.assert_close(mod.dequantized_weight(), dense.model.get_submodule(name).weight,
+                                   rtol=0, atol=1e-6)
+        x = torch.randn(3, mod.in_features)
+        with torch.no_grad():
+            ref = x @ mod.dequantized_weight().t() + (mod.bias if mod.bias is not None else 0)
+            torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    x = _ids(1, 12, seed=9)
+    backend = Fairy2iBackend({"mode": "ptq", "stages": 2})
+    compiled = torch.compile(res.model, backend=backend)
+    with torch.no_grad():
+        eager = res.model(x).logits
+        torch.testing.assert_close(dense.model(x).logits, eager, rtol=1e-5, atol=1e-5)
+        # the correction's matmul is not taken for a layer to convert: compiled == eager
+        torch.testing.assert_close(compiled(x).logits, eager, rtol=1e-5, atol=1e-5)
+    path = tmp_path / "out.safetensors"
+    res.save(path)
+    loaded = load_packed(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, eager, rtol=0, atol=0)
+    assert "outliers=" in repr(loaded)
+
+
+@pytest.mark.parametrize("forge,match", [
+    (lambda t: t.__setitem__("index", torch.full_like(t["index"], 10_000)), "distinct input columns"),
+    (lambda t: t.__setitem__("index", torch.zeros_like(t["index"])), "distinct input columns"),
+    (lambda t: t["weight"].__setitem__((0, 0), float("nan")), "NaN/Inf"),
+])
+def test_forged_outlier_corrections_are_refused(tmp_path, forge, match):
+    from safetensors.torch import load_file, save_file
+
+    res = _with_outliers()
+    path = tmp_path / "out.safetensors"
+    res.save(path)
+    name = next(n for n, m in res.model.named_modules() if isinstance(m, PackedLinear) and m.outliers >= 2)
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    t = {"index": tensors[f"{name}.outlier_index"].clone(), "weight": tensors[f"{name}.outlier_weight"].clone()}
+    forge(t)
+    tensors[f"{name}.outlier_index"], tensors[f"{name}.outlier_weight"] = t["index"], t["weight"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=match):
+        load_packed(path)

@@ -11,7 +11,7 @@
 
 from .driver import CalibrationResult, LayerCalibration, calibrate, calibration_windows, find_blocks
 from .observer import HessianAccumulator, Observations, hook_inputs, observing
-from .rounding import RoundedLayer, gptq_round, output_error, rtn_round
+from .rounding import RoundedLayer, gptq_round, output_error, rtn_round, select_outliers
 
 __all__ = [
     "calibrate",
@@ -27,4 +27,5 @@ __all__ = [
     "rtn_round",
     "output_error",
     "RoundedLayer",
+    "select_outliers",
 ]

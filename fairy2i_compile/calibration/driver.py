@@ -44,7 +44,7 @@ from ..config import Fairy2iConfig
 from ..packed_model import PackedLinear, select_layers
 from ..packing import pack_phase
 from .observer import Observations, hook_inputs, observing
-from .rounding import RoundedLayer, gptq_round, output_error, rtn_round
+from .rounding import MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, gptq_round, output_error, rtn_round, select_outliers
 
 __all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks"]
 
@@ -60,6 +60,7 @@ class LayerCalibration:
     calibrated_error: float   # after Hessian-aware rounding
     seconds: float
     first_scale: float = 1.0  # stage-1 scale multiplier the scale search chose
+    outliers: int = 0         # input columns kept exactly (float16 correction)
 
 
 @dataclass
@@ -230,6 +231,8 @@ def calibrate(
     decision: str = "phase",
     true_sequential: bool = True,
     scale_search: bool = True,
+    max_outliers: int = MAX_OUTLIERS,
+    outlier_ratio: float = OUTLIER_RATIO,
     pack: Optional[bool] = None,
     kernel: str = "auto",
     min_tokens: int = 256,
@@ -246,6 +249,10 @@ def calibrate(
               o, then gate/up, then down), each group's H gathered with the groups before it
               already quantized (GPTQ's "true sequential"); False: one H per layer from the
               block's input.
+    max_outliers, outlier_ratio: per layer, up to ``max_outliers`` real input columns whose
+              H[c, c] is at least ``outlier_ratio`` times the median get an exact float16
+              correction of their rounding residual (``rounding.select_outliers``; massive
+              activations); ``max_outliers=0`` turns it off.
     pack:     replace each layer by a PackedLinear holding the calibrated codes (default for
               "phase"); False keeps nn.Linear layers holding the dequantized weights (the
               real baselines always do: the packed kernels hold phase codes only).
@@ -268,8 +275,12 @@ def calibrate(
         raise ValueError(f"min_tokens must be a positive int, got {min_tokens!r}")
     if decision not in ("phase", "hessian"):
         raise ValueError(f"decision must be 'phase' or 'hessian', got {decision!r}")
+    if refit_scales and max_outliers:
+        raise ValueError(f"refit_scales cannot be combined with outlier columns (max_outliers={max_outliers!r}); "
+                         "pass max_outliers=0 with refit_scales=True")
     if refit_scales and not isinstance(config.scale_granularity, str):
         raise ValueError(f"refit_scales supports scale_granularity 'tensor' or 'row', got {config.scale_granularity!r}")
+    select_outliers(torch.ones(2, 2), outlier_ratio, max_outliers)  # validates both, names the value
     data = _as_batches(batches, _vocab_size(model), min_tokens)
     targets, kept, matched = _targets(model, config)
     if not targets:
@@ -292,13 +303,14 @@ def calibrate(
         mod = work_targets[name]
         t = time.perf_counter()
         a = mod.weight.detach()
+        outliers = select_outliers(h, outlier_ratio, max_outliers)
         r = gptq_round(a, h, config.stages, config.scale_granularity, method=config.method, damp=damp,
                        block_size=block_size, act_order=act_order, refit_scales=refit_scales, decision=decision,
-                       scale_search=scale_search and config.method == "phase")
+                       scale_search=scale_search and config.method == "phase", outliers=outliers)
         rtn = rtn_round(a, config.stages, config.scale_granularity, method=config.method)
         report[name] = LayerCalibration(name, tuple(a.shape), tokens, output_error(a, rtn, h),
                                         output_error(a, r.a_hat, h), time.perf_counter() - t,
-                                        float(r.info.get("first_scale", 1.0)))
+                                        float(r.info.get("first_scale", 1.0)), int(outliers.numel()))
         # a new Parameter: a weight tied to another module (lm_head ~ embedding) is untied, not overwritten
         mod.weight = nn.Parameter(r.a_hat.to(a.dtype), requires_grad=False)
         rounded[name] = r
@@ -357,10 +369,13 @@ def calibrate(
     if pack:
         for name, r in rounded.items():
             mod = work_targets[name]
+            k = 0 if r.outlier_index is None else int(r.outlier_index.numel())
             layer = PackedLinear(mod.in_features, mod.out_features, config.stages, config.scale_granularity,
                                  mod.bias is not None, config.kernel, device=mod.weight.device,
-                                 bias_dtype=mod.bias.dtype if mod.bias is not None else torch.float32)
+                                 bias_dtype=mod.bias.dtype if mod.bias is not None else torch.float32, outliers=k)
             layer.load_packed(pack_phase(r.qu, r.qw))
+            if k:
+                layer.load_outliers(r.outlier_index, r.outlier_weight)
             if mod.bias is not None:
                 layer.bias.copy_(mod.bias.detach())
             parent, _, child = name.rpartition(".")
@@ -371,6 +386,8 @@ def calibrate(
         "block_size": block_size, "act_order": bool(act_order), "refit_scales": bool(refit_scales),
         "decision": decision, "true_sequential": bool(true_sequential and sequential),
         "scale_search": bool(scale_search and config.method == "phase"),
+        "max_outliers": max_outliers, "outlier_ratio": outlier_ratio,
+        "outlier_columns": sum(lc.outliers for lc in report.values()),
         "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
         "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
     }

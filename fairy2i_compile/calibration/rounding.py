@@ -64,6 +64,24 @@ residual) T stages reach at most about 2-2.5 times the mean weight, so the
 large weights of heavy-tailed layers are clipped; on SmolLM2 layers a
 multiplier of 1.5-2 cuts the round-to-nearest output error 2-4 times at T = 4.
 
+Outlier input columns (``outliers=``)
+--------------------------------------
+A few input channels of some layers carry "massive activations": in SmolLM2's
+``layers.11.mlp.down_proj`` channel 1229 reaches 2.7e3 on the first token of a
+window while the median channel's RMS is 0.14, so that one real column of A
+holds 99% of tr(A H Aᵀ), and its weights are small (mean |w| 0.03 against 0.15
+for the layer): any shared-scale codebook rounds them with an error that the
+huge activation multiplies, and no other column can absorb it (the channel is
+nearly uncorrelated with the rest). Those columns are rounded like all others
+and then their residual e_c = A[:, c] - Â[:, c] is stored exactly, in float16,
+as a sparse correction the layer adds: ``y += E_out · x[idx]`` with
+``E_out [2n, k]`` (``PackedLinear`` does this next to the packed op). The codes
+and the packed format are untouched; the correction costs ``16·2n`` bits per
+column (0.01 bit per weight per column on a 576 × 1536 layer). In the OBS loop
+a corrected column leaves only its float16 rounding error to propagate.
+:func:`select_outliers` picks the columns: H[c, c] at least ``ratio`` times
+the median of diag H, at most ``max_count`` of them, largest first.
+
 ``act_order=True`` visits the pairs by descending ``H[a,a] + H[b,b]``
 (GPTQ's activation order); it changes only the order of decisions, never the
 stored layout or the scales.
@@ -79,7 +97,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -88,7 +106,11 @@ from .. import quant
 from ..ops import _real_to_widely, _widely_to_real
 from ..quant import Granularity, PhaseQuantized
 
-__all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor"]
+__all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor",
+           "select_outliers", "OUTLIER_RATIO", "MAX_OUTLIERS"]
+
+OUTLIER_RATIO = 100.0  # H[c, c] / median(diag H) from which an input column is an outlier
+MAX_OUTLIERS = 8       # at most this many corrected columns per layer
 
 
 @dataclass
@@ -99,6 +121,9 @@ class RoundedLayer:
     qu, qw: PhaseQuantized of U and W (method "phase"; None for the real baselines);
             ``packing.pack_phase(qu, qw)`` stores them
     loss:   sum of the per-pair OBS losses (err_a² + err_b²), float
+    outlier_index:  int64 [k] real input columns with an exact correction (module docstring)
+    outlier_weight: float16 [2n, k] their residual A[:, c] - (codes' Â)[:, c]; ``a_hat``
+            includes it
     """
 
     a_hat: Tensor
@@ -106,6 +131,8 @@ class RoundedLayer:
     qw: Optional[PhaseQuantized] = None
     loss: float = 0.0
     info: dict = field(default_factory=dict)
+    outlier_index: Optional[Tensor] = None
+    outlier_weight: Optional[Tensor] = None
 
 
 def _check_inputs(a: Tensor, h: Tensor, method: str, stages: int, granularity: Granularity,
@@ -155,6 +182,32 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
     raise ValueError(f"H is not positive definite even with damping {lam:g}; use more calibration tokens")
 
 
+def select_outliers(h: Tensor, ratio: float = OUTLIER_RATIO, max_count: int = MAX_OUTLIERS) -> Tensor:
+    """Real input columns c with H[c, c] >= ratio · median(diag H), largest first, at most
+    ``max_count``; returned sorted ascending, int64 [k] (k may be 0)."""
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 1):
+        raise ValueError(f"outlier ratio must be a finite float > 1 (e.g. {OUTLIER_RATIO}), got {ratio!r}")
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0:
+        raise ValueError(f"max outliers must be an int >= 0 (0 = none, e.g. {MAX_OUTLIERS}), got {max_count!r}")
+    d = torch.diagonal(h.to(torch.float64))
+    med = float(d.median())
+    if max_count == 0 or med <= 0:
+        cand = torch.zeros(0, dtype=torch.int64) if max_count == 0 else torch.nonzero(d > 0).flatten()
+    else:
+        cand = torch.nonzero(d >= ratio * med).flatten()
+    if max_count == 0 or cand.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    top = cand[torch.argsort(d[cand], descending=True, stable=True)[:max_count]]
+    return torch.sort(top).values
+
+
+def _check_outliers(outliers: Any, cols: int) -> Tensor:
+    idx = torch.as_tensor(outliers if outliers is not None else [], dtype=torch.int64).flatten()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cols or idx.unique().numel() != idx.numel()):
+        raise ValueError(f"outliers must be distinct input columns in 0..{cols - 1}, got {idx.tolist()}")
+    return torch.sort(idx).values
+
+
 def _pair_order(h: Tensor, m: int, act_order: bool) -> Tensor:
     """Order of the complex columns j (pairs (j, j+m)) to round in."""
     if not act_order:
@@ -175,10 +228,13 @@ SCALE_GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 
 def search_first_scale(a: Tensor, h: Tensor, stages: int, granularity: Granularity,
-                       grid: Sequence[float] = SCALE_GRID, max_rows: int = 2048) -> Tuple[float, dict]:
+                       grid: Sequence[float] = SCALE_GRID, max_rows: int = 2048,
+                       outliers: Optional[Tensor] = None) -> Tuple[float, dict]:
     """The stage-1 scale multiplier (``quant.phase_quant(first_scale=)``) whose round-to-nearest
     minimises the H-weighted output error; the error is measured on at most ``max_rows``
-    complex rows (rows i and i + n of A), the scales on the whole matrix. Returns (best, {mult: error}).
+    complex rows (rows i and i + n of A), the scales on the whole matrix. Columns in
+    ``outliers`` are corrected exactly later, so their error does not count here.
+    Returns (best, {mult: error}).
     """
     n = a.shape[0] // 2
     if n > max_rows:
@@ -193,6 +249,8 @@ def search_first_scale(a: Tensor, h: Tensor, stages: int, granularity: Granulari
     for mult in grid:
         qu, qw = _phase_scales(a, stages, granularity, mult)
         e = sub - _widely_to_real(qu.re, qu.im, qw.re, qw.im)[rows]
+        if outliers is not None and outliers.numel():
+            e[:, outliers] = 0.0
         errors[float(mult)] = float(((e @ hf) * e).sum()) / ref if ref > 0 else float("inf")
     best = min(errors, key=errors.get)
     return best, errors
@@ -307,10 +365,13 @@ def gptq_round(
     refit_scales: bool = False,
     decision: str = "phase",
     scale_search: bool = False,
+    outliers: Optional[Sequence[int]] = None,
 ) -> RoundedLayer:
     """Round A [2n, 2m] onto the codebook minimising tr(E H Eᵀ) greedily (module docstring).
 
     h: [2m, 2m] input second moment (any float dtype; float64 recommended).
+    outliers: real input columns whose residual is kept exactly in float16 (module
+    docstring; e.g. ``select_outliers(h)``); None / empty: none.
     Returns a :class:`RoundedLayer`; for ``method="phase"`` its ``qu``/``qw`` hold
     codes uint8 [T, n, m] and the fixed scales, and ``a_hat`` is rebuilt from them
     exactly as the packed kernels dequantize.
@@ -330,11 +391,12 @@ def gptq_round(
     else:
         gs_col = gs
 
+    out_idx = _check_outliers(outliers, cols)
     search_info = {}
     if method == "phase":
         first = 1.0
         if scale_search:
-            first, errs = search_first_scale(a, h, stages, granularity)
+            first, errs = search_first_scale(a, h, stages, granularity, outliers=out_idx)
             search_info = {"first_scale": first, "rtn_errors": errs}
         ref_u, ref_w = _phase_scales(a, stages, granularity, first)
         codes_u = torch.zeros((stages, rows // 2, m), dtype=torch.uint8)
@@ -350,6 +412,10 @@ def gptq_round(
     work = a.detach().to(work_dtype)[:, perm].clone()
     q_all = torch.zeros_like(work)
     total_loss = 0.0
+    slot = torch.full((cols,), -1, dtype=torch.int64)      # original column -> its correction slot
+    slot[out_idx] = torch.arange(out_idx.numel())
+    slot_at = slot[perm]                                     # permuted position -> slot
+    corr = torch.zeros((rows, out_idx.numel()), dtype=torch.float16)
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -379,6 +445,11 @@ def gptq_round(
             else:
                 q_a = _real_column(col_a, j, method, params, gs_real)
                 q_b = _real_column(col_b, j + m, method, params, gs_real)
+            for pos, col, q in ((ga, col_a, q_a), (gb, col_b, q_b)):
+                k = int(slot_at[pos])
+                if k >= 0:  # outlier column: keep its residual exactly (float16)
+                    corr[:, k] = (col - q).to(torch.float16)
+                    q += corr[:, k].to(q.dtype)   # in place: q_a / q_b now include it
             q_all[:, ga], q_all[:, gb] = q_a, q_b
             err_a = (col_a - q_a) / L[ga, ga]
             err_b = (col_b - q_b - err_a * L[ga, gb]) / L[gb, gb]
@@ -397,12 +468,19 @@ def gptq_round(
         if refit_scales:
             if gs is not None and gs < m:
                 raise ValueError(f"refit_scales supports 'tensor' and 'row' scales, got granularity={granularity!r}")
+            if out_idx.numel():
+                raise ValueError("refit_scales cannot be combined with outlier columns (the corrections are "
+                                 "residuals of the scales before the refit); pass outliers=None")
             qu, qw, a_hat, refit = _refit(a, h, qu, qw, a_hat)
             info.update(refit)
-        return RoundedLayer(a_hat, qu, qw, total_loss, info)
+        if out_idx.numel():
+            a_hat[:, out_idx] += corr.to(a_hat.dtype)
+        return RoundedLayer(a_hat, qu, qw, total_loss, info, out_idx if out_idx.numel() else None,
+                            corr if out_idx.numel() else None)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(cols)
-    return RoundedLayer(q_all[:, inv].contiguous(), None, None, total_loss)
+    return RoundedLayer(q_all[:, inv].contiguous(), None, None, total_loss, {},
+                        out_idx if out_idx.numel() else None, corr if out_idx.numel() else None)
 
 
 def _basis(qu: PhaseQuantized, qw: PhaseQuantized) -> List[Tensor]:
