@@ -190,7 +190,7 @@ def time_ms(fn, *a, reps=30):
 
 
 def kernel_table(args) -> list:
-    from fairy2i_compile.ops import _real_to_widely
+    from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
     from fairy2i_compile.packed_ops import packed_linear, packed_linear_reference
     from fairy2i_compile.packing import pack_widely
 

@@ -39,8 +39,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.fairy2i.*)
 from .config import Fairy2iConfig
 from .dump import GraphDumper, check_dump_dir, clear_previous_dump
-from .passes import PassContext, enabled_passes
-from .passes._fx import graph_fake_mode
+from .passes import PassContext, enabled_passes, graph_fake_mode
 from .report import GraphReport, summarize
 
 __all__ = ["Fairy2iBackend", "compile", "fairy2i_backend"]

@@ -6,7 +6,7 @@
 
 `save_packed` takes a model already packed by `packed_model.pack_model` (saved as it
 is), or a float model (or its `torch.compile` wrapper) plus a config: then every
-eligible `nn.Linear` weight is quantized with `quant_ops.pack_layer`, one layer at a
+eligible `nn.Linear` weight is quantized with `ops.quantize.pack_layer`, one layer at a
 time, into new codes/scales tensors; the user's model is not modified and no dense
 copy of it is made. The packed codes are the ones `pack_model` would give
 (same quantizer, same selection rules), so the two paths load to bit-identical models.
@@ -92,11 +92,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import Fairy2iConfig
-from .packed_model import PackedLinear, _progress, _set_submodule, check_outliers, packable_reason, select_layers
+from .packed_model import PackedLinear, check_outliers, packable_reason, select_layers, set_submodule, with_progress
 from .packing import scale_shape, words_per_row
-from .train import _ST_DTYPES, _dedupe_state, _few, _standalone
+from .safetensors_io import ST_DTYPES, dedupe_state, first_few, standalone_tensor
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ARCH_FIELDS", "save_packed", "load_packed", "packed_state_info",
+__all__ = ["FORMAT", "FORMAT_VERSION", "ARCH_FIELDS", "save_packed", "load_packed", "packed_state_info", "parameters_on_meta",
            "is_packed_checkpoint"]
 
 FORMAT = "fairy2i-packed"
@@ -109,7 +109,7 @@ ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_lay
                "rope_parameters", "rms_norm_eps", "hidden_act", "attention_bias", "mlp_bias")
 
 PathLike = Union[str, os.PathLike]
-_DTYPES = {str(d).replace("torch.", ""): d for d in _ST_DTYPES}
+_DTYPES = {str(d).replace("torch.", ""): d for d in ST_DTYPES}
 
 
 # ------------------------------------------------------------------ save
@@ -138,7 +138,7 @@ def save_packed(
     if path.is_dir():
         raise ValueError(f"save_packed: {path} is a folder; give a file path such as {path / 'model.safetensors'}")
     if dense_dtype is not None and (not isinstance(dense_dtype, torch.dtype) or not dense_dtype.is_floating_point
-                                    or dense_dtype not in _ST_DTYPES):
+                                    or dense_dtype not in ST_DTYPES):
         raise TypeError(f"dense_dtype must be a floating torch.dtype such as torch.float16, got {dense_dtype!r}")
     extra_json = _dumps(dict(extra) if extra is not None else {}, "extra")
     already = any(isinstance(m, PackedLinear) for m in model.modules())
@@ -158,7 +158,7 @@ def save_packed(
         tensors, layers, settings = _pack_float(model, _settings(config), progress)
 
     # Dedupe on the model's own tensors (before any cast makes tied ones distinct copies).
-    tensors, aliases = _dedupe_state(tensors)
+    tensors, aliases = dedupe_state(tensors)
     packed_keys = {f"{name}.{part}" for name in layers for part in ("codes", "scales")}
     # the dtype each tensor is written in; the cast copy is made as the tensor is written,
     # one tensor at a time, never a cast copy of the whole model at once
@@ -259,9 +259,9 @@ def _pack_float(model: nn.Module, settings: Fairy2iConfig,
     """Quantize a copy of every eligible nn.Linear weight, layer by layer; the model is not touched.
 
     Same selection as pack_model (packable_reason, then skip patterns) and the same quantizer
-    (quant_ops.pack_layer via the identical steps of PackedLinear.from_linear).
+    (ops.quantize.pack_layer via the identical steps of PackedLinear.from_linear).
     """
-    from . import quant_ops
+    from .ops import quantize
     names, kept_real, _ = select_layers(model, settings.skip)
     if "" in names:
         raise ValueError("save_packed: the model is a bare nn.Linear; wrap it in a container (nn.Sequential)")
@@ -275,8 +275,8 @@ def _pack_float(model: nn.Module, settings: Fairy2iConfig,
         if key not in weight_keys:  # the dense weights of packed layers are not stored
             tensors[key] = t
     with torch.no_grad():
-        for name, mod in _progress(targets, progress):
-            packed = quant_ops.pack_layer(mod.weight.detach(), settings.stages, settings.scale_granularity, name)
+        for name, mod in with_progress(targets, progress):
+            packed = quantize.pack_layer(mod.weight.detach(), settings.stages, settings.scale_granularity, name)
             tensors[f"{name}.codes"] = packed.codes.contiguous()
             # PackedLinear keeps float32 scales (load_packed copies them the same way)
             tensors[f"{name}.scales"] = packed.scales.to(torch.float32).contiguous()
@@ -326,7 +326,7 @@ class _CastOnRead(Mapping):
         self._tensors, self._dtypes = tensors, dtypes
 
     def __getitem__(self, key: str) -> Tensor:
-        return _standalone(self._tensors[key].detach().to(self._dtypes[key]))
+        return standalone_tensor(self._tensors[key].detach().to(self._dtypes[key]))
 
     def __iter__(self):
         return iter(self._tensors)
@@ -466,7 +466,7 @@ def load_packed(
 ) -> nn.Module:
     """Build the model stored in a packed checkpoint: PackedLinear layers, eval mode, on `device`.
 
-    kernel:          the PackedLinear kernel ("auto", "cpu", "triton", "torch"; packed_ops.py).
+    kernel:          the PackedLinear kernel ("auto", "cpu", "triton", "torch"; codegen/dispatch.py).
     expected_config: a transformers config or dict; ValueError when the checkpoint's config
                      differs in any of ARCH_FIELDS the two have.
     Every check (format, version, config, layer shapes, tensor names, shapes and dtypes)
@@ -497,7 +497,7 @@ def load_packed(
     model.to(device)  # the non-persistent buffers (rotary tables) were built on the CPU
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ValueError(f"{path}: tensors {_few(left)} got no data from the checkpoint; it does not fit the model")
+        raise ValueError(f"{path}: tensors {first_few(left)} got no data from the checkpoint; it does not fit the model")
     return model.eval()
 
 
@@ -567,7 +567,7 @@ def _check_config_against_header(config: Any, layers: Mapping[str, Any], header:
                 "scales": ([planes, 2, *scale_shape(n, m, settings.scale_granularity)], torch.float32)}
         for part, (shape, dtype) in want.items():
             key = f"{name}.{part}"
-            if key in header and (header[key][0] != shape or header[key][1] != _ST_DTYPES[dtype]):
+            if key in header and (header[key][0] != shape or header[key][1] != ST_DTYPES[dtype]):
                 raise ValueError(
                     f"{path}: tensor {key!r} is {_dtype_name(_st_to_torch(header[key][1]))} {header[key][0]} in the "
                     f"file, expected {_dtype_name(dtype)} {shape} for layer {name!r} (in={i}, out={o}, "
@@ -641,7 +641,7 @@ def _check_scales_finite(tensors: Mapping[str, Tensor], layers: Mapping[str, Any
     """Finite scales, and a valid outlier correction (distinct in-range columns, finite values)."""
     bad = [f"{name}.scales" for name in layers if not torch.isfinite(tensors[f"{name}.scales"]).all()]
     if bad:
-        raise ValueError(f"{path}: tensors {_few(bad)} hold non-finite scales (NaN or Inf): every output of "
+        raise ValueError(f"{path}: tensors {first_few(bad)} hold non-finite scales (NaN or Inf): every output of "
                          f"those layers would be NaN; the file is corrupt or was altered, write it again")
     for name, spec in layers.items():
         k = spec.get("outliers", 0)
@@ -670,7 +670,7 @@ def _check_expected_config(config: Any, expected: Any, path: pathlib.Path) -> No
 
 
 @contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Parameters are created on the meta device; buffers stay real.
 
     Under a plain `torch.device("meta")` the non-persistent buffers (rotary tables, which
@@ -713,9 +713,9 @@ def _skeleton(meta: Mapping[str, str], config: Any, layers: Mapping[str, Any], r
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"{path}: model_class {cls_name!r} is not a transformers model class for model_type "
                          f"{config.model_type!r} (transformers {transformers.__version__} has "
-                         f"{_few(sorted(allowed))}); the metadata is wrong or was altered")
+                         f"{first_few(sorted(allowed))}); the metadata is wrong or was altered")
     try:
-        with _parameters_on_meta(), _AllocationCap(cap, path):
+        with parameters_on_meta(), _AllocationCap(cap, path):
             model = cls._from_config(config, dtype=_build_dtype(recorded, layers))
     except ValueError:
         raise
@@ -748,7 +748,7 @@ def _skeleton(meta: Mapping[str, str], config: Any, layers: Mapping[str, Any], r
                                   outliers=spec.get("outliers", 0))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: packed layer {name!r}: {err}") from err
-        _set_submodule(model, name, packed)
+        set_submodule(model, name, packed)
     return model
 
 
@@ -773,22 +773,22 @@ def _check_tensors(header: Mapping[str, Tuple[List[int], str]], recorded: Mappin
     if set(recorded) != stored:
         raise ValueError(
             f"{path}: metadata 'tensors' does not list the file's tensors: not listed "
-            f"{_few(sorted(stored - set(recorded)))}, listed but absent {_few(sorted(set(recorded) - stored))}"
+            f"{first_few(sorted(stored - set(recorded)))}, listed but absent {first_few(sorted(set(recorded) - stored))}"
         )
     bad_alias = sorted(a for a, k in aliases.items() if k not in stored or a in stored)
     if bad_alias:
-        raise ValueError(f"{path}: aliases {_few(bad_alias)} do not point from a missing key to a stored tensor")
+        raise ValueError(f"{path}: aliases {first_few(bad_alias)} do not point from a missing key to a stored tensor")
     missing = sorted(set(expected) - stored - set(aliases))
     unexpected = sorted((stored | set(aliases)) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{path}: tensors differ from the model built from the checkpoint's config: missing {_few(missing)}, "
-            f"unexpected {_few(unexpected)}"
+            f"{path}: tensors differ from the model built from the checkpoint's config: missing {first_few(missing)}, "
+            f"unexpected {first_few(unexpected)}"
         )
     for key in sorted(stored | set(aliases)):
         shape, st_dtype = header[aliases.get(key, key)]
         want_shape, want_dtype = expected[key]
-        if shape != want_shape or st_dtype != _ST_DTYPES.get(want_dtype):
+        if shape != want_shape or st_dtype != ST_DTYPES.get(want_dtype):
             raise ValueError(
                 f"{path}: tensor {key!r} is {_dtype_name(_st_to_torch(st_dtype))} {shape} in the file, expected "
                 f"{_dtype_name(want_dtype)} {want_shape}; the file was altered or written for another model"
@@ -796,7 +796,7 @@ def _check_tensors(header: Mapping[str, Tuple[List[int], str]], recorded: Mappin
 
 
 def _st_to_torch(st_dtype: str) -> Any:
-    for dtype, name in _ST_DTYPES.items():
+    for dtype, name in ST_DTYPES.items():
         if name == st_dtype:
             return dtype
     return st_dtype

@@ -12,7 +12,7 @@ layer-sized result is the packed codes (T/32 of the float32 layer).
 
 Why the chunked result equals the whole-matrix one bit for bit
 ----------------------------------------------------------------
-* U, W (ops._real_to_widely) are elementwise in A: complex rows j0..j1 of U and W
+* U, W (ops.widely.real_to_widely_reference) are elementwise in A: complex rows j0..j1 of U and W
   come from real rows j0..j1 and n+j0..n+j1 of A, with the same float operations.
 * Codes are elementwise in the residual; the residual is elementwise in U (or W),
   the earlier stages' codes and their scales.
@@ -43,10 +43,10 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .ops import _real_to_widely
+from .ops.widely import real_to_widely_reference
 from .packing import PackedWidely, pack_codes, scale_shape, unpack_codes, words_per_row
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "RowReader", "pack_layer_chunked", "chunk_rows_for"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "RowReader", "pack_layer_chunked", "chunk_rows_for", "release_freed_memory"]
 
 RowReader = Callable[[int, int], Tensor]
 # entries of one [rows, m] block: each block temporary is 1 MiB in float32, and a dozen
@@ -73,7 +73,8 @@ def _malloc_trim() -> Callable[[], Any]:
         return lambda: None
 
 
-_release = _malloc_trim()
+release_freed_memory = _malloc_trim()
+"""Give the heap's freed holes back to the system (glibc malloc_trim; a no-op elsewhere): see _malloc_trim."""
 
 
 def chunk_rows_for(n: int, m: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -132,7 +133,7 @@ def pack_layer_chunked(
 
     def uw(j0: int, j1: int) -> Tuple[Tensor, ...]:
         top, bottom = reader(j0, j1), reader(n + j0, n + j1)
-        parts = _real_to_widely(torch.cat([top, bottom]))  # [r, m] each, compute dtype
+        parts = real_to_widely_reference(torch.cat([top, bottom]))  # [r, m] each, compute dtype
         for t, (mat, what) in zip(parts, (("U", "real"), ("U", "imaginary"), ("W", "real"), ("W", "imaginary"))):
             # quant.phase_quant's wording, plus where
             quant.check_finite(t, f"{name} ({mat}) ({what} part, complex rows {j0}..{j1 - 1})")
@@ -153,7 +154,7 @@ def pack_layer_chunked(
                 scales[off::2, 0, j0:j1] = q.s_re
                 scales[off::2, 1, j0:j1] = q.s_im
             del qu, qw
-            _release()
+            release_freed_memory()
     else:
         for t in range(T):
             # per plane (U, W) and axis (re, im): row sums of the magnitudes and counts
@@ -177,7 +178,7 @@ def pack_layer_chunked(
                     acc[3].append(quant.row_sums(on_im))
                     codes[2 * t + off, j0:j1] = pack_codes(c.unsqueeze(0))[0]
                 del parts, e_re, e_im, c, on_re, on_im
-                _release()
+                release_freed_memory()
             for off in (0, 1):
                 for axis in (0, 1):
                     total = quant.tensor_sum(torch.cat(sums[off][2 * axis]))

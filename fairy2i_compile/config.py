@@ -5,16 +5,22 @@ the backend unchanged; `Fairy2iConfig.from_options` is the only place that reads
 it, so every option name and allowed value is listed once, here.
 
 Whether a `kernel` can run on the tensors' device is checked when the op first
-runs (`codegen.resolve_kernel`), with the fix in the message.
+runs (`codegen.dispatch.resolve_kernel`), with the fix in the message. The values
+of `kernel` come from that module's table of implementations, the stage bound
+from quant.py (the quantizer's own limit).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+from .codegen.dispatch import kernel_names
+from .quant import MAX_STAGES
 
 __all__ = [
     "Fairy2iConfig",
@@ -24,14 +30,14 @@ __all__ = [
     "KERNELS",
     "COMPILERS",
     "MAX_STAGES",
+    "matching_skip_pattern",
 ]
 
 MODES = ("exact", "ptq", "qat", "calibrate")
 METHODS = ("phase", "binary", "ternary")
 GRANULARITIES = ("tensor", "row")  # or a positive int group size
-KERNELS = ("auto", "triton", "cpu", "inductor", "torch")
+KERNELS = kernel_names()  # the built-in kernels; validation reads the table, so registered ones count
 COMPILERS = ("eager", "inductor")
-MAX_STAGES = 4
 
 Granularity = Union[str, int]
 
@@ -77,7 +83,7 @@ class Fairy2iConfig:
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("method", self.method, METHODS)
-        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("kernel", self.kernel, kernel_names())
         _check_choice("compiler", self.compiler, COMPILERS)
         if isinstance(self.stages, bool) or not isinstance(self.stages, int):
             raise ValueError(
@@ -150,3 +156,12 @@ class Fairy2iConfig:
 def _check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"option {option!r} must be one of {list(allowed)}, got {value!r}")
+
+
+def matching_skip_pattern(name: str, patterns: Sequence[str]) -> Optional[str]:
+    """The first `skip` pattern that matches the layer's dotted name (fnmatch, also as a
+    suffix after a dot: "lm_head" matches "model.lm_head"), or None."""
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat):
+            return pat
+    return None

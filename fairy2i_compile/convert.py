@@ -67,9 +67,9 @@ class ShardReader:
     """The tensors of a folder's safetensors shards, read by rows with os.pread (no mmap)."""
 
     def __init__(self, folder: PathLike):
-        from .train import _ST_DTYPES
+        from .safetensors_io import ST_DTYPES
 
-        by_name = {v: k for k, v in _ST_DTYPES.items()}
+        by_name = {v: k for k, v in ST_DTYPES.items()}
         self.folder = pathlib.Path(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -145,10 +145,10 @@ def convert_folder(
     dense_dtype=dense_dtype, extra=extra)` writes.
     """
     from . import checkpoint as ck
-    from .chunked import _release, pack_layer_chunked
-    from .packed_model import _progress, select_layers
+    from .chunked import pack_layer_chunked, release_freed_memory
+    from .packed_model import select_layers, with_progress
     from .packing import scale_shape, words_per_row
-    from .train import _ST_DTYPES
+    from .safetensors_io import ST_DTYPES
 
     folder, out = pathlib.Path(folder).expanduser(), pathlib.Path(out).expanduser()
     if not (folder / "config.json").is_file():
@@ -156,7 +156,7 @@ def convert_folder(
     if out.is_dir():
         raise ValueError(f"convert_folder: {out} is a folder; give a file path such as {out / 'model.safetensors'}")
     for what, d in (("dtype", dtype), ("dense_dtype", dense_dtype)):
-        if d is not None and (not isinstance(d, torch.dtype) or not d.is_floating_point or d not in _ST_DTYPES):
+        if d is not None and (not isinstance(d, torch.dtype) or not d.is_floating_point or d not in ST_DTYPES):
             raise TypeError(f"{what} must be a floating torch.dtype such as torch.float16, got {d!r}")
     settings = ck._settings(config)
     extra_json = ck._dumps(dict(extra) if extra is not None else {}, "extra")
@@ -184,7 +184,7 @@ def convert_folder(
         if key in weight_keys:
             continue
         same = source[key] or id(t)  # one tensor of the loaded model <=> one key of the folder
-        if t.numel() > 0 and same in kept_view:  # checkpoint's _dedupe_state: a tied tensor stored once
+        if t.numel() > 0 and same in kept_view:  # safetensors_io.dedupe_state: a tied tensor stored once
             aliases[key] = kept_view[same]
             continue
         if t.numel() > 0:
@@ -239,7 +239,7 @@ def convert_folder(
     metadata["config_sha256"] = ck._config_digest(metadata["model_class"], metadata["model_config"])
 
     packed_cache: Dict[str, Any] = {}
-    bar = iter(_progress(range(len(targets)), progress))
+    bar = iter(with_progress(range(len(targets)), progress))
 
     def produce(key: str) -> Iterator[Tensor]:
         shape, want = specs[key]
@@ -270,7 +270,7 @@ def convert_folder(
             block = shards.rows(src, r0, min(rows, r0 + step)) if e.shape else shards.rows(src, 0, 1)
             yield block.to(dtype if block.is_floating_point() else block.dtype).to(want).contiguous()
             del block
-            _release()
+            release_freed_memory()
 
     done: set = set()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +295,7 @@ def _skeleton(folder: pathlib.Path, dtype: torch.dtype) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
-    from .checkpoint import _parameters_on_meta
+    from .checkpoint import parameters_on_meta
 
     try:
         hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -307,7 +307,7 @@ def _skeleton(folder: pathlib.Path, dtype: torch.dtype) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = cls._from_config(hf_config, dtype=dtype)
     model.config.dtype = dtype  # what from_pretrained(dtype=...) records
     return model.eval()
@@ -321,10 +321,10 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
     Same tensor order and header bytes as write_safetensors (larger element size first, then
     by name; metadata sorted; header padded with spaces to 8 bytes).
     """
-    from .train import _ST_DTYPES
+    from .safetensors_io import ST_DTYPES
 
     for key, (_, dt) in specs.items():
-        if dt not in _ST_DTYPES:
+        if dt not in ST_DTYPES:
             raise TypeError(f"tensor {key!r} has dtype {dt}, which safetensors cannot store")
     size = {k: torch.empty((), dtype=d).element_size() for k, (_, d) in specs.items()}
     order = sorted(specs, key=lambda k: (-size[k], k))
@@ -335,7 +335,7 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
         nbytes = size[key]
         for d in shape:
             nbytes *= int(d)
-        header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)

@@ -59,12 +59,12 @@ import torch.nn as nn
 
 from .report import atomic_write_text
 from .train import (
-    _RESUMABLE_CHANGES,
+    RESUMABLE_CHANGES,
     CheckpointError,
     TrainConfig,
-    _forward_kwargs,
-    _logits,
-    _windows_fingerprint,
+    forward_kwargs,
+    model_logits,
+    windows_fingerprint,
     batch_indices,
     lm_loss,
 )
@@ -212,7 +212,7 @@ def train_qat_distributed(
     if not params:
         raise ValueError("model has no parameter with requires_grad=True: nothing would train")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    fingerprint = _windows_fingerprint(windows)
+    fingerprint = windows_fingerprint(windows)
 
     step, history = 0, {"step": [], "loss": [], "grad_norm": [], "lr": [], "time_s": []}
     if checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
@@ -224,7 +224,7 @@ def train_qat_distributed(
                                     extra={"windows": fingerprint, "strategy": strategy})
 
     device = params[0].device
-    kwargs = _forward_kwargs(model)
+    kwargs = forward_kwargs(model)
     last = cfg.steps if run_until is None else min(cfg.steps, run_until)
     saved = step
     model.train()
@@ -236,7 +236,7 @@ def train_qat_distributed(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss, _, _ = lm_loss(_logits(compiled, ids, kwargs), ids)
+        loss, _, _ = lm_loss(model_logits(compiled, ids, kwargs), ids)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
@@ -422,12 +422,12 @@ def load_distributed_checkpoint(
     if config is not None and meta.get("train_config") is not None:
         now, saved = config.to_dict(), meta["train_config"]
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-                if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+                if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         if diff:
             raise ValueError(f"{path} was written by a run with another TrainConfig ({'; '.join(diff)}); resume "
                              f"with the same config, or pass a new checkpoint directory to start a new run")
     saved_windows = meta.get("extra", {}).get("windows")
-    if windows is not None and saved_windows is not None and saved_windows != _windows_fingerprint(windows):
+    if windows is not None and saved_windows is not None and saved_windows != windows_fingerprint(windows):
         raise ValueError(f"{path} was trained on other windows (shape {saved_windows.get('shape')}, now "
                          f"{list(windows.shape)}); pass the same windows, or a new checkpoint directory")
 

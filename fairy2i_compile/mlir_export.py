@@ -53,6 +53,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from .ops import pure_torch_bodies
 from .report import atomic_write_text
 
 __all__ = ["DIALECTS", "DEFAULT_DIALECTS", "mlir_dialects", "mlir_timeout", "export_mlir", "decompose_fairy2i"]
@@ -93,42 +94,6 @@ def torch_mlir_available() -> bool:
 
 
 # --------------------------------------------------------------------------- decomposition
-def _bodies() -> Dict[str, Any]:
-    """fairy2i op name -> pure-torch body with the op's signature."""
-    from . import ops, packed_ops, quant, quant_ops
-
-    dec = quant_ops.decode_granularity
-
-    def ptq_phase(a, stages, g, name):
-        # the unchunked quantizer: phase_quant_reference's row blocks are data-dependent
-        # (sizes from values) and cannot be traced; the two are equal bit for bit
-        return quant.quantize_widely(*ops._real_to_widely(a), stages, dec(g), name=name)
-
-    def ptq_packed(x, a, bias, slot, stages, g, name, kernel):
-        a_hat = ops._widely_to_real(*ptq_phase(a, stages, g, name))
-        return torch.nn.functional.linear(x, a_hat.to(x.dtype), bias)
-
-    return {
-        "real_to_widely": ops._real_to_widely,
-        "widely_to_real": ops._widely_to_real,
-        "widely_linear": ops._widely_linear,
-        "phase_quant": lambda ur, ui, wr, wi, stages, g, name: quant.quantize_widely(
-            ur, ui, wr, wi, stages, dec(g), name=name),
-        "real_quant": lambda a, method, stages, g, name: quant.real_quant(
-            a, method, stages, dec(g), name=name).to(a.dtype),
-        # PTQ: the quantizer itself, not the per-weight cache (data_ptr has no meaning while tracing)
-        "ptq_phase_quant": lambda a, slot, stages, g, name: ptq_phase(a, stages, g, name),
-        "ptq_real_quant": lambda a, slot, method, stages, g, name: quant.real_quant(
-            a, method, stages, dec(g), name=name).to(a.dtype),
-        # packed ops: the reference (unpack -> dequantize -> GEMM); the stage-fused PTQ op
-        # through its quantizer, like ptq_phase_quant (its codes live in the PTQ cache)
-        "packed_linear": lambda x, codes, scales, bias, m, group_size, kernel: packed_ops.packed_linear_reference(
-            x, codes, scales, bias, m, group_size),
-        "ptq_packed_linear": ptq_packed,
-        "ptq_packed_dequant": lambda a, slot, stages, g, name: ops._widely_to_real(*ptq_phase(a, stages, g, name)),
-    }
-
-
 def _generic_body(op: torch._ops.OpOverload):
     """The Python function a `torch.library.custom_op` was defined with (ops added later)."""
     from torch._library.custom_ops import OPDEFS
@@ -150,7 +115,7 @@ def _positional(op: torch._ops.OpOverload, args, kwargs) -> list:
 class _Decomposer(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.bodies = _bodies()
+        self.bodies = pure_torch_bodies()
 
     def call_function(self, target, args, kwargs):
         if isinstance(target, torch._ops.OpOverload) and target.namespace == "fairy2i":
@@ -396,7 +361,7 @@ def _worker(job: str, out_dir: str, stem: str, status_path: str, dialects: List[
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from . import quant_ops  # noqa: F401  (registers every fairy2i op before unpickling)
+    from . import ops  # noqa: F401  (registers every fairy2i op before unpickling)
 
     status: Dict[str, Any] = {}
 

@@ -9,7 +9,7 @@ first: `pack_model` replaces every convertible `nn.Linear` by a `PackedLinear`
 (codes + scales as buffers, the bias as a parameter), one layer at a time, so the
 dense weight of each layer is released as soon as its codes exist and the peak
 memory is the dense model plus one layer's codes and the temporaries of one block
-of rows (`quant_ops.pack_layer` quantizes a layer block by block, chunked.py). (A weight shared with another
+of rows (`ops.quantize.pack_layer` quantizes a layer block by block, chunked.py). (A weight shared with another
 module, such as an `lm_head` tied to the embedding, stays alive through that other
 module.) `checkpoint.load_packed` builds such a model straight from a packed file,
 never materialising a dense quantized weight at all.
@@ -21,7 +21,7 @@ to differentiate (inference), a layer whose `kernel` resolves to the C++ kernel 
 `fairy2i.packed_linear_cpu` instead, the op compiled graphs use (~10 us a call rather
 than ~70 us through the autograd-capable op); traced or with gradients, it is always
 `fairy2i.packed_linear`. Both paths quantize with
-`quant_ops.pack_layer`, the same PhaseQuant as the compiled PTQ graph, so a packed
+`ops.quantize.pack_layer`, the same PhaseQuant as the compiled PTQ graph, so a packed
 model and a compiled float model give the same numbers.
 
 A layer stays an `nn.Linear` (with the reason in the report) when its in/out
@@ -38,11 +38,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import packed_ops, quant_ops
-from .config import Fairy2iConfig
+from .codegen.dispatch import eager_cpu_op
+from .config import Fairy2iConfig, matching_skip_pattern
+from .ops.packed_reference import dequantize_packed
+from .ops.quantize import pack_layer
 from .packing import PackedWidely, scale_shape, words_per_row
 
-__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason", "select_layers", "check_outliers"]
+__all__ = ["PackedLinear", "PackReport", "pack_model", "packable_reason", "select_layers", "check_outliers",
+           "set_submodule", "with_progress"]
 
 Granularity = Union[str, int]
 
@@ -104,7 +107,7 @@ class PackedLinear(nn.Module):
         if reason:
             raise ValueError(f"cannot pack {name}: {reason}")
         weight = linear.weight.detach()
-        packed = quant_ops.pack_layer(weight, stages, granularity, name)
+        packed = pack_layer(weight, stages, granularity, name)
         layer = cls(linear.in_features, linear.out_features, stages, granularity, linear.bias is not None,
                     kernel, device=weight.device,
                     bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
@@ -138,7 +141,7 @@ class PackedLinear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         """The dense real weight A_hat [out, in] (float32), rebuilt on demand (not stored)."""
-        a_hat = packed_ops.dequantize_packed(self.codes, self.scales, self.m, self.group_size)
+        a_hat = dequantize_packed(self.codes, self.scales, self.m, self.group_size)
         if self.outliers:
             a_hat[:, self.outlier_index] += self.outlier_weight.to(a_hat.dtype)
         return a_hat
@@ -155,7 +158,7 @@ class PackedLinear(nn.Module):
         if (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.is_floating_point()
                 and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
                                                                            and self.bias.requires_grad)))
-                and _eager_cpu_op(self.kernel)):
+                and eager_cpu_op(self.kernel)):
             return torch.ops.fairy2i.packed_linear_cpu.default(x, self.codes, self.scales, self.bias, self.m,
                                                                self.group_size)
         return torch.ops.fairy2i.packed_linear.default(x, self.codes, self.scales, self.bias, self.m,
@@ -189,20 +192,6 @@ def check_outliers(index: Any, weight: Any, in_features: int, out_features: int,
         raise ValueError(f"{what}: outlier_weight holds NaN/Inf")
 
 
-def _eager_cpu_op(kernel: str) -> bool:
-    """Whether `kernel` on CPU tensors means the C++ kernel and its op registration is loaded."""
-    hit = _EAGER_CPU_OP.get(kernel)
-    if hit is None:
-        from .codegen import runs_cpu_kernel
-        from .codegen.cpu_packed import cpu_op_available
-
-        hit = _EAGER_CPU_OP[kernel] = runs_cpu_kernel(kernel, torch.device("cpu")) and cpu_op_available()[0]
-    return hit
-
-
-_EAGER_CPU_OP: Dict[str, bool] = {}
-
-
 def packable_reason(module: nn.Module) -> Optional[str]:
     """None if `module` is an nn.Linear PackedLinear can replace, else why not."""
     if not isinstance(module, nn.Linear):
@@ -225,8 +214,6 @@ def select_layers(model: nn.Module, skip: Sequence[str], *, odd_dims_ok: bool = 
     matched). Names, not modules: holding the modules would keep their dense weights alive.
     ``odd_dims_ok``: the real baselines quantize layers with odd dims too.
     """
-    from .passes._layers import matching_skip_pattern
-
     targets: List[str] = []
     kept: Dict[str, str] = {}
     matched: Set[str] = set()
@@ -272,10 +259,10 @@ def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "te
     # names, not modules: a list of the nn.Linear objects would keep every dense weight alive
     # until the end, where the point is to free each one as soon as its codes exist
     targets, report.kept_real, matched = select_layers(model, config.skip)
-    for name in _progress(targets, progress):
+    for name in with_progress(targets, progress):
         mod = model.get_submodule(name)
         packed = PackedLinear.from_linear(mod, config.stages, config.scale_granularity, config.kernel, name)
-        _set_submodule(model, name, packed)
+        set_submodule(model, name, packed)
         report.packed[name] = {"bytes_before": mod.weight.numel() * mod.weight.element_size(),
                                "bytes_after": packed.nbytes}
         del mod
@@ -287,7 +274,8 @@ def pack_model(model: nn.Module, stages: int = 2, granularity: Granularity = "te
     return report
 
 
-def _progress(items: Sequence, enabled: bool) -> Iterable:
+def with_progress(items: Sequence, enabled: bool) -> Iterable:
+    """`items` under a tqdm bar when `enabled` and tqdm is installed, else `items` as they are."""
     if not enabled:
         return items
     try:
@@ -297,7 +285,8 @@ def _progress(items: Sequence, enabled: bool) -> Iterable:
     return tqdm(items, desc="packing", unit="layer")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` of `root` by `module`."""
     if not name:
         raise ValueError("pack_model cannot replace the root module itself; wrap the nn.Linear in a container")
     parent_name, _, child = name.rpartition(".")

@@ -46,7 +46,6 @@ on the unpacked codes and scales rebuilds the fake-quant weights exactly
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -240,8 +239,3 @@ def check_packed(codes: Tensor, scales: Tensor, m: int, group_size: int) -> Tupl
     if codes.device != scales.device:
         raise ValueError(f"packed codes and scales are on different devices: {codes.device} vs {scales.device}")
     return P, n, kw
-
-
-def compression_vs_bf16(packed: PackedWidely) -> float:
-    """bf16 bytes of the real layer / packed bytes."""
-    return (2 * 2 * packed.n * 2 * packed.m) / packed.nbytes if packed.nbytes else math.inf

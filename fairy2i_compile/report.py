@@ -31,8 +31,8 @@ class LayerReport:
     bytes_before: int = 0          # weight bytes as the model holds them
     bytes_after: int = 0           # bytes of the layer's weight in its converted format:
                                    # exact: A itself; quantized: codes at their bit width +
-                                   # float32 scales (see extra["dense_cache_bytes"] for what
-                                   # the PTQ graph holds until packed kernels land)
+                                   # float32 scales (extra["dense_cache_bytes"]: the dense
+                                   # quantized copy a PTQ layer holds, 0 once stage-fused)
     node: str = ""                 # FX node name in the captured graph
     extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -20,11 +20,53 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
-from typing import BinaryIO, Dict, List, Mapping, Tuple, Type
+from typing import Any, BinaryIO, Dict, List, Mapping, Tuple, Type
 
-__all__ = ["read_header", "write_safetensors"]
+import torch
+
+__all__ = ["ST_DTYPES", "dedupe_state", "first_few", "read_header", "standalone_tensor", "write_safetensors"]
 
 Header = Dict[str, Tuple[List[int], str]]
+
+
+ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+"""torch dtype -> safetensors dtype name (the dtypes checkpoints can hold)."""
+
+
+def dedupe_state(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Keep one key per tensor view; later keys that are the same view become aliases {alias: kept}."""
+    kept: Dict[str, torch.Tensor] = {}
+    aliases: Dict[str, str] = {}
+    first: Dict[Any, str] = {}
+    for name, t in state.items():
+        if t.numel() > 0:
+            view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                    t.dtype)
+            if view in first:
+                aliases[name] = first[view]
+                continue
+            first[view] = name
+        kept[name] = t
+    return kept, aliases
+
+
+def standalone_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage (safetensors refuses shared or partial storage)."""
+    t = t.detach().cpu()
+    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.contiguous().clone()
+    return t
+
+
+def first_few(names, n: int = 5) -> str:
+    """The first n names and how many more, for error messages."""
+    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
 
 
 def read_header(path: pathlib.Path, fmt: str, version: str, what: str, hint: str,
@@ -57,10 +99,6 @@ def read_header(path: pathlib.Path, fmt: str, version: str, what: str, hint: str
 def write_safetensors(tensors: Mapping[str, "torch.Tensor"], f: BinaryIO, metadata: Mapping[str, str]) -> None:
     """Write `tensors` (contiguous CPU tensors) and `metadata` (str -> str) to the open file `f`
     in the safetensors format, byte-deterministically (module docstring)."""
-    import torch
-
-    from .train import _ST_DTYPES
-
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"safetensors metadata must map str to str, got {key!r}: {type(value).__name__}")
@@ -69,12 +107,12 @@ def write_safetensors(tensors: Mapping[str, "torch.Tensor"], f: BinaryIO, metada
     offset = 0
     for key in order:
         t = tensors[key]
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in ST_DTYPES:
             raise TypeError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"tensor {key!r} must be a contiguous CPU tensor")
         size = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)

@@ -3,7 +3,7 @@
     compiled = torch.compile(model, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
     history = train_qat(model, compiled, windows, TrainConfig(steps=1000), checkpoint_path="run.safetensors")
 
-The recipe is the paper's (DESIGN.md §1.5): the real master weights of `model`
+The recipe is the Fairy2i paper's (arXiv 2512.02901): the real master weights of `model`
 train with AdamW, betas (0.9, 0.95), weight decay 0, grad clip 2.0, peak LR 3e-5;
 every forward re-quantizes them inside the compiled graph (straight-through
 backward). Here the LR warms up linearly and decays by a cosine to lr*min_lr_ratio.
@@ -57,8 +57,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .safetensors_io import ST_DTYPES, dedupe_state, first_few, standalone_tensor
+
 __all__ = [
+    "RESUMABLE_CHANGES",
     "TrainConfig",
+    "forward_kwargs",
+    "model_logits",
+    "windows_fingerprint",
     "CheckpointError",
     "train_qat",
     "qat_step",
@@ -74,14 +80,14 @@ __all__ = [
 FORMAT = "fairy2i_compile.train_checkpoint"
 FORMAT_VERSION = 1
 # Fields that change nothing about the trajectory: a resumed run may change them.
-_RESUMABLE_CHANGES = ("checkpoint_every", "log_every")
+RESUMABLE_CHANGES = ("checkpoint_every", "log_every")  # TrainConfig fields a resumed run may change
 PathLike = Union[str, os.PathLike]
 
 
 # ------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one QAT run (defaults: the paper's recipe, DESIGN.md §1.5).
+    """Hyper-parameters of one QAT run (defaults: the Fairy2i paper's recipe).
 
     steps:               optimizer updates in the whole run (the LR schedule spans them).
     lr:                  peak learning rate.
@@ -219,7 +225,8 @@ def lm_loss(
     return (1.0 - alpha) * ce + alpha * (t * t) * kl, ce, kl
 
 
-def _logits(fn: Callable, ids: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+def model_logits(fn: Callable, ids: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """fn(ids, **kwargs)'s logits [B, L, V] (a tensor, or an output object's .logits)."""
     out = fn(ids, **kwargs)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor):
@@ -227,7 +234,8 @@ def _logits(fn: Callable, ids: torch.Tensor, kwargs: Mapping[str, Any]) -> torch
     return logits
 
 
-def _forward_kwargs(module: Any) -> Dict[str, Any]:
+def forward_kwargs(module: Any) -> Dict[str, Any]:
+    """Keyword arguments for a training forward pass of `module` (no KV cache for HF models)."""
     # HF causal LMs build a KV cache by default; training never reads it.
     return {"use_cache": False} if hasattr(getattr(module, "config", None), "use_cache") else {}
 
@@ -269,7 +277,7 @@ def train_qat(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda completed: cfg.lr_factor(completed))
-    fingerprint = _windows_fingerprint(windows)
+    fingerprint = windows_fingerprint(windows)
     path = pathlib.Path(checkpoint_path) if checkpoint_path is not None else None
 
     step, history = 0, _new_history()
@@ -293,7 +301,7 @@ def train_qat(
 
     last = cfg.steps if run_until is None else min(cfg.steps, run_until)
     device = params[0].device
-    student_kwargs, teacher_kwargs = _forward_kwargs(model), _forward_kwargs(teacher)
+    student_kwargs, teacher_kwargs = forward_kwargs(model), forward_kwargs(teacher)
     saved = step
     was_training = model.training
     model.train()
@@ -309,8 +317,8 @@ def train_qat(
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = _logits(teacher, ids, teacher_kwargs)
-            loss, ce, kl = lm_loss(_logits(compiled, ids, student_kwargs), ids, teacher_logits,
+                    teacher_logits = model_logits(teacher, ids, teacher_kwargs)
+            loss, ce, kl = lm_loss(model_logits(compiled, ids, student_kwargs), ids, teacher_logits,
                                    cfg.distill_alpha, cfg.distill_temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -430,7 +438,8 @@ def _jsonable_number(value: Any) -> Any:
     return value
 
 
-def _windows_fingerprint(windows: torch.Tensor) -> Dict[str, Any]:
+def windows_fingerprint(windows: torch.Tensor) -> Dict[str, Any]:
+    """Shape and SHA-256 of the training windows, so a resumed run can check it trains on the same data."""
     data = windows.detach().to("cpu", torch.long).contiguous()
     return {"shape": list(data.shape), "sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()}
 
@@ -441,7 +450,7 @@ def _check_resumable(path: pathlib.Path, cfg: TrainConfig, fingerprint: Mapping[
     if saved is not None:
         now = cfg.to_dict()
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-                if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+                if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         if diff:
             raise ValueError(
                 f"{path} was written by a run with another TrainConfig ({'; '.join(diff)}); resume with the "
@@ -529,7 +538,7 @@ def save_checkpoint(
 
     path = pathlib.Path(path)
     tensors: Dict[str, torch.Tensor] = {}
-    model_tensors, aliases = _dedupe_state(model.state_dict())
+    model_tensors, aliases = dedupe_state(model.state_dict())
     for name, t in model_tensors.items():
         tensors[f"model/{name}"] = t
     rng = {"cpu": torch.get_rng_state()}
@@ -548,7 +557,7 @@ def save_checkpoint(
         "train_config": _dumps(config.to_dict() if config is not None else None, "config"),
         "extra": _dumps(dict(extra) if extra is not None else {}, "extra"),
     }
-    tensors = {k: _standalone(t) for k, t in tensors.items()}
+    tensors = {k: standalone_tensor(t) for k, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -599,14 +608,14 @@ def load_checkpoint(
 
     # ---- model: keys, ties, shapes, dtypes
     state = model.state_dict()
-    _, model_aliases = _dedupe_state(state)
+    _, model_aliases = dedupe_state(state)
     stored = {k[len("model/"):] for k in header if k.startswith("model/")}
     missing = sorted(set(state) - stored - set(aliases))
     unexpected = sorted((stored | set(aliases)) - set(state))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: model keys differ: in the model but not the file {_few(missing)}, in the file but not "
-            f"the model {_few(unexpected)} (is it a checkpoint of another model?)"
+            f"{path}: model keys differ: in the model but not the file {first_few(missing)}, in the file but not "
+            f"the model {first_few(unexpected)} (is it a checkpoint of another model?)"
         )
     if aliases != model_aliases:
         raise CheckpointError(
@@ -655,10 +664,6 @@ def load_checkpoint(
     return step, history
 
 
-def _few(names, n: int = 5) -> str:
-    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
-
-
 def _check_optimizer_state(path: pathlib.Path, optimizer: torch.optim.Optimizer, saved: Any) -> None:
     groups = optimizer.param_groups
     if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
@@ -698,41 +703,9 @@ def _read_header(path: pathlib.Path):
     return meta, header
 
 
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
 def _st_dtype(dtype: torch.dtype) -> Optional[str]:
     """safetensors' name of a dtype; None for one this table does not know (not checked)."""
-    return _ST_DTYPES.get(dtype)
-
-
-def _dedupe_state(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Keep one key per tensor view; later keys that are the same view become aliases {alias: kept}."""
-    kept: Dict[str, torch.Tensor] = {}
-    aliases: Dict[str, str] = {}
-    first: Dict[Any, str] = {}
-    for name, t in state.items():
-        if t.numel() > 0:
-            view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-                    t.dtype)
-            if view in first:
-                aliases[name] = first[view]
-                continue
-            first[view] = name
-        kept[name] = t
-    return kept, aliases
-
-
-def _standalone(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor that owns its storage (safetensors refuses shared or partial storage)."""
-    t = t.detach().cpu()
-    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.contiguous().clone()
-    return t
+    return ST_DTYPES.get(dtype)
 
 
 def _to_tree(obj: Any, key: str, tensors: Dict[str, torch.Tensor]) -> Any:

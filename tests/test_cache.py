@@ -155,7 +155,7 @@ def test_truncated_cached_kernel_is_rebuilt_not_a_crash(kernel_cache, tmp_path):
     code = textwrap.dedent("""
         import warnings, torch
         from fairy2i_compile.codegen import cpu_packed
-        from fairy2i_compile.ops import _real_to_widely
+        from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
         from fairy2i_compile.packing import pack_widely
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -18,7 +18,7 @@ from fairy2i_compile.calibration import (
     output_error,
     rtn_round,
 )
-from fairy2i_compile.ops import _real_to_widely
+from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
 from fairy2i_compile.packed_model import PackedLinear
 
 from helpers import LLAMA_LINEARS, tiny_llama

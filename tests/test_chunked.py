@@ -13,7 +13,7 @@ HYP = settings(max_examples=60, deadline=None, database=None)
 
 
 def _reference(a, stages, granularity, first_scale=1.0):
-    from fairy2i_compile.ops import _real_to_widely
+    from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
 
     u_re, u_im, w_re, w_im = _real_to_widely(a)
     qu = quant.phase_quant(u_re, u_im, stages, granularity, first_scale=first_scale)
@@ -146,7 +146,7 @@ def test_pack_model_frees_each_dense_weight_as_it_goes(monkeypatch):
 
 @pytest.mark.parametrize("granularity", ["tensor", "row", 3])
 def test_dense_ptq_paths_equal_quantize_widely(granularity):
-    from fairy2i_compile.ops import _real_to_widely
+    from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
 
     a = torch.randn(40, 26, generator=torch.Generator().manual_seed(5))
     want = quant.quantize_widely(*_real_to_widely(a), 3, granularity)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from fairy2i_compile import Fairy2iBackend, quant, quant_ops
-from fairy2i_compile.ops import _real_to_widely, _widely_to_real
+from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from conftest import rel_err
 from helpers import LLAMA_LINEARS, tiny_gpt2, tiny_llama
 

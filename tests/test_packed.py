@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from fairy2i_compile import Fairy2iBackend, Fairy2iConfig, packed_ops, quant, quant_ops
 from fairy2i_compile.codegen import cpu_packed, resolve_kernel
-from fairy2i_compile.ops import _real_to_widely, _widely_to_real
+from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from fairy2i_compile.packing import (PackedWidely, pack_codes, pack_phase, pack_widely, packed_nbytes,
                                      unpack_codes, words_per_row)
 from fairy2i_compile.passes import PassContext, fuse_stages
@@ -477,7 +477,7 @@ def test_cpu_op_passes_opcheck_and_rejects_bad_input():
     with pytest.raises(RuntimeError, match="codes must be int32"):
         torch.ops.fairy2i.packed_linear_cpu.default(x, pk.codes.long(), pk.scales, b, pk.m, 0)
     # the Python implementation (used until or unless the C++ one loads) is the same kernel
-    torch.testing.assert_close(packed_ops._packed_linear_cpu_fallback(x, pk.codes, pk.scales, b, pk.m, 0),
+    torch.testing.assert_close(packed_ops.packed_linear_cpu_fallback(x, pk.codes, pk.scales, b, pk.m, 0),
                                torch.ops.fairy2i.packed_linear_cpu.default(x, pk.codes, pk.scales, b, pk.m, 0),
                                atol=0, rtol=0)
 

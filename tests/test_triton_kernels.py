@@ -51,6 +51,7 @@ if not torch.cuda.is_available() and not _interpreter_active():
         allow_module_level=True,
     )
 
+from fairy2i_compile.codegen import triton_launch, triton_spec  # noqa: E402
 from fairy2i_compile.codegen import triton_packed as tp  # noqa: E402
 from fairy2i_compile.codegen.sign_table import AXIS, TABLE, UNIT  # noqa: E402
 from fairy2i_compile.codegen.triton_packed import (  # noqa: E402
@@ -366,11 +367,11 @@ def test_sources_are_cached_and_reused(tmp_path, monkeypatch):
     assert path.read_text() == generate_source(spec) and path in generated_sources()
     assert load_kernel(spec) is kernel  # in-process cache per spec
     mtime = path.stat().st_mtime_ns
-    monkeypatch.setattr(tp, "_KERNELS", {})  # as a new process would: the file is found and reused
+    monkeypatch.setattr(triton_launch, "_KERNELS", {})  # as a new process would: the file is found and reused
     load_kernel(spec)
     assert path.stat().st_mtime_ns == mtime and sorted((tmp_path / "triton").iterdir()) == [path]
     path.write_text("# damaged\n")  # a file that does not match its hash is rewritten
-    monkeypatch.setattr(tp, "_KERNELS", {})
+    monkeypatch.setattr(triton_launch, "_KERNELS", {})
     load_kernel(spec)
     assert path.read_text() == generate_source(spec)
     other = choose_spec(1, 24, 40, 2, 0, False, torch.float32, False, INTERPRET)
@@ -514,7 +515,7 @@ def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, m
     from fairy2i_compile import Fairy2iBackend
 
     monkeypatch.setenv("FAIRY2I_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(tp, "_KERNELS", {})  # kernels this model needs are generated into tmp_path
+    monkeypatch.setattr(triton_launch, "_KERNELS", {})  # kernels this model needs are generated into tmp_path
     model = tiny_llama().cuda().eval()
     ptq = torch.compile(model, backend=Fairy2iBackend({"mode": "ptq", "stages": 2, "compiler": compiler}))
     qat = torch.compile(model, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
@@ -576,7 +577,7 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
         # the interpreter reads no table
         assert choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, True, "gemv").block_n == 16
         path.write_text("{not json")
-        tp._config_table.cache_clear()
+        triton_spec._config_table.cache_clear()
         with pytest.raises(ValueError, match="cannot be read as JSON.*tune_kernels.py"):
             tp.tuned_config("gemv", 2, 8, 8, 1)
         monkeypatch.setenv("FAIRY2I_TRITON_CONFIGS", str(tmp_path / "missing.json"))
@@ -584,7 +585,7 @@ def test_choose_spec_uses_the_nearest_measured_config(tmp_path, monkeypatch):
             tp.tuned_config("gemv", 2, 8, 8, 1)
     finally:
         choose_spec.cache_clear()
-        tp._config_table.cache_clear()
+        triton_spec._config_table.cache_clear()
 
 
 def test_shipped_config_table_is_valid():
@@ -593,9 +594,9 @@ def test_shipped_config_table_is_valid():
     table = json.loads(tp.CONFIGS_FILE.read_text())
     assert table, "the shipped table names at least one measured GPU"
     for device, entries in table.items():
-        tp._config_table.cache_clear()
-        assert tp._config_table(str(tp.CONFIGS_FILE), device) == entries and entries
+        triton_spec._config_table.cache_clear()
+        assert triton_spec._config_table(str(tp.CONFIGS_FILE), device) == entries and entries
         for e in entries:
             spec = KernelSpec(e["path"], e["stages"], "tensor", act_dtype="bfloat16", **e["config"])  # valid blocks
             assert spec.path in tp.PATHS and spec.block_m <= max(16, e["M"])
-    tp._config_table.cache_clear()
+    triton_spec._config_table.cache_clear()

@@ -103,7 +103,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..ops import _real_to_widely, _widely_to_real
+from ..ops.widely import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from ..quant import Granularity, PhaseQuantized
 
 __all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor",

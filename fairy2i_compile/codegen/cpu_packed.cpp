@@ -283,7 +283,7 @@ void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* 
 // Rows j0 .. j1-1 of A_hat as a dense float32 block out[2, R, 2m] (R = j1 - j0): out[0, r] is
 // real output row j0 + r ([A11 | A12]), out[1, r] is real output row n + j0 + r ([A21 | A22]),
 // bit-identical to the reference weight. The prefill path (many tokens) decodes the layer a
-// block of rows at a time into such a buffer and hands it to the BLAS GEMM (packed_ops.py).
+// block of rows at a time into such a buffer and hands it to the BLAS GEMM (cpu_packed.py).
 void fairy2i_decode_rows(const int32_t* codes, int64_t P, int64_t n, int64_t KW, int64_t m,
                          const float* scales, int64_t n_s, int64_t G, int64_t group, int64_t j0,
                          int64_t j1, float* out, int nthreads) {

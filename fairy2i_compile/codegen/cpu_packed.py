@@ -82,7 +82,6 @@ __all__ = [
     "build_cpu_kernel",
     "build_cpu_op",
     "cpu_op_available",
-    "cpu_op_library",
 ]
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
@@ -296,7 +295,7 @@ def cpu_op_available() -> Tuple[bool, str]:
 
     (True, library path) when the op's CPU kernel is C++; (False, why) otherwise, with one
     warning naming the reason and what runs instead: the same kernel through ctypes (its
-    Python implementation in packed_ops.py, ~25 us more per call), or the pure-torch
+    Python implementation in ops/packed.py, ~25 us more per call), or the pure-torch
     reference when that kernel is unavailable too. `FAIRY2I_CPU_OP=0` skips the build."""
     global _OP_PATH, _OP_ERROR
     with _LOCK:
@@ -323,11 +322,6 @@ def cpu_op_available() -> Tuple[bool, str]:
     return (True, str(_OP_PATH)) if _OP_PATH is not None else (False, _OP_ERROR or "unknown error")
 
 
-def cpu_op_library() -> Optional[pathlib.Path]:
-    """Path of the loaded C++ op library (None until first use or when unavailable)."""
-    return _OP_PATH
-
-
 def cpu_kernel_library() -> Optional[pathlib.Path]:
     """Path of the loaded library (None until first use or when unavailable)."""
     return _LIB_PATH
@@ -336,7 +330,7 @@ def cpu_kernel_library() -> Optional[pathlib.Path]:
 def packed_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
                       group_size: int) -> Tensor:
     """The packed op on CPU tensors: x [..., 2m] (contiguous) -> y [..., 2n] in x's dtype."""
-    from ..packed_ops import check_packed_linear
+    from ..ops.packed_reference import check_packed_linear
 
     check_packed_linear(x, codes, scales, bias, m, group_size)
     if x.device.type != "cpu":

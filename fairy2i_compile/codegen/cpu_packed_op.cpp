@@ -3,7 +3,7 @@
 // straight into C++ (~40 us less per call than a Python implementation; codegen/lower.py).
 //
 // fairy2i::ptq_packed_linear_cpu: the same for the stage-fused PTQ op (a dense weight `a`
-// whose packed codes live in the PTQ cache, quant_ops.py). The cache stays in Python, the
+// whose packed codes live in the PTQ cache, ops/ptq_cache.py). The cache stays in Python, the
 // one place that packs; this file keeps, per slot, the weight key it was packed for
 // (data_ptr, _version, shape, dtype) and WEAK references to the codes and scales. A call
 // whose key matches and whose codes are still alive runs without Python; anything else
@@ -12,7 +12,7 @@
 // them if the weight changed). Weak references: freeing the parameter frees its codes.
 //
 // The op's schema, its fake implementation and a Python fallback (the same kernel through
-// ctypes) live in packed_ops.py; this file only adds the CPU kernel. It computes exactly
+// ctypes) live in ops/packed.py and ops/ptq_packed.py; this file only adds the CPU kernel. It computes exactly
 // what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
 //   M <  gemm_min_tokens: fairy2i_packed_linear (fold when M <= fold_max_tokens, for tensor,
 //                         row and word-aligned group scales; else 4-row decode + dot products);

@@ -8,6 +8,9 @@ Both runners, inference graphs only (AOTAutograd's graph when nothing records gr
 the same computation without an autograd formula and without per-call argument checks
 (the fake implementations checked shapes and dtypes while the graph was traced, and
 Dynamo's guards recompile when they change). Inductor calls these as extern kernels.
+Each node's implementation is decided once, here, where its device is known
+(:func:`node_kernel`, through codegen/dispatch.py), and the twin is given the decided
+name ("cpu", "triton", "torch") as its `kernel`.
 Where `kernel` resolves to the C++ kernel on CPU and its C++ op registration builds
 (cpu_packed.cpu_op_available), a packed layer goes one step further:
 
@@ -22,7 +25,7 @@ The eager runner (`compiler="eager"`, backend.py) turns the remaining CPU packed
 signature, no dispatcher at all:
 
     fairy2i.packed_linear(x, codes, scales, b, m, g, k)   -> cpu_packed.packed_linear_direct(...)
-    fairy2i.ptq_packed_linear(x, A, b, slot, T, g, n, k)  -> quant_ops.ptq_packed_linear_direct(...)
+    fairy2i.ptq_packed_linear(x, A, b, slot, T, g, n, k)  -> ops.ptq_packed.ptq_packed_linear_direct(...)
 
 Measured on this project's 2-core CPU: a SmolLM2 layer's op call costs ~70 us of Python
 and dispatcher with autograd registered, ~50 us as *_infer, ~10 us called directly; on a
@@ -43,20 +46,27 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import runs_cpu_kernel
+from .dispatch import resolve_kernel
 
-__all__ = ["lower_packed_for_cpu_op", "lower_packed_for_eager", "lower_packed_for_inference"]
+__all__ = ["lower_packed_for_cpu_op", "lower_packed_for_eager", "lower_packed_for_inference", "node_kernel"]
+
+KERNEL_INDEX = {  # packed op -> position of its `kernel` argument
+    torch.ops.fairy2i.packed_linear.default: 6,
+    torch.ops.fairy2i.packed_linear_infer.default: 6,
+    torch.ops.fairy2i.ptq_packed_linear.default: 7,
+    torch.ops.fairy2i.ptq_packed_linear_infer.default: 7,
+}
 
 
 def _direct_targets():
-    from .. import quant_ops
+    from ..ops.ptq_packed import ptq_packed_linear_direct
     from .cpu_packed import packed_linear_direct
 
     return {
         torch.ops.fairy2i.packed_linear.default: (packed_linear_direct, 6),
-        torch.ops.fairy2i.ptq_packed_linear.default: (quant_ops.ptq_packed_linear_direct, 7),
+        torch.ops.fairy2i.ptq_packed_linear.default: (ptq_packed_linear_direct, 7),
         torch.ops.fairy2i.packed_linear_infer.default: (packed_linear_direct, 6),
-        torch.ops.fairy2i.ptq_packed_linear_infer.default: (quant_ops.ptq_packed_linear_direct, 7),
+        torch.ops.fairy2i.ptq_packed_linear_infer.default: (ptq_packed_linear_direct, 7),
     }
 
 
@@ -69,7 +79,10 @@ def lower_packed_for_inference(gm: fx.GraphModule) -> int:
     lowered = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in twins:
+            kernel = node_kernel(node)
             node.target = twins[node.target]
+            if kernel is not None:  # the twin runs the implementation decided here
+                _set_arg(node, KERNEL_INDEX[node.target], kernel)
             lowered += 1
     if lowered:
         gm.graph.lint()
@@ -91,7 +104,7 @@ def lower_packed_for_cpu_op(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or node.target not in ops:
             continue
         target, k = ops[node.target]
-        if not _runs_cpu_kernel(node, k) or not cpu_op_available()[0]:
+        if not _runs_cpu_kernel(node) or not cpu_op_available()[0]:
             continue
         node.target = target
         node.args = tuple(node.args[:k])
@@ -110,12 +123,35 @@ def _device_of(node) -> "torch.device | None":
     return val.device if isinstance(val, torch.Tensor) else None
 
 
-def _runs_cpu_kernel(node: fx.Node, kernel_index: int) -> bool:
-    """Whether the packed-op call `node` runs on CPU tensors with `kernel` resolving to C++."""
-    if node.kwargs or len(node.args) <= kernel_index:
-        return False
-    device = _device_of(node.args[0])
-    return device is not None and runs_cpu_kernel(node.args[kernel_index], device)
+def node_kernel(node: fx.Node) -> "str | None":
+    """The implementation ("cpu", "triton", "torch", ...) the packed-op call `node` runs, decided
+    once per node (kept in node.meta["fairy2i_kernel"]) from its `kernel` argument and the device
+    of its activations. None when that is unknown or cannot run there: the op then raises its
+    error, with the fix, when it runs."""
+    if "fairy2i_kernel" in node.meta:
+        return node.meta["fairy2i_kernel"]
+    kernel, k = None, KERNEL_INDEX.get(node.target)
+    if k is not None and not node.kwargs and len(node.args) > k:
+        device = _device_of(node.args[0])
+        if device is not None:
+            try:
+                kernel = resolve_kernel(node.args[k], device)
+            except RuntimeError:
+                kernel = None
+    node.meta["fairy2i_kernel"] = kernel
+    return kernel
+
+
+def _set_arg(node: fx.Node, index: int, value) -> None:
+    node.args = (*node.args[:index], value, *node.args[index + 1:])
+    if "eager_input_vals" in node.meta:  # Inductor matches these against the schema
+        vals, kwargs = node.meta["eager_input_vals"]
+        node.meta["eager_input_vals"] = ((*vals[:index], value, *vals[index + 1:]), kwargs)
+
+
+def _runs_cpu_kernel(node: fx.Node) -> bool:
+    """Whether the packed-op call `node` runs the C++ CPU kernel."""
+    return node_kernel(node) == "cpu"
 
 
 def lower_packed_for_eager(gm: fx.GraphModule) -> int:
@@ -125,8 +161,8 @@ def lower_packed_for_eager(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in targets:
             continue
-        direct, kernel_index = targets[node.target]
-        if not _runs_cpu_kernel(node, kernel_index):
+        direct, _ = targets[node.target]
+        if not _runs_cpu_kernel(node):
             continue
         node.target = direct
         lowered += 1

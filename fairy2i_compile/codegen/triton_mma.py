@@ -1,6 +1,6 @@
 """Tensor-core kernel for the packed op at small batch: codes -> +-1 atoms -> tl.dot ("mma" path).
 
-What it computes is the packed op of `triton_packed` (DESIGN.md 1.1-1.4):
+What it computes is the packed op of `triton_packed` (derived in ops/widely.py, quant.py and sign_table.py):
 y_re + i y_im = sum_t Q^U_t z + Q^W_t conj(z), z = a + i b, Q[j, c] = s(j, c) * i**code(j, c).
 
 Atoms. Write code k = 2*b1 + b0 (b0: the axis, 0 for +-1 and 1 for +-i; b1: the sign).
@@ -327,7 +327,7 @@ $which_re $op ${tag}_sre * (pt + qt)
 $which_im $op ${tag}_sim * (pt - qt)"""
 
 _DENSE_TILES_BITS = """\
-# the real blocks of A_hat (DESIGN.md 1.1), in the dot dtype
+# the real blocks of A_hat (ops/widely.py), in the dot dtype
 a11 = (u_re + w_re).to($dot_ty)
 a12 = (w_im - u_im).to($dot_ty)
 a21 = (w_im + u_im).to($dot_ty)
@@ -347,7 +347,7 @@ $which_re, $which_im = tl.inline_asm_elementwise(
     dtype=(tl.int32, tl.int32), is_pure=True, pack=1)"""
 
 _DENSE_TILES_ASM = """\
-# the real blocks of A_hat (DESIGN.md 1.1) as pairs, then split into the tile's K order
+# the real blocks of A_hat (ops/widely.py) as pairs, then split into the tile's K order
 p11, p12, p21, p22 = tl.inline_asm_elementwise(
     "{ add.rn.$pair $$0, $$4, $$5; sub.rn.$pair $$1, $$7, $$6; "
     "add.rn.$pair $$2, $$7, $$6; sub.rn.$pair $$3, $$4, $$5; }",

@@ -74,6 +74,7 @@ import torch
 __all__ = [
     "TASKS",
     "MCExample",
+    "encode_text",
     "load_task",
     "prefix_text",
     "require",
@@ -271,7 +272,7 @@ def wiki_articles() -> list[str]:
 # --------------------------------------------------------------------------- tokens
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids of ``text``, by default without special tokens.
 
     Tokenizer interface relied on: ``tokenizer.encode(text, add_special_tokens=...)``
@@ -301,8 +302,8 @@ def special_prefix(tokenizer: Any) -> list[int]:
     What a template appends (an EOS closing a sequence) is not used: windows and contexts
     are cut out of running text, which goes on after them.
     """
-    plain = _encode(tokenizer, _PROBE)
-    full = _encode(tokenizer, _PROBE, add_special_tokens=True)
+    plain = encode_text(tokenizer, _PROBE)
+    full = encode_text(tokenizer, _PROBE, add_special_tokens=True)
     at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
     if not plain or at is None:
         raise ValueError(
@@ -332,7 +333,7 @@ def prefix_text(tokenizer: Any, prefix: Sequence[int]) -> str | None:
 
 def wiki_tokens(tokenizer: Any) -> torch.LongTensor:
     """All articles joined by ``"\\n\\n"`` and tokenized without special tokens: [N] int64."""
-    return torch.tensor(_encode(tokenizer, "\n\n".join(_wiki_articles())), dtype=torch.long)
+    return torch.tensor(encode_text(tokenizer, "\n\n".join(_wiki_articles())), dtype=torch.long)
 
 
 def token_windows(

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .data import (
     TASKS,
     MCExample,
-    _encode,
+    encode_text,
     load_task,
     prefix_text,
     require,
@@ -104,13 +104,13 @@ def _encode_pair(
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    ctx = [int(i) for i in prefix] + _encode(tokenizer, context)
+    ctx = [int(i) for i in prefix] + encode_text(tokenizer, context)
     if not ctx:  # lm-eval conditions an empty context on the end-of-text token (a prefix already does)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
             raise ValueError(f"empty context for {continuation!r} and the tokenizer has no eos_token_id to stand in")
         ctx = [eos]
-    cont = _encode(tokenizer, continuation)
+    cont = encode_text(tokenizer, continuation)
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens")
     return ctx, cont

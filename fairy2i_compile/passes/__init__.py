@@ -15,8 +15,9 @@ import torch.fx as fx
 
 from ..config import Fairy2iConfig
 from ..report import GraphReport
+from ._fx import graph_fake_mode
 
-__all__ = ["PassContext", "GraphPass", "PIPELINE", "enabled_passes"]
+__all__ = ["PassContext", "GraphPass", "PIPELINE", "enabled_passes", "graph_fake_mode"]
 
 
 @dataclass

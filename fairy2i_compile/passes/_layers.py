@@ -9,14 +9,13 @@ rule is a `<x>_pattern(node) -> WeightSite | None`:
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from ..config import Fairy2iConfig
+from ..config import Fairy2iConfig, matching_skip_pattern
 from ..report import LayerReport
 from . import PassContext
 from ._fx import fake_value, owner_module, param_of, source_path
@@ -88,13 +87,6 @@ def layer_name(site: WeightSite) -> str:
     if owner is not None and owner[0]:
         return f"{owner[0]}.{site.weight.name}"
     return site.node.name
-
-
-def matching_skip_pattern(name: str, patterns) -> Optional[str]:
-    for pat in patterns:
-        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat):
-            return pat
-    return None
 
 
 def find_sites(gm: fx.GraphModule) -> Iterator[Tuple[WeightSite, str]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .. import packed_ops  # noqa: F401  (registers torch.ops.fairy2i.packed_linear)
+from .. import ops  # noqa: F401  (registers torch.ops.fairy2i.packed_linear)
 from ..codegen.inductor_packed import DECOMPOSE_MAX_TOKENS, packed_linear_decomposed
 from ..config import Fairy2iConfig
 from . import GraphPass, PassContext

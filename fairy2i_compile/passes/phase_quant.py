@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .. import quant_ops
-from ..ops import _widely_to_real
+from ..ops import ptq_cache, quantize
+from ..ops.widely import widely_to_real_reference
 from . import GraphPass, PassContext
 from ._fx import getitem_nodes, insert_call, param_of
 from ._layers import record_quantized, weight_value
@@ -40,22 +40,22 @@ def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
     layer = node.meta["fairy2i_layer"]
     site = node.meta["fairy2i_site"]
     name = ctx.report.layers[layer].name
-    gran = quant_ops.encode_granularity(cfg.scale_granularity)
+    gran = quantize.encode_granularity(cfg.scale_granularity)
     x, u_re, u_im, w_re, w_im, bias = node.args
     uw = u_re.args[0]  # the real_to_widely node
     a = uw.args[0]
 
     a_val = weight_value(site)
-    quantized = quant_ops.phase_quant_layer(a_val, cfg.stages, cfg.scale_granularity, name) if a_val is not None else None
+    quantized = quantize.phase_quant_layer(a_val, cfg.stages, cfg.scale_granularity, name) if a_val is not None else None
     value = None if quantized is None else (quantized[0].re, quantized[0].im, quantized[1].re, quantized[1].im)
 
     with graph.inserting_before(node):
         if cfg.mode == "qat":
             q = insert_call(graph, torch.ops.fairy2i.phase_quant.default, (u_re, u_im, w_re, w_im, cfg.stages, gran, name), node, fm, name="phase_quant")
         else:
-            slot = quant_ops.new_ptq_slot(param_of(site.weight))  # the entry lives as long as the parameter
+            slot = ptq_cache.new_ptq_slot(param_of(site.weight))  # the entry lives as long as the parameter
             if value is not None:
-                quant_ops.prefill_ptq_slot(slot, a_val, value)
+                ptq_cache.prefill_ptq_slot(slot, a_val, value)
             frozen = insert_call(graph, torch.detach, (a,), node, fm)
             q = insert_call(graph, torch.ops.fairy2i.ptq_phase_quant.default, (frozen, slot, cfg.stages, gran, name), node, fm, name="ptq_phase_quant")
             if quantized is not None:  # codes + scales for fuse_stages, which packs them (no second quantization)
@@ -67,7 +67,7 @@ def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
             graph.erase_node(item)
         graph.erase_node(uw)
 
-    a_hat = _widely_to_real(*value) if value is not None else None
+    a_hat = widely_to_real_reference(*value) if value is not None else None
     record_quantized(ctx, layer, a_val, a_hat)
     ctx.bump(f"phase_quant_{cfg.mode}")
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .. import quant, quant_ops
+from .. import quant
+from ..ops import ptq_cache, quantize
 from . import GraphPass, PassContext
 from ._fx import insert_call, param_of
 from ._layers import WeightSite, kept_real_reason, record_quantized, rewrite_layers, weight_value
@@ -28,7 +29,7 @@ __all__ = ["real_quant_replace", "PASS"]
 def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: PassContext) -> None:
     cfg, graph, node, fm = ctx.config, gm.graph, site.node, ctx.fake_mode
     name = ctx.report.layers[layer].name
-    gran = quant_ops.encode_granularity(cfg.scale_granularity)
+    gran = quantize.encode_granularity(cfg.scale_granularity)
     a_val = weight_value(site)
     a_hat = quant.real_quant(a_val, cfg.method, cfg.stages, cfg.scale_granularity, name=name).to(a_val.dtype) if a_val is not None else None
 
@@ -39,9 +40,9 @@ def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: Pa
         if cfg.mode == "qat":
             aq = insert_call(graph, torch.ops.fairy2i.real_quant.default, (a, cfg.method, cfg.stages, gran, name), node, fm, name="real_quant")
         else:
-            slot = quant_ops.new_ptq_slot(param_of(site.weight))  # the entry lives as long as the parameter
+            slot = ptq_cache.new_ptq_slot(param_of(site.weight))  # the entry lives as long as the parameter
             if a_hat is not None:
-                quant_ops.prefill_ptq_slot(slot, a_val, a_hat)
+                ptq_cache.prefill_ptq_slot(slot, a_val, a_hat)
             frozen = insert_call(graph, torch.detach, (a,), node, fm)
             aq = insert_call(graph, torch.ops.fairy2i.ptq_real_quant.default, (frozen, slot, cfg.method, cfg.stages, gran, name), node, fm, name="ptq_real_quant")
         y = insert_call(graph, torch._C._nn.linear, (site.x, aq, site.bias), node, fm)

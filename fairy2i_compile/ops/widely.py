@@ -1,4 +1,4 @@
-"""The `fairy2i` torch.library ops: real linear map <-> widely-linear complex map.
+"""The widely-linear op family: real linear map <-> widely-linear complex map.
 
 A real weight A of shape (2n, 2m) (out x in) acts on x~ in R^{2m}. Pair the input
 by halves, x = x~[:m] + i x~[m:], and the output the same way,
@@ -42,12 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .quant import compute_dtype
+from ..quant import compute_dtype
 
 __all__ = [
+    "BODIES",
     "real_to_widely",
+    "real_to_widely_reference",
     "widely_to_real",
+    "widely_to_real_reference",
     "widely_linear",
+    "widely_linear_reference",
     "compute_dtype",
 ]
 
@@ -87,9 +91,10 @@ def _check_widely_linear(x: Tensor, u_re: Tensor, bias: Optional[Tensor]) -> Non
 
 
 # --------------------------------------------------------------------------- #
-# pure-torch bodies (also the references the tests call)
+# pure-torch bodies (also the references the tests call, and what mlir_export traces)
 # --------------------------------------------------------------------------- #
-def _real_to_widely(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def real_to_widely_reference(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of fairy2i::real_to_widely, unchecked: a [2n, 2m] -> (u_re, u_im, w_re, w_im), each [n, m]."""
     n, m = a.shape[0] // 2, a.shape[1] // 2
     a = a.to(compute_dtype(a.dtype))
     a11, a12 = a[:n, :m], a[:n, m:]
@@ -99,16 +104,19 @@ def _real_to_widely(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(t.contiguous() for t in ((a11 + a22) * 0.5, (a21 - a12) * 0.5, (a11 - a22) * 0.5, (a12 + a21) * 0.5))
 
 
-def _widely_to_real(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor) -> Tensor:
+def widely_to_real_reference(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor) -> Tensor:
+    """The body of fairy2i::widely_to_real, unchecked: four [n, m] -> a [2n, 2m]."""
     top = torch.cat([u_re + w_re, w_im - u_im], dim=1)
     bottom = torch.cat([w_im + u_im, u_re - w_re], dim=1)
     return torch.cat([top, bottom], dim=0)
 
 
-def _widely_linear(x, u_re, u_im, w_re, w_im, bias):
+def widely_linear_reference(x: Tensor, u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor,
+                            bias: Optional[Tensor]) -> Tensor:
+    """The body of fairy2i::widely_linear, unchecked: x [..., 2m] -> y [..., 2n]."""
     # One GEMM on the rebuilt real form: the same FLOPs as the original layer,
     # and exactly the block equations in the module docstring.
-    a = _widely_to_real(u_re, u_im, w_re, w_im).to(x.dtype)
+    a = widely_to_real_reference(u_re, u_im, w_re, w_im).to(x.dtype)
     return F.linear(x, a, bias)
 
 
@@ -119,7 +127,7 @@ def _widely_linear(x, u_re, u_im, w_re, w_im, bias):
 def real_to_widely(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """a: [2n, 2m] real weight -> (u_re, u_im, w_re, w_im), each [n, m] (float32 at least)."""
     _check_real_weight(a)
-    return _real_to_widely(a)
+    return real_to_widely_reference(a)
 
 
 @real_to_widely.register_fake
@@ -151,7 +159,7 @@ real_to_widely.register_autograd(_real_to_widely_backward, setup_context=_real_t
 def widely_to_real(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor) -> Tensor:
     """(u_re, u_im, w_re, w_im), each [n, m] -> real weight a: [2n, 2m]."""
     _check_uw(u_re, u_im, w_re, w_im)
-    return _widely_to_real(u_re, u_im, w_re, w_im)
+    return widely_to_real_reference(u_re, u_im, w_re, w_im)
 
 
 @widely_to_real.register_fake
@@ -183,7 +191,7 @@ def widely_linear(
     """
     _check_uw(u_re, u_im, w_re, w_im)
     _check_widely_linear(x, u_re, bias)
-    return _widely_linear(x, u_re, u_im, w_re, w_im, bias)
+    return widely_linear_reference(x, u_re, u_im, w_re, w_im, bias)
 
 
 @widely_linear.register_fake
@@ -216,3 +224,11 @@ def _widely_linear_backward(ctx, g):
 
 
 widely_linear.register_autograd(_widely_linear_backward, setup_context=_widely_linear_setup)
+
+
+BODIES = {
+    "real_to_widely": real_to_widely_reference,
+    "widely_to_real": widely_to_real_reference,
+    "widely_linear": widely_linear_reference,
+}
+"""op name -> pure-torch body with the op's signature (mlir_export decomposes the ops into these)."""

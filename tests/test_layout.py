@@ -1,0 +1,142 @@
+"""The package's import structure: no import circle between its modules, and no module
+importing another module's private names (nor a private module from outside its package).
+
+Every import counts, including those inside functions: a lazy import still ties two
+modules together. A private name is one with a leading underscore; a module may import
+its own package's private modules (passes/_fx.py from passes/*.py) but not another's.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from typing import Dict, List, Set, Tuple
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "fairy2i_compile"
+PACKAGE = "fairy2i_compile"
+
+
+def _modules() -> Dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _resolve(module: str, is_package: bool, level: int, target: str) -> str:
+    if level == 0:
+        return target
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def import_graph() -> Tuple[Dict[str, Set[str]], List[str]]:
+    """({module: modules of this package it imports}, ['module: imports private name ...'])."""
+    modules = _modules()
+    graph: Dict[str, Set[str]] = {m: set() for m in modules}
+    private: List[str] = []
+    for mod, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, is_pkg, node.level, node.module or "")
+                targets = []
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    targets.append((sub, None) if sub in modules else (base, a.name))
+            else:
+                continue
+            for target, name in targets:
+                if not target.startswith(PACKAGE):
+                    continue
+                while target not in modules and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target != mod:
+                    graph[mod].add(target)
+                    if name is not None and name.startswith("_") and not name.startswith("__"):
+                        private.append(f"{mod}: imports private name {name} from {target}")
+                    leaf_parent, _, leaf = target.rpartition(".")
+                    if leaf.startswith("_") and not leaf.startswith("__") and not (mod + ".").startswith(leaf_parent + "."):
+                        private.append(f"{mod}: imports the private module {target} from outside its package")
+    return graph, private
+
+
+def import_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    out: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _without_package_inits(graph: Dict[str, Set[str]]) -> Dict[str, Set[str]]:
+    # A package's __init__ importing its own submodules (to re-export them) is not a circle
+    # with a submodule that imports a sibling through the package: keep the edges
+    # parent -> child out, and count every other edge.
+    return {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in graph.items()}
+
+
+def test_no_import_cycles():
+    graph, _ = import_graph()
+    assert import_cycles(_without_package_inits(graph)) == []
+
+
+def test_no_private_names_imported_across_modules():
+    _, private = import_graph()
+    assert private == []
+
+
+def test_checker_sees_a_cycle_and_a_private_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_op_is_defined_in_the_ops_package():
+    """torch.library definitions live in fairy2i_compile/ops/ (fairy2i::observe: calibration/observer.py)."""
+    where = set()
+    for mod, path in _modules().items():
+        text = path.read_text()
+        if "torch.library.custom_op(" in text or ".define(" in text or "torch.library.triton_op(" in text:
+            where.add(mod)
+    assert {m for m in where if not m.startswith(f"{PACKAGE}.ops")} == {f"{PACKAGE}.calibration.observer"}
+
+
+if __name__ == "__main__":
+    g, p = import_graph()
+    print("modules:", len(g), "edges:", sum(map(len, g.values())))
+    print("cycles:", import_cycles(_without_package_inits(g)))
+    print("private imports:", p)
