@@ -187,6 +187,9 @@ def runs_cpu_kernel(kernel: str, device: torch.device) -> bool:
 def eager_cpu_op(kernel: str) -> bool:
     """Whether `kernel` on CPU tensors means the C++ kernel and its op registration
     (fairy2i::packed_linear_cpu in C++) is loaded: PackedLinear's eager fast path."""
+    hit = _MEMO.get((kernel, "cpu"))
+    if hit is not None and hit.cpu_op is not None:  # every call after the first: one lookup
+        return hit.cpu_op
     try:
         hit = _resolved(kernel, torch.device("cpu"))
     except RuntimeError:
