@@ -28,6 +28,7 @@ Configurations (``--configs``; names say what they are):
       -refit                least-squares scale refit after rounding
       -nosearch             stage-1 scales by the paper's rule, no per-layer search (ablation)
       -noout                no outlier-column correction (``max_outliers=0``; ablation)
+      -rep{N}               per-block repair, N steps per block (``repair_steps=N``)
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -63,7 +64,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -87,7 +88,8 @@ def parse_config(name: str) -> Dict[str, Any]:
     return {"kind": kind, "method": {"w": "phase", "binary-t": "binary", "ternary-t": "ternary"}[meth],
             "stages": int(stages), "granularity": gran, "sequential": "par" not in opts,
             "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts,
-            "scale_search": "nosearch" not in opts, "outliers": "noout" not in opts and "refit" not in opts}
+            "scale_search": "nosearch" not in opts, "outliers": "noout" not in opts and "refit" not in opts,
+            "repair_steps": next((int(o[3:]) for o in opts if o.startswith("rep")), 0)}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -107,6 +109,16 @@ def _bits(model_before: nn.Module, method: str, stages: int, gran: Any) -> float
             total_bits += 8 * quant.storage_bytes(method, stages, out_f, in_f, gran)
             weights += out_f * in_f
     return total_bits / weights
+
+
+def _outlier_bits(columns: Dict[str, tuple], weights: int) -> float:
+    """Bits per quantized weight the outlier corrections add: per column its index (64 bits)
+    and its float16 residual (16 bits per output); ``columns``: {layer: (k, out_features)}."""
+    return sum(k * (64 + 16 * out_f) for k, out_f in columns.values()) / weights
+
+
+def _weights(model: nn.Module) -> int:
+    return sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, nn.Linear))
 
 
 @torch.no_grad()
@@ -131,6 +143,7 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                                           .to(a.dtype), requires_grad=False)
     elif (cfg["method"] == "phase" and cfg["granularity"] == "tensor" and cfg["sequential"] and cfg["act_order"]
           and cfg["true_sequential"] and not cfg["refit_scales"] and cfg["scale_search"] and cfg["outliers"]
+          and not cfg["repair_steps"]
           and cal_windows.shape == (16, 512)):
         # exactly the demo's calibrated rows: calibrate through the demo's cache, so `make demo` reuses them
         from fairy2i_compile.demo import calibrated_model
@@ -141,6 +154,11 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
         info.update({k: v for k, v in extra.items() if k not in ("bits_per_weight", "per_layer_output_error")})
         if "per_layer_output_error" in extra:
             info["layers"] = extra["per_layer_output_error"]
+        from fairy2i_compile.packed_model import PackedLinear
+
+        cols = {n: (m.outliers, m.out_features) for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
+        info["outlier_columns"] = sum(k for k, _ in cols.values())
+        info["bits_per_weight"] += _outlier_bits(cols, _weights(model))
         del model
         model = packed
     else:
@@ -149,10 +167,14 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                         method=cfg["method"], sequential=cfg["sequential"], act_order=cfg["act_order"],
                         true_sequential=cfg["true_sequential"], refit_scales=cfg["refit_scales"],
                         scale_search=cfg["scale_search"], max_outliers=MAX_OUTLIERS if cfg["outliers"] else 0,
+                        repair_steps=cfg["repair_steps"],
                         pack=False, progress=False, min_tokens=1)
         s = res.summary()
+        info["bits_per_weight"] += _outlier_bits({n: (lc.outliers, lc.shape[0]) for n, lc in res.layers.items()},
+                                                 _weights(model))
         info.update(calibration_s=round(res.seconds, 1), mean_rtn_output_error=s["mean_rtn_error"],
                     mean_calibrated_output_error=s["mean_calibrated_error"],
+                    outlier_columns=s["outlier_columns"], repair=res.repair,
                     layers={n: [lc.rtn_error, lc.calibrated_error] for n, lc in res.layers.items()})
         del model
         model = res.model

@@ -473,7 +473,8 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
     windows = calibration_windows(tokens, args.calib_samples, args.calib_seq_len, avoid=avoid)
     return calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
                      skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
-                     max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio, progress=args.progress)
+                     max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,
+                     repair_steps=args.repair_steps, repair_lr=args.repair_lr, progress=args.progress)
 
 
 # --------------------------------------------------------------------------- parser
@@ -585,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO, metavar="R",
                    help=f"an input column is an outlier when its mean square is >= R times the median "
                         f"column's (default {OUTLIER_RATIO:g})")
+    g.add_argument("--repair-steps", type=_nonnegative("--repair-steps"), default=0, metavar="N",
+                   help="after each block is rounded, N Adam steps tuning it to the float block's outputs "
+                        "(latent weights, stage scales, norms; default 0 = no repair)")
+    g.add_argument("--repair-lr", type=float, default=1e-4, metavar="LR",
+                   help="repair learning rate (default 1e-4, cosine decay)")
     p.set_defaults(func=cmd_quantize)
     return parser
 

@@ -30,6 +30,7 @@ changed, also when calibration fails half way), the captured block inputs
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from ..config import Fairy2iConfig
 from ..packed_model import PackedLinear, select_layers
 from ..packing import pack_phase
 from .observer import Observations, hook_inputs, observing
+from .repair import repair_block
 from .rounding import MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, gptq_round, output_error, rtn_round, select_outliers
 
 __all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks"]
@@ -71,6 +73,7 @@ class CalibrationResult:
     kept_real: Dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    repair: List[Dict[str, float]] = field(default_factory=list)  # per block: loss before/after repair
 
     def save(self, path, *, dense_dtype: Optional[torch.dtype] = None, progress: bool = False) -> Dict[str, Any]:
         """``save_packed`` of the calibrated (packed) model; the settings go into the metadata."""
@@ -233,6 +236,8 @@ def calibrate(
     scale_search: bool = True,
     max_outliers: int = MAX_OUTLIERS,
     outlier_ratio: float = OUTLIER_RATIO,
+    repair_steps: int = 0,
+    repair_lr: float = 1e-4,
     pack: Optional[bool] = None,
     kernel: str = "auto",
     min_tokens: int = 256,
@@ -253,6 +258,10 @@ def calibrate(
               H[c, c] is at least ``outlier_ratio`` times the median get an exact float16
               correction of their rounding residual (``rounding.select_outliers``; massive
               activations); ``max_outliers=0`` turns it off.
+    repair_steps, repair_lr: after a block is rounded, tune it for ``repair_steps`` Adam steps
+              (one calibration window each, cosine learning rate from ``repair_lr``) to reproduce the
+              float block's outputs: latent weights through the straight-through estimator, stage
+              scales, norms (``repair.py``); 0 (default) = no repair. Sequential, method "phase" only.
     pack:     replace each layer by a PackedLinear holding the calibrated codes (default for
               "phase"); False keeps nn.Linear layers holding the dequantized weights (the
               real baselines always do: the packed kernels hold phase codes only).
@@ -281,6 +290,14 @@ def calibrate(
     if refit_scales and not isinstance(config.scale_granularity, str):
         raise ValueError(f"refit_scales supports scale_granularity 'tensor' or 'row', got {config.scale_granularity!r}")
     select_outliers(torch.ones(2, 2), outlier_ratio, max_outliers)  # validates both, names the value
+    if isinstance(repair_steps, bool) or not isinstance(repair_steps, int) or repair_steps < 0:
+        raise ValueError(f"repair_steps must be an int >= 0 (0 = no repair), got {repair_steps!r}")
+    if repair_steps and (config.method != "phase" or not sequential):
+        raise ValueError(f"repair_steps={repair_steps} needs method='phase' and sequential=True "
+                         f"(got method={config.method!r}, sequential={sequential!r}); pass repair_steps=0")
+    if not (isinstance(repair_lr, (int, float)) and not isinstance(repair_lr, bool) and math.isfinite(repair_lr)
+            and repair_lr > 0):
+        raise ValueError(f"repair_lr must be a positive float (e.g. 1e-4), got {repair_lr!r}")
     data = _as_batches(batches, _vocab_size(model), min_tokens)
     targets, kept, matched = _targets(model, config)
     if not targets:
@@ -298,6 +315,7 @@ def calibrate(
     work_targets, _, _ = _targets(work, config)
     rounded: Dict[str, RoundedLayer] = {}
     report: Dict[str, LayerCalibration] = {}
+    repair_log: List[Dict[str, float]] = []
 
     def round_layer(name: str, h: Tensor, tokens: int) -> None:
         mod = work_targets[name]
@@ -335,6 +353,9 @@ def calibrate(
         block_name, block_list = blocks
         prefix = f"{block_name}." if block_name else ""
         inputs = _capture_block_inputs(work, block_list[0], data)
+        if repair_steps:  # the float model's blocks and their inputs give the repair its targets
+            fp_blocks = find_blocks(model, _targets(model, config)[0])[1]
+            inputs_fp = list(inputs)
         done = set()
         for k in _bar(range(len(block_list)), progress, "calibrating blocks"):
             block = block_list[k]
@@ -352,6 +373,18 @@ def calibrate(
                         raise RuntimeError(f"no calibration activations reached {name}")
                     round_layer(name, obs[name].hessian(), obs[name].tokens)
                     done.add(name)
+            if repair_steps and here:
+                targets = [_first(fp_blocks[k](*args, **kwargs)) for args, kwargs in inputs_fp]
+                layers = {}
+                for name in here:
+                    parent, _, attr = name.rpartition(".")
+                    layers[name] = (work.get_submodule(parent) if parent else work, work_targets[name], attr,
+                                    rounded[name])
+                new, info = repair_block(block, layers, inputs, targets, steps=repair_steps, lr=repair_lr, seed=k)
+                rounded.update(new)
+                repair_log.append({"block": k, **info})
+                inputs_fp = [_with_hidden(args, kwargs, t) for (args, kwargs), t in zip(inputs_fp, targets)]
+                del targets
             inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
         del inputs
         rest = {n: m for n, m in work_targets.items() if n not in done}
@@ -388,11 +421,12 @@ def calibrate(
         "scale_search": bool(scale_search and config.method == "phase"),
         "max_outliers": max_outliers, "outlier_ratio": outlier_ratio,
         "outlier_columns": sum(lc.outliers for lc in report.values()),
+        "repair_steps": repair_steps, "repair_lr": repair_lr if repair_steps else None,
         "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
         "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
     }
     return CalibrationResult(
-        model=work, layers=report, settings=settings, kept_real=kept,
+        model=work, layers=report, settings=settings, kept_real=kept, repair=repair_log,
         seconds=time.perf_counter() - t0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     )

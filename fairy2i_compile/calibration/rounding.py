@@ -106,7 +106,7 @@ from .. import quant
 from ..ops.widely import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from ..quant import Granularity, PhaseQuantized
 
-__all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor",
+__all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor", "round_at_scales",
            "select_outliers", "OUTLIER_RATIO", "MAX_OUTLIERS"]
 
 OUTLIER_RATIO = 100.0  # H[c, c] / median(diag H) from which an input column is an outlier
@@ -259,6 +259,27 @@ def search_first_scale(a: Tensor, h: Tensor, stages: int, granularity: Granulari
 def _column_scales(s: Tensor, j: int, group_size: Optional[int]) -> Tensor:
     """Stage scales [T, n_s, G] -> the ones column j uses, [T, n_s]."""
     return s[:, :, 0] if group_size is None else s[:, :, j // group_size]
+
+
+def round_at_scales(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor, m: int,
+                    group_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """T-stage residual phase rule on w = re + i·im [n, m] at fixed scales [T, n_s, G].
+
+    Returns codes uint8 [T, n, m] and the dequantized (re, im) [n, m]; differentiable
+    with respect to the scales (the codes are decisions). With the scales PhaseQuant
+    chose for this same w, the codes are PhaseQuant's.
+    """
+    codes, acc_re, acc_im = [], None, None
+    e_re, e_im = re, im
+    for t in range(s_re.shape[0]):
+        c = quant.phase_codes(e_re, e_im)
+        q_re, q_im = quant.stage_values(c, quant.expand_scales(s_re[t], m, group_size),
+                                        quant.expand_scales(s_im[t], m, group_size))
+        e_re, e_im = e_re - q_re, e_im - q_im
+        codes.append(c)
+        acc_re = q_re if acc_re is None else acc_re + q_re
+        acc_im = q_im if acc_im is None else acc_im + q_im
+    return torch.stack(codes), acc_re, acc_im
 
 
 def _round_phase_column(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
