@@ -193,12 +193,14 @@ def test_save_is_byte_deterministic(tmp_path):
 
 
 def test_load_never_quantizes_and_never_materialises_dense_linear_weights(w2_file, monkeypatch):
-    from fairy2i_compile import quant_ops
+    from fairy2i_compile import packed_model
+    from fairy2i_compile.ops import quantize
 
     def fail(*args, **kwargs):
         raise AssertionError("load_packed must not quantize")
 
-    monkeypatch.setattr(quant_ops, "pack_layer", fail)
+    monkeypatch.setattr(quantize, "pack_layer", fail)
+    monkeypatch.setattr(packed_model, "pack_layer", fail)
     created = []
     real_init = nn.Linear.reset_parameters
 

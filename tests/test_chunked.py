@@ -138,7 +138,7 @@ def test_pack_model_frees_each_dense_weight_as_it_goes(monkeypatch):
         alive_at_call.append(sum(w() is not None for w in weights))
         return real(a, *args, **kwargs)
 
-    monkeypatch.setattr(packed_model.quant_ops, "pack_layer", spy)
+    monkeypatch.setattr(packed_model, "pack_layer", spy)
     packed_model.pack_model(model, stages=2)
     # layer k is quantized while the k layers before it are already gone
     assert alive_at_call == [4, 3, 2, 1]

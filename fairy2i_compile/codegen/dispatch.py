@@ -179,7 +179,7 @@ def runs_cpu_kernel(kernel: str, device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     try:
-        return _resolved(kernel, device).name == "cpu"
+        return resolve_kernel(kernel, device) == "cpu"
     except RuntimeError:
         return False
 
