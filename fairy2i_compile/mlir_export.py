@@ -79,6 +79,7 @@ def mlir_dialects() -> List[str]:
 
 
 def mlir_timeout() -> float:
+    """Seconds the torch-mlir worker may run (FAIRY2I_MLIR_TIMEOUT, else the default)."""
     raw = os.environ.get("FAIRY2I_MLIR_TIMEOUT")
     try:
         return float(raw) if raw else DEFAULT_TIMEOUT_S
@@ -87,6 +88,7 @@ def mlir_timeout() -> float:
 
 
 def torch_mlir_available() -> bool:
+    """Whether torch-mlir is installed (found without importing it)."""
     try:
         return importlib.util.find_spec("torch_mlir") is not None
     except (ImportError, ValueError):
@@ -174,6 +176,7 @@ def _int_hint(s: Any) -> int:
 
 
 def input_specs(inputs: Sequence[Any]) -> List[dict]:
+    """Shape/dtype descriptions of a graph's example inputs, for the worker to rebuild fake inputs from."""
     specs = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
@@ -234,6 +237,7 @@ def _decode_arg(a: Any, env: Dict[str, fx.Node]) -> Any:
 
 
 def serialize_graph(gm: fx.GraphModule) -> dict:
+    """A JSON-able description of `gm`'s nodes and tensor attributes (what the worker process receives)."""
     nodes, attrs = [], {}
     for n in gm.graph.nodes:
         target = n.target
@@ -248,6 +252,7 @@ def serialize_graph(gm: fx.GraphModule) -> dict:
 
 
 def deserialize_graph(payload: dict) -> fx.GraphModule:
+    """The GraphModule :func:`serialize_graph` described."""
     graph, env = fx.Graph(), {}
     root = torch.nn.Module()
     for name, value in payload["attrs"].items():

@@ -236,6 +236,7 @@ def select_layers(model: nn.Module, skip: Sequence[str], *, odd_dims_ok: bool = 
 
 @dataclass
 class PackReport:
+    """What pack_model did: the packed layers with their bytes before/after, the layers kept real and why."""
     packed: Dict[str, Dict[str, int]] = field(default_factory=dict)   # name -> {bytes_before, bytes_after}
     kept_real: Dict[str, str] = field(default_factory=dict)           # name -> reason
     unmatched_skip_patterns: list = field(default_factory=list)

@@ -20,6 +20,7 @@ __all__ = ["LayerReport", "GraphReport", "atomic_write_text", "summarize"]
 
 @dataclass
 class LayerReport:
+    """What the backend did to one linear layer of one captured graph."""
     graph: int
     name: str                      # dotted module path, e.g. "model.layers.0.self_attn.q_proj"
     op: str                        # "linear" or "addmm" (GPT-2 Conv1D)
@@ -44,6 +45,7 @@ class LayerReport:
 
 @dataclass
 class GraphReport:
+    """The layer reports and counters of one captured graph."""
     graph: int
     layers: List[LayerReport] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
@@ -59,6 +61,7 @@ class GraphReport:
 
 
 def summarize(graphs: List[GraphReport], skip_patterns=()) -> dict:
+    """Totals over all graphs' layer reports (converted, kept real, bytes, unmatched skip patterns)."""
     layers = [r for g in graphs for r in g.layers]
     matched = {r.extra.get("skip_pattern") for r in layers}
     return {
@@ -73,6 +76,7 @@ def summarize(graphs: List[GraphReport], skip_patterns=()) -> dict:
 
 
 def write_report(path: str, config: dict, graphs: List[GraphReport], skip_patterns=()) -> None:
+    """Write the config, the per-graph reports and their summary as JSON to `path` (atomically)."""
     payload = {
         "config": config,
         "summary": summarize(graphs, skip_patterns),

@@ -131,10 +131,11 @@ def _spec_rows(M: Any, interpret: bool) -> int:
     return 256
 
 
-def run_packed_triton(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int, group_size: int, n: int,
-         interpret: bool, wrap: bool) -> Tensor:
-    # x: [M, 2m] contiguous, arguments already validated. Under dynamic-shape tracing the weight
-    # shapes may be SymInts: int() specialises on them (a layer's weights do not change shape)
+def run_packed_triton(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int, group_size: int,
+                      n: int, interpret: bool, wrap: bool) -> Tensor:
+    """Pick the spec for these arguments (choose_spec) and launch it: x [M, 2m] contiguous -> y [M, 2n]."""
+    # arguments already validated. Under dynamic-shape tracing the weight shapes may be
+    # SymInts: int() specialises on them (a layer's weights do not change shape)
     spec = choose_spec(_spec_rows(x.shape[0], interpret), int(n), int(m), int(codes.shape[0]) // 2,
                        int(group_size), bool(scales.shape[2] > 1), x.dtype, bias is not None, interpret)
     codes = codes.contiguous()

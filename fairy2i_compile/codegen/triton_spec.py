@@ -83,10 +83,12 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def is_pow2(v: int) -> bool:
+    """Whether v is a power of two (1, 2, 4, ...)."""
     return v >= 1 and (v & (v - 1)) == 0
 
 
 def next_pow2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1)."""
     return 1 << max(0, int(v) - 1).bit_length()
 
 

@@ -22,6 +22,7 @@ __all__ = ["PassContext", "GraphPass", "PIPELINE", "enabled_passes", "graph_fake
 
 @dataclass
 class PassContext:
+    """What a pass is given besides the graph: the config, the report it records into, the fake mode."""
     config: Fairy2iConfig
     report: GraphReport
     fake_mode: Any
@@ -36,6 +37,7 @@ class PassContext:
 
 @dataclass(frozen=True)
 class GraphPass:
+    """One entry of PIPELINE: a pass's name (its dump file stem), its function, when it is enabled."""
     name: str                                   # also the dump file stem: "01_<name>.py"
     run: Callable[[fx.GraphModule, PassContext], None]
     enabled: Callable[[Fairy2iConfig], bool]
@@ -52,4 +54,5 @@ PIPELINE: List[GraphPass] = _pipeline()
 
 
 def enabled_passes(config: Fairy2iConfig) -> List[GraphPass]:
+    """The passes of PIPELINE that `config` enables, in pipeline order."""
     return [p for p in PIPELINE if p.enabled(config)]

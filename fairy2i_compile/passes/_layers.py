@@ -27,6 +27,7 @@ __all__ = ["WeightSite", "linear_pattern", "addmm_pattern", "RULES", "find_sites
 
 @dataclass
 class WeightSite:
+    """One linear layer found in the graph: its call node, the activations, weight and bias nodes."""
     node: fx.Node                 # the linear / addmm call
     op: str                       # "linear" | "addmm"
     x: fx.Node
@@ -45,6 +46,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def linear_pattern(node: fx.Node) -> Optional[WeightSite]:
+    """The WeightSite of a `torch._C._nn.linear(x, A, b)` call, else None."""
     if node.op != "call_function" or node.target is not torch._C._nn.linear:
         return None
     x, weight, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
@@ -55,6 +57,7 @@ def linear_pattern(node: fx.Node) -> Optional[WeightSite]:
 
 
 def addmm_pattern(node: fx.Node) -> Optional[WeightSite]:
+    """The WeightSite of an `addmm(b, x, A)` call (GPT-2's Conv1D), else None."""
     if node.op != "call_function" or node.target is not torch.addmm:
         return None
     bias, x, weight = _arg(node, 0, "input"), _arg(node, 1, "mat1"), _arg(node, 2, "mat2")

@@ -31,6 +31,7 @@ __all__ = ["should_decompose", "PASS"]
 
 
 def should_decompose(node: fx.Node, config: Fairy2iConfig) -> bool:
+    """Whether `node` is a packed-op call this pass rewrites into aten ops (kernel="inductor")."""
     if node.op != "call_function" or node.target is not torch.ops.fairy2i.packed_linear.default:
         return False
     x = fake_value(node.args[0])
@@ -43,6 +44,7 @@ def should_decompose(node: fx.Node, config: Fairy2iConfig) -> bool:
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Decompose every packed-op call that should_decompose selects."""
     for node in list(gm.graph.nodes):
         if should_decompose(node, ctx.config):
             node.target = packed_linear_decomposed

@@ -67,6 +67,7 @@ def should_fuse(q: fx.Node, node: fx.Node) -> bool:
 
 
 def fuse_stages_replace(gm: fx.GraphModule, node: fx.Node, q: fx.Node, ctx: PassContext) -> fx.Node:
+    """Replace ptq_phase_quant `q` + widely_linear `node` by one stage-fused ptq_packed_linear call."""
     graph, fm = gm.graph, ctx.fake_mode
     x, *_, bias = node.args
     frozen, slot, stages, gran, name = q.args
@@ -125,6 +126,7 @@ def _record_prepacked(node: fx.Node, ctx: PassContext) -> None:
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Fuse every PTQ phase-quantized widely-linear layer into the stage-fused packed op."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

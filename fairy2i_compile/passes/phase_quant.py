@@ -36,6 +36,7 @@ __all__ = ["phase_quant_replace", "PASS"]
 
 
 def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
+    """Insert the T-stage PhaseQuant (QAT: phase_quant; PTQ: cached ptq_phase_quant) in front of `node`."""
     cfg, graph, fm = ctx.config, gm.graph, ctx.fake_mode
     layer = node.meta["fairy2i_layer"]
     site = node.meta["fairy2i_site"]
@@ -73,6 +74,7 @@ def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Quantize the U, W of every widely_linear layer the widely_linear pass produced."""
     for node in list(gm.graph.nodes):
         if node.target is torch.ops.fairy2i.widely_linear.default and "fairy2i_layer" in node.meta:
             phase_quant_replace(gm, node, ctx)

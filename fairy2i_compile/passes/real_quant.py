@@ -27,6 +27,7 @@ __all__ = ["real_quant_replace", "PASS"]
 
 
 def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: PassContext) -> None:
+    """Replace the layer's weight by its binary / ternary quantization (QAT or cached PTQ)."""
     cfg, graph, node, fm = ctx.config, gm.graph, site.node, ctx.fake_mode
     name = ctx.report.layers[layer].name
     gran = quantize.encode_granularity(cfg.scale_granularity)
@@ -53,6 +54,7 @@ def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: Pa
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Quantize every convertible linear layer with the real binary / ternary baseline."""
     rewrite_layers(gm, ctx, kept_real_reason, "quantized", real_quant_replace, "real_quant")
 
 
