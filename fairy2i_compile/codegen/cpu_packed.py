@@ -1,27 +1,11 @@
 """The packed op on CPU: a vectorised C++ kernel, built once with the system compiler.
 
-Why C++ and not an Inductor decomposition (the issue asked for an engine first, and a
-hand-written kernel only if no engine gets within 2x). Measured on this project's 2-core
-AVX2 EPYC, torch 2.13, batch 1 (benchmarks/results/bench_cpu.md, one run):
-
-    per layer            fp32 F.linear   this kernel T=1 / T=2   Inductor decomposition T=1 / T=2
-    49152 x 576 (head)   13.9 ms         2.1 / 3.2 ms            4.7 / 6.1 ms
-    1536 x 576           0.11 ms         0.10 / 0.18 ms          0.16 / 0.31 ms
-
-    whole SmolLM2 (separate run)         W1 decode    W2 decode    compile (plain Inductor: ~190 s)
-    C++ kernel (kernel="auto")           30.2 tok/s   20.1 tok/s   157-178 s
-    decomposition (kernel="inductor")    34.5 tok/s   15.6 tok/s   441 / 690 s
-
-The decomposition (codegen/inductor_packed.py, the best of five formulations tried) is
-1.5-2.2x slower per layer and fused into the graph has no per-call dispatch, so it wins
-W1 and loses W2 end to end; but compiling 211 decomposed layers takes 2.3-3.5x as long as
-compiling the plain model, over the issue's 2x bar, and for more than a few tokens it
-would repeat the per-code work per token. So this kernel is the CPU default and the
-decomposition is opt-in (`kernel="inductor"`). Inductor's trouble spots, seen in its
-generated code: it recomputes the scaled activations inside the loop, emulates a float
-sign flip by bitcast through memory, and a formulation with a token dimension made it
-pick a worse loop order (2.8x slower); a LUT formulation (T-MAC style) was slower still
-(gathers become scalar loads).
+Why C++ and not an Inductor decomposition: the decomposition of the same op
+(codegen/inductor_packed.py, `kernel="inductor"`) runs 1.1-2.2x slower per layer on this
+project's 2-core CPU and compiling a model's worth of decomposed layers takes 2.3-3.5x as
+long as compiling the plain model; so this kernel is the CPU default and the decomposition
+is opt-in. The measurements, Inductor's trouble spots in its generated code and the other
+formulations tried are in benchmarks/results/bench_cpu.md.
 
 The source (cpu_packed.cpp, portable C++ with GCC/Clang vector extensions) is compiled
 with `c++ -O3 -march=native -fopenmp` into `kernel_cache_dir()/cpu/` under a name that
@@ -40,11 +24,9 @@ reference under kernel="auto"); `FAIRY2I_CXX` picks the compiler.
 The same source is also compiled, with cpu_packed_op.cpp and against torch's own headers
 (~15 s, once per machine and torch version), into a library that registers the C++ CPU
 kernel of the ops `fairy2i::packed_linear_cpu` and `fairy2i::ptq_packed_linear_cpu`
-(cpu_op_available). Compiled inference graphs call those ops (codegen/lower.py): from
-Python packed_linear_cpu costs ~9 us a call, against ~17 us for the ctypes call and ~32 us
-for an op implemented in Python (measured on a 32 x 32 layer, batch 1); a compiled 8-layer
-64 x 64 dense PTQ stack went from 529 / 568 us (eager / Inductor runner) to 338 / 284 us
-per batch-1 call with ptq_packed_linear_cpu, as fast as the same stack after pack_model.
+(cpu_op_available). Compiled inference graphs call those ops (codegen/lower.py): a call
+through the dispatcher straight into C++ costs a fraction of one through ctypes or a Python
+op implementation (benchmarks/results/bench_cpu.md, bench_cpu_ptq_dense.md).
 `FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the ops run the ctypes
 path.
 

@@ -27,12 +27,11 @@ signature, no dispatcher at all:
     fairy2i.packed_linear(x, codes, scales, b, m, g, k)   -> cpu_packed.packed_linear_direct(...)
     fairy2i.ptq_packed_linear(x, A, b, slot, T, g, n, k)  -> ops.ptq_packed.ptq_packed_linear_direct(...)
 
-Measured on this project's 2-core CPU: a SmolLM2 layer's op call costs ~70 us of Python
-and dispatcher with autograd registered, ~50 us as *_infer, ~10 us called directly; on a
-32 x 32 layer (kernel time ~0) *_infer costs 32 us, the direct call 17 us and
-packed_linear_cpu 9 us. A SmolLM2 token makes 211 such calls (benchmarks/bench_cpu.py).
-So both runners use packed_linear_cpu where they can; the eager runner's direct calls
-remain for when the C++ registration is unavailable.
+Why: at decode sizes the Python and dispatcher cost of a packed-op call is as large as
+the kernel's (a SmolLM2 token makes 211 such calls), and each step here removes a layer
+of it; the measurements are in benchmarks/results/bench_cpu_notes.md. Both runners use
+packed_linear_cpu where they can; the eager runner's direct calls remain for when the C++
+registration is unavailable.
 Training graphs keep the ops (their backward needs the autograd formulas).
 
 The dumps and the MLIR export see the graph before this step (the ops, which say what is
