@@ -162,6 +162,14 @@ def _kernel_sources(report: GraphReport) -> List[str]:
     return sources
 
 
+def _lower_inference(graph: fx.GraphModule, config: Fairy2iConfig, report: GraphReport) -> None:
+    """codegen/lower.py's LOWERINGS for this runner, counted in the report."""
+    from .codegen.lower import lower_inference_graph
+
+    for counter, n in lower_inference_graph(graph, config.compiler).items():
+        _count(report, counter, n)
+
+
 def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: GraphDumper, report: GraphReport):
     aot_index = dumper.next_index
 
@@ -185,10 +193,7 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
             if not backward:
                 dumper.export_mlir(stage, aot_index, graph, inputs, report)
             if inference:
-                from .codegen.lower import lower_packed_for_cpu_op, lower_packed_for_inference
-
-                _count(report, "lowered_cpu_op", lower_packed_for_cpu_op(graph))
-                _count(report, "lowered_infer", lower_packed_for_inference(graph))
+                _lower_inference(graph, config, report)
             return compile_fx_inner(graph, inputs, **kwargs)
 
         # AOTAutograd's cache would hand back a whole compiled graph without calling `inner`:
@@ -207,11 +212,7 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
     def run_eager_inference(graph, inputs, **kwargs):
         # after the dump and MLIR export (they show the ops): CPU packed layers -> the C++ op,
         # other CPU packed ops -> direct kernel calls, the rest -> their no-autograd twins
-        from .codegen.lower import lower_packed_for_cpu_op, lower_packed_for_eager, lower_packed_for_inference
-
-        _count(report, "lowered_cpu_op", lower_packed_for_cpu_op(graph))
-        _count(report, "lowered_cpu_direct", lower_packed_for_eager(graph))
-        _count(report, "lowered_infer", lower_packed_for_inference(graph))
+        _lower_inference(graph, config, report)
         return make_boxed_func(graph.forward)
 
     return aot_autograd(
