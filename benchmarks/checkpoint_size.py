@@ -37,7 +37,7 @@ from results_io import write_results  # noqa: E402
 from fairy2i_compile.checkpoint import load_packed, save_packed  # noqa: E402
 from fairy2i_compile.models import load_smollm2  # noqa: E402
 from fairy2i_compile.packed_model import pack_model  # noqa: E402
-from fairy2i_compile.train import _dedupe_state  # noqa: E402
+from fairy2i_compile.safetensors_io import dedupe_state  # noqa: E402
 
 MB = 1e6  # decimal megabytes, as file sizes are usually quoted
 
@@ -64,7 +64,7 @@ def param_counts(model: torch.nn.Module) -> dict:
 def fp16_file(model: torch.nn.Module, path: Path) -> dict:
     from safetensors.torch import save_file
 
-    state, aliases = _dedupe_state(model.state_dict())  # tied lm_head.weight stored once
+    state, aliases = dedupe_state(model.state_dict())  # tied lm_head.weight stored once
     t0 = time.perf_counter()
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}, str(path))
     return {"bytes": path.stat().st_size, "aliases": aliases, "save_s": time.perf_counter() - t0}

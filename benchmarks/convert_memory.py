@@ -11,7 +11,7 @@ the conversion, and reports the peak (VmHWM) of the conversion alone. The lifeti
 Cases (the model bytes are what the user's model holds: unique parameters + buffers):
 
   head_*        one random 262144 x 640 float32 linear (the issue's lm_head), quantized and
-                packed with quant_ops.pack_layer: W2 (T=2, per-tensor) and T=4 per-row scales;
+                packed with ops.quantize.pack_layer: W2 (T=2, per-tensor) and T=4 per-row scales;
                 head_compile_w2: a 1-block Llama with that lm_head (and an embedding of the same
                 size) through torch.compile(backend="fairy2i", mode ptq, W2) and one forward
   smollm2_*     SmolLM2-135M (float32, lm_head tied to the embedding): pack_model W2 and
