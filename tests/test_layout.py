@@ -135,6 +135,18 @@ def test_every_op_is_defined_in_the_ops_package():
     assert {m for m in where if not m.startswith(f"{PACKAGE}.ops")} == {f"{PACKAGE}.calibration.observer"}
 
 
+def test_public_functions_of_the_op_wing_and_codegen_have_docstrings():
+    missing = []
+    for mod, path in _modules().items():
+        if not mod.startswith((f"{PACKAGE}.ops", f"{PACKAGE}.codegen")):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+                    and not ast.get_docstring(node)):
+                missing.append(f"{mod}.{node.name}")
+    assert missing == []
+
+
 if __name__ == "__main__":
     g, p = import_graph()
     print("modules:", len(g), "edges:", sum(map(len, g.values())))

@@ -35,6 +35,8 @@ Term = Tuple[int, str]  # (sign +1 | -1, "a" | "b")
 
 @lru_cache(maxsize=1)
 def derive() -> Dict[Tuple[bool, int], Tuple[Term, Term]]:
+    """(conj, k) -> ((sign, "a"|"b") of Re, (sign, "a"|"b") of Im) of i**k z (z = a + i b, or its
+    conjugate when conj), expanded with sympy: each part is one signed pick of a or b."""
     import sympy as sp
 
     a, b = sp.symbols("a b", real=True)
