@@ -2,12 +2,12 @@
 
 `torch.compile(model, backend="fairy2i", options={...})` hands the options dict to
 the backend unchanged; `Fairy2iConfig.from_options` is the only place that reads
-it, so every option name and allowed value is listed once, here.
+it, so every option is listed once, here, with its allowed values.
 
 Whether a `kernel` can run on the tensors' device is checked when the op first
 runs (`codegen.dispatch.resolve_kernel`), with the fix in the message. The values
-of `kernel` come from that module's table of implementations, the stage bound
-from quant.py (the quantizer's own limit).
+of `kernel` come from that module's table of implementations, the stage bound and
+the quantization methods from quant.py (the quantizer's own limits).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 from .codegen.dispatch import kernel_names
-from .quant import MAX_STAGES
+from .quant import MAX_STAGES, METHODS
 
 __all__ = [
     "Fairy2iConfig",
@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 MODES = ("exact", "ptq", "qat", "calibrate")
-METHODS = ("phase", "binary", "ternary")
 GRANULARITIES = ("tensor", "row")  # or a positive int group size
 KERNELS = kernel_names()  # the built-in kernels; validation reads the table, so registered ones count
 COMPILERS = ("eager", "inductor")

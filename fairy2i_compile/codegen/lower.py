@@ -50,6 +50,7 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.fx as fx
 
+from ..config import COMPILERS
 from .dispatch import resolve_kernel
 
 __all__ = ["LOWERINGS", "Lowering", "lower_inference_graph", "lower_packed_for_cpu_op", "lower_packed_for_eager",
@@ -188,9 +189,9 @@ class Lowering:
 
 
 LOWERINGS = (  # in this order: the C++ op first, then direct calls for what is left, then the twins
-    Lowering("lowered_cpu_op", lower_packed_for_cpu_op, ("eager", "inductor")),
+    Lowering("lowered_cpu_op", lower_packed_for_cpu_op, COMPILERS),
     Lowering("lowered_cpu_direct", lower_packed_for_eager, ("eager",)),
-    Lowering("lowered_infer", lower_packed_for_inference, ("eager", "inductor")),
+    Lowering("lowered_infer", lower_packed_for_inference, COMPILERS),
 )
 
 
