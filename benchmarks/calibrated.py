@@ -209,8 +209,13 @@ def markdown(payload: Dict[str, Any]) -> str:
               "own calibration H (round-to-nearest -> calibrated):", ""]
     for r in payload["rows"]:
         if r.get("mean_rtn_output_error") is not None:
+            extra = f", {r['outlier_columns']} outlier columns" if r.get("outlier_columns") is not None else ""
+            if r.get("repair"):
+                before = sum(b["loss_before"] for b in r["repair"]) / len(r["repair"])
+                after = sum(b["loss_after"] for b in r["repair"]) / len(r["repair"])
+                extra += f", repair: mean block loss {before:.4f} -> {after:.4f}"
             lines.append(f"- {r['name']}: {r['mean_rtn_output_error']:.4f} -> {r['mean_calibrated_output_error']:.4f} "
-                         f"(calibration {r.get('calibration_s', '?')} s)")
+                         f"(calibration {r.get('calibration_s', '?')} s{extra})")
     return "\n".join(lines) + "\n"
 
 

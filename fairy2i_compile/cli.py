@@ -589,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair-steps", type=_nonnegative("--repair-steps"), default=0, metavar="N",
                    help="after each block is rounded, N Adam steps tuning it to the float block's outputs "
                         "(latent weights, stage scales, norms; default 0 = no repair)")
-    g.add_argument("--repair-lr", type=float, default=1e-4, metavar="LR",
-                   help="repair learning rate (default 1e-4, cosine decay)")
+    g.add_argument("--repair-lr", type=float, default=1e-3, metavar="LR",
+                   help="repair learning rate (default 1e-3, cosine decay)")
     p.set_defaults(func=cmd_quantize)
     return parser
 

@@ -535,3 +535,31 @@ def test_repair_with_a_vanishing_step_keeps_the_calibrated_codes():
 def test_bad_repair_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         calibrate(tiny_llama(seed=0, layers=1), _ids(), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("gran", ["tensor", "row", 4])
+def test_repair_gradients_are_the_straight_through_estimator_of_the_phase_rule(gran):
+    """The hand-written backward equals autograd through ``round_at_scales`` with an STE for L."""
+    from fairy2i_compile.calibration.repair import RepairLinear
+    from fairy2i_compile.calibration.rounding import round_at_scales
+    from fairy2i_compile.ops.widely import real_to_widely_reference, widely_to_real_reference
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(12, 20, generator=g)
+    r = gptq_round(a, _spd(20), 3, gran, scale_search=True)
+    layer = RepairLinear(nn.Linear(20, 12), r)
+    upstream = torch.randn(12, 20, generator=g)
+    (layer.quantized() * upstream).sum().backward()
+    latent = layer.latent.detach().clone().requires_grad_(True)
+    scales = [p.detach().clone().requires_grad_(True) for p in layer.s]
+    u_re, u_im, w_re, w_im = real_to_widely_reference(latent)
+    parts = []
+    for re, im, s_re, s_im in ((u_re, u_im, scales[0], scales[1]), (w_re, w_im, scales[2], scales[3])):
+        _, q_re, q_im = round_at_scales(re.detach(), im.detach(), s_re, s_im, 10, r.qu.group_size)
+        parts += [q_re + (re - re.detach()), q_im + (im - im.detach())]
+    ref = widely_to_real_reference(*parts)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(layer.quantized(), ref, rtol=0, atol=0)
+    torch.testing.assert_close(layer.latent.grad, latent.grad, rtol=0, atol=1e-6)  # identity vs the round trip
+    for mine, theirs in zip(layer.s, scales):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)

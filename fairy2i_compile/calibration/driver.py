@@ -237,7 +237,7 @@ def calibrate(
     max_outliers: int = MAX_OUTLIERS,
     outlier_ratio: float = OUTLIER_RATIO,
     repair_steps: int = 0,
-    repair_lr: float = 1e-4,
+    repair_lr: float = 1e-3,
     pack: Optional[bool] = None,
     kernel: str = "auto",
     min_tokens: int = 256,

@@ -69,13 +69,7 @@ class RepairLinear(nn.Module):
 
     def quantized(self) -> Tensor:
         """Q(L) with straight-through gradient for L and exact gradient for the scales, [out, in]."""
-        u_re, u_im, w_re, w_im = _real_to_widely(self.latent)
-        m = u_re.shape[1]
-        parts = []
-        for (re, im), s_re, s_im in (((u_re, u_im), self.s[0], self.s[1]), ((w_re, w_im), self.s[2], self.s[3])):
-            _, q_re, q_im = round_at_scales(re.detach(), im.detach(), s_re, s_im, m, self.group_size)
-            parts += [q_re + (re - re.detach()), q_im + (im - im.detach())]
-        a_q = _widely_to_real(*parts)
+        a_q = _PhaseSTE.apply(self.latent, self.s[0], self.s[1], self.s[2], self.s[3], self.group_size)
         if self.outlier_index.numel():
             a_q = a_q.index_copy(1, self.outlier_index, self.latent.index_select(1, self.outlier_index))
         return a_q
@@ -98,6 +92,54 @@ class RepairLinear(nn.Module):
             corr = (self.latent.detach()[:, idx] - a_hat[:, idx]).to(torch.float16)
             a_hat[:, idx] += corr.to(a_hat.dtype)
         return RoundedLayer(a_hat, qu, qw, loss, dict(info), idx, corr)
+
+
+def _reduce_to(x: Tensor, like: Tensor, group_size: Optional[int]) -> Tensor:
+    """Sum a per-entry [n, m] gradient over each scale's members -> the scale's shape [n_s, G]."""
+    n_s, groups = like.shape
+    if groups == 1:
+        x = x.sum(1, keepdim=True)
+    else:
+        n, m = x.shape
+        x = F.pad(x, (0, groups * group_size - m)).reshape(n, groups, group_size).sum(-1)
+    return x.sum(0, keepdim=True) if n_s == 1 else x
+
+
+class _PhaseSTE(torch.autograd.Function):
+    """Â = widely_to_real(Q(U), Q(W)) of a latent real weight at stage scales [T, n_s, G].
+
+    Forward: the T-stage phase rule at those scales, without autograd bookkeeping.
+    Backward: identity for the latent weight (straight-through), and for each stage scale the
+    sum of the incoming gradient over the entries whose stage-t code lies on that scale's axis,
+    with its sign: Q is linear in the scales for fixed codes, and the codes are piecewise constant.
+    """
+
+    @staticmethod
+    def forward(ctx, latent, su_re, su_im, sw_re, sw_im, group_size):
+        with torch.no_grad():
+            u_re, u_im, w_re, w_im = _real_to_widely(latent)
+            m = u_re.shape[1]
+            cu, qu_re, qu_im = round_at_scales(u_re, u_im, su_re, su_im, m, group_size)
+            cw, qw_re, qw_im = round_at_scales(w_re, w_im, sw_re, sw_im, m, group_size)
+            out = _widely_to_real(qu_re, qu_im, qw_re, qw_im)
+        ctx.save_for_backward(cu, cw, su_re)
+        ctx.group_size = group_size
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cu, cw, like = ctx.saved_tensors
+        gs = ctx.group_size
+        n, m = cu.shape[1], cu.shape[2]
+        g11, g12, g21, g22 = g[:n, :m], g[:n, m:], g[n:, :m], g[n:, m:]
+        d_u_re, d_u_im, d_w_re, d_w_im = g11 + g22, g21 - g12, g11 - g22, g12 + g21
+        grads = []
+        for codes, d_re, d_im in ((cu, d_u_re, d_u_im), (cw, d_w_re, d_w_im)):
+            on_re = (codes == 0).to(g.dtype) - (codes == 2).to(g.dtype)   # [T, n, m]: ±1 on the real axis
+            on_im = (codes == 1).to(g.dtype) - (codes == 3).to(g.dtype)
+            grads.append(torch.stack([_reduce_to(d_re * on_re[t], like[t], gs) for t in range(codes.shape[0])]))
+            grads.append(torch.stack([_reduce_to(d_im * on_im[t], like[t], gs) for t in range(codes.shape[0])]))
+        return (g, *grads, None)
 
 
 def _codes_and_values(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor, m: int, group_size: Optional[int]):
