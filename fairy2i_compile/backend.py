@@ -156,7 +156,7 @@ def _kernel_sources(report: GraphReport) -> List[str]:
     sources = [str(cpu_packed.SOURCE)] if cpu_packed.cpu_kernel_library() is not None else []
     if report.counters.get("lowered_cpu_op"):
         sources.append(str(cpu_packed.OP_SOURCE))
-    triton_mod = sys.modules.get("fairy2i_compile.codegen.triton_packed")
+    triton_mod = sys.modules.get("fairy2i_compile.codegen.triton_launch")
     if triton_mod is not None:
         sources += [str(p) for p in triton_mod.generated_sources()]
     return sources

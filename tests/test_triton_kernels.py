@@ -531,6 +531,31 @@ def test_compiled_llama_on_cuda_runs_the_generated_kernels(compiler, tmp_path, m
     assert any(s.startswith("fairy2i_mma_t2_") for s in names), names  # 2 rows
 
 
+def test_dump_holds_the_kernel_sources_a_packed_model_ran(tmp_path):
+    """A PTQ graph with kernel="triton" reaches the kernels through codegen/dispatch.py, which never
+    imports the triton_packed facade: the dump still copies the generated sources after the first
+    call. In a fresh process, where nothing else has imported the Triton modules."""
+    script = (
+        "import sys, torch\n"
+        "from fairy2i_compile import Fairy2iBackend\n"
+        "device = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(device)\n"
+        "options = {'mode': 'ptq', 'stages': 1, 'kernel': 'triton', 'dump_dir': sys.argv[1]}\n"
+        "compiled = torch.compile(model, backend=Fairy2iBackend(options))\n"
+        "with torch.no_grad():\n"
+        "    compiled(torch.randn(2, 16, device=device))\n"
+    )
+    env = dict(os.environ, FAIRY2I_KERNEL_CACHE=str(tmp_path / "cache"), FAIRY2I_MLIR="0")
+    if INTERPRET:
+        env["TRITON_INTERPRET"] = "1"
+    dump = tmp_path / "dump"
+    subprocess.run([sys.executable, "-c", script, str(dump)], env=env, check=True, timeout=600,
+                   cwd=pathlib.Path(__file__).resolve().parent.parent)
+    kernels = sorted(p.name for p in (dump / "kernels").iterdir())
+    assert any(k.startswith("fairy2i_") and k.endswith(".py") for k in kernels), kernels
+
+
 # --------------------------------------------------------------------------- #
 # the measured config table (benchmarks/tune_kernels.py --write-configs)
 
