@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 __all__ = [
     "default_cache_dir", "kernel_cache_dir", "user_cache_dir", "make_private_dirs", "untrusted_reason",
-    "file_sha256", "atomic_write_bytes", "atomic_write_text",
+    "file_sha256", "atomic_write_bytes", "atomic_write_text", "process_alive",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -162,3 +162,17 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` may still be running (this one, or one kill(pid, 0) finds); a
+    temporary file named after a process that is not is safe to remove."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists (another user's), or cannot tell: leave its file alone
+    return True

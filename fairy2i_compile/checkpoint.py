@@ -91,6 +91,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .cache import process_alive
 from .config import Fairy2iConfig
 from .packed_model import PackedLinear, check_outliers, packable_reason, select_layers, set_submodule, with_progress
 from .packing import scale_shape, words_per_row
@@ -340,23 +341,11 @@ def _remove_stale_partials(path: pathlib.Path) -> None:
     prefix = f".{path.name}."
     for entry in path.parent.glob(f"{glob.escape(prefix)}*.partial"):
         pid = entry.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             if not hasattr(os, "getuid") or entry.lstat().st_uid == os.getuid():
                 entry.unlink()
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or cannot tell: leave its file alone
-    return True
 
 
 # ------------------------------------------------------------------ read the header

@@ -321,7 +321,7 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
     Same tensor order and header bytes as write_safetensors (larger element size first, then
     by name; metadata sorted; header padded with spaces to 8 bytes).
     """
-    from .safetensors_io import ST_DTYPES
+    from .safetensors_io import ST_DTYPES, write_header
 
     for key, (_, dt) in specs.items():
         if dt not in ST_DTYPES:
@@ -337,10 +337,7 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
             nbytes *= int(d)
         header[key] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
+    write_header(f, header)
     for key in order:
         shape, dt = specs[key]
         want = header[key]["data_offsets"][1] - header[key]["data_offsets"][0]  # type: ignore[index]

@@ -52,7 +52,7 @@ from typing import Tuple, Union
 
 import torch
 
-from .cache import default_cache_dir
+from .cache import default_cache_dir, process_alive
 
 __all__ = [
     "SMOLLM2_PACKAGE",
@@ -186,20 +186,8 @@ def _remove_stale_tmp_dirs(folder: pathlib.Path) -> None:
     """Delete temporary folders left by conversions whose process is gone (killed mid-way)."""
     for tmp in folder.parent.glob(f".{folder.name}{_TMP_MARK}*"):
         pid = tmp.name[len(folder.name) + 1 + len(_TMP_MARK):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but not ours
-        return True
-    return True
 
 
 # ------------------------------------------------------------------ loading

@@ -24,7 +24,8 @@ from typing import Any, BinaryIO, Dict, List, Mapping, Tuple, Type
 
 import torch
 
-__all__ = ["ST_DTYPES", "dedupe_state", "first_few", "read_header", "standalone_tensor", "write_safetensors"]
+__all__ = ["ST_DTYPES", "dedupe_state", "first_few", "read_header", "standalone_tensor", "write_header",
+           "write_safetensors"]
 
 Header = Dict[str, Tuple[List[int], str]]
 
@@ -96,6 +97,15 @@ def read_header(path: pathlib.Path, fmt: str, version: str, what: str, hint: str
     return meta, header
 
 
+def write_header(f: BinaryIO, header: Mapping[str, object]) -> None:
+    """The safetensors preamble: the JSON header's length (u64 little-endian) and the header,
+    compact, padded with spaces to a multiple of 8 bytes (the tensors that follow stay aligned)."""
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+
+
 def write_safetensors(tensors: Mapping[str, "torch.Tensor"], f: BinaryIO, metadata: Mapping[str, str]) -> None:
     """Write `tensors` (contiguous CPU tensors) and `metadata` (str -> str) to the open file `f`
     in the safetensors format, byte-deterministically (module docstring)."""
@@ -114,10 +124,7 @@ def write_safetensors(tensors: Mapping[str, "torch.Tensor"], f: BinaryIO, metada
         size = t.numel() * t.element_size()
         header[key] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
+    write_header(f, header)
     for key in order:
         t = tensors[key]
         if t.numel():
