@@ -563,3 +563,41 @@ def test_repair_gradients_are_the_straight_through_estimator_of_the_phase_rule(g
     torch.testing.assert_close(layer.latent.grad, latent.grad, rtol=0, atol=1e-6)  # identity vs the round trip
     for mine, theirs in zip(layer.s, scales):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ real SmolLM2 layers, real H
+def _smollm2_or_skip():
+    import importlib.util
+
+    from fairy2i_compile import models
+
+    try:
+        models.smollm2_gguf_path()
+    except ModuleNotFoundError as err:
+        pytest.skip(f"SmolLM2 GGUF unavailable: {err}")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the `gguf` package is not installed (make setup-eval)")
+    return models.load_smollm2(torch.float32, progress=False)
+
+
+def test_real_smollm2_layers_calibrated_beat_round_to_nearest_and_outliers_fix_massive_channels():
+    from fairy2i_compile import eval as ev
+    from fairy2i_compile.calibration import Observations, hook_inputs, select_outliers
+
+    model, tokenizer = _smollm2_or_skip()
+    text = "\n".join(ev.wiki_articles()[-4:])  # the end of the sample: never evaluation text
+    ids = torch.tensor(tokenizer(text)["input_ids"][:1024]).view(2, 512)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.11.mlp.down_proj", "model.layers.20.mlp.up_proj"]
+    obs = Observations()
+    with torch.no_grad(), hook_inputs({n: model.get_submodule(n) for n in names}, obs):
+        model(ids)
+    for name in names:
+        a, h = model.get_submodule(name).weight.detach(), obs[name].hessian()
+        out = select_outliers(h)
+        r = gptq_round(a, h, 2, act_order=True, scale_search=True, outliers=out)
+        rtn = output_error(a, rtn_round(a, 2), h)
+        assert output_error(a, r.a_hat, h) < rtn, name
+        if name == "model.layers.11.mlp.down_proj":  # the massive-activation channel (1229)
+            assert 1229 in out.tolist()
+            plain = gptq_round(a, h, 2, act_order=True, scale_search=True)
+            assert output_error(a, r.a_hat, h) < 0.5 * output_error(a, plain.a_hat, h)
