@@ -1,7 +1,7 @@
 """Pure-torch quantizers: Fairy2i PhaseQuant and the real BitNet-style baselines.
 
 This module is the single source of truth for quantization arithmetic. PTQ,
-QAT (through :class:`PhaseQuantSTE` / :class:`RealQuantSTE`) and packing all
+QAT (through the straight-through ops of ``ops/quantize.py``) and packing all
 call it, so fake-quant weights and packed weights agree bit for bit.
 No complex dtypes: a complex matrix is carried as two real tensors (re, im).
 
@@ -122,8 +122,6 @@ __all__ = [
     "tensor_sum",
     "storage_bytes",
     "quant_error",
-    "PhaseQuantSTE",
-    "RealQuantSTE",
     "check_finite",
     "validate_granularity",
 ]
@@ -388,7 +386,7 @@ def phase_quant(
     Returns codes uint8 [T, n, m], scales [T, n_s, g_s] and the dequantized
     sum (re, im) [n, m], in float32 (float64 if the input is float64).
     ``name`` labels the weight in error messages. Gradients are not tracked
-    (use :class:`PhaseQuantSTE` for training).
+    (the QAT ops in ``ops/quantize.py`` add the straight-through backward).
 
     ``first_scale`` multiplies stage 1's scales (the later stages follow the rule
     on the residual that leaves). 1.0 is the paper's rule, which every mode uses;
@@ -590,39 +588,6 @@ def quantize_widely(
         wq.re.to(w_re.dtype),
         wq.im.to(w_im.dtype),
     )
-
-
-class PhaseQuantSTE(torch.autograd.Function):
-    """Whole T-stage PhaseQuant of (U, W) with a straight-through (identity) backward.
-
-    forward(u_re, u_im, w_re, w_im [n, m], stages, granularity)
-        -> quantize_widely(...) (4 tensors, input dtypes)
-    backward: each upstream gradient passes unchanged to its input.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor,
-                stages: int, granularity: Granularity) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return quantize_widely(u_re, u_im, w_re, w_im, stages, granularity)
-
-    @staticmethod
-    def backward(ctx: Any, g_ur: Tensor, g_ui: Tensor, g_wr: Tensor, g_wi: Tensor):  # type: ignore[override]
-        return g_ur, g_ui, g_wr, g_wi, None, None
-
-
-class RealQuantSTE(torch.autograd.Function):
-    """Real binary / ternary quantization of A [out, in] with identity backward.
-
-    forward(a, method, stages, granularity) -> real_quant(...) cast to a.dtype.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, method: str, stages: int, granularity: Granularity) -> Tensor:
-        return real_quant(a, method, stages, granularity).to(a.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        return grad, None, None, None
 
 
 # ----------------------------------------------------------------------------

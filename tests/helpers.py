@@ -1,6 +1,13 @@
 """Small transformers models built from configs (no downloads) for the tests."""
 
+from typing import Any, Union
+
 import torch
+from torch import Tensor
+
+from fairy2i_compile import quant
+
+Granularity = Union[str, int]
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, dtype=torch.float32):
@@ -27,3 +34,38 @@ def tiny_gpt2(seed: int = 0, layers: int = 2):
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 GPT2_CONV1DS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+# The eager references of the QAT straight-through quantizers (the package uses the ops in
+# ops/quantize.py; these plain autograd Functions check them).
+class PhaseQuantSTE(torch.autograd.Function):
+    """Whole T-stage PhaseQuant of (U, W) with a straight-through (identity) backward.
+
+    forward(u_re, u_im, w_re, w_im [n, m], stages, granularity)
+        -> quantize_widely(...) (4 tensors, input dtypes)
+    backward: each upstream gradient passes unchanged to its input.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor,
+                stages: int, granularity: Granularity) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return quant.quantize_widely(u_re, u_im, w_re, w_im, stages, granularity)
+
+    @staticmethod
+    def backward(ctx: Any, g_ur: Tensor, g_ui: Tensor, g_wr: Tensor, g_wi: Tensor):  # type: ignore[override]
+        return g_ur, g_ui, g_wr, g_wi, None, None
+
+
+class RealQuantSTE(torch.autograd.Function):
+    """Real binary / ternary quantization of A [out, in] with identity backward.
+
+    forward(a, method, stages, granularity) -> real_quant(...) cast to a.dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, method: str, stages: int, granularity: Granularity) -> Tensor:
+        return quant.real_quant(a, method, stages, granularity).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        return grad, None, None, None

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from fairy2i_compile import Fairy2iBackend, quant, quant_ops
 from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from conftest import rel_err
-from helpers import LLAMA_LINEARS, tiny_gpt2, tiny_llama
+from helpers import LLAMA_LINEARS, PhaseQuantSTE, tiny_gpt2, tiny_llama
 
 
 def compiled(model, **options):
@@ -136,11 +136,11 @@ def test_ptq_gives_no_gradient_to_quantized_weights():
 
 # ------------------------------------------------------------------ QAT
 def _ste_reference(model, stages, granularity):
-    """Eager copy applying the same STE quantizer (quant.PhaseQuantSTE) in every linear."""
+    """Eager copy applying the same STE quantizer (helpers.PhaseQuantSTE, the eager reference) in every linear."""
     ref = copy.deepcopy(model)
 
     def forward(self, x):
-        uq = quant.PhaseQuantSTE.apply(*_real_to_widely(self.weight), stages, granularity)
+        uq = PhaseQuantSTE.apply(*_real_to_widely(self.weight), stages, granularity)
         return F.linear(x, _widely_to_real(*uq).to(x.dtype), self.bias)
 
     for mod in ref.modules():

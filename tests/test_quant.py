@@ -15,12 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import PhaseQuantSTE, RealQuantSTE
 from fairy2i_compile.quant import (
     METHODS,
     SCALE_EPS,
     PhaseQuantized,
-    PhaseQuantSTE,
-    RealQuantSTE,
     bits_per_real_weight,
     check_finite,
     dequant_phase,
