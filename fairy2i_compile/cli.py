@@ -480,6 +480,9 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
 # --------------------------------------------------------------------------- parser
 def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("exact", "ptq", "qat"),
                compile_flags: bool = True) -> None:
+    from .config import COMPILERS
+    from .quant import MAX_STAGES, METHODS
+
     if compile_flags:
         p.add_argument("--model", default="tiny-llama", metavar="{smollm2,tiny-llama,FOLDER,FILE.safetensors}",
                        help="smollm2, tiny-llama (random, 2 layers, no tokenizer), a Hugging Face model folder or a "
@@ -492,13 +495,14 @@ def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("ex
                    help="dtype the model is loaded in (default float32; not for packed checkpoints)")
     if compile_flags:
         p.add_argument("--mode", default=mode_default, choices=modes, help=f"backend mode (default {mode_default})")
-    p.add_argument("--stages", type=int, default=None, help="residual PhaseQuant stages T, 1..4 (default 2 = Fairy2i-W2)")
+    p.add_argument("--stages", type=int, default=None,
+                   help=f"residual PhaseQuant stages T, 1..{MAX_STAGES} (default 2 = Fairy2i-W2)")
     if compile_flags:
-        p.add_argument("--method", default=None, choices=("phase", "binary", "ternary"), help="default phase (Fairy2i)")
+        p.add_argument("--method", default=None, choices=METHODS, help="default phase (Fairy2i)")
     p.add_argument("--granularity", default=None, metavar="{tensor,row,N}", help="scale granularity (default tensor)")
     p.add_argument("--skip", nargs="*", metavar="PATTERN", help="layers left real, e.g. lm_head '*.q_proj'")
     if compile_flags:
-        p.add_argument("--compiler", default="eager", choices=("eager", "inductor"))
+        p.add_argument("--compiler", default="eager", choices=COMPILERS)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
