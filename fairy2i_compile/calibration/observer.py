@@ -27,11 +27,13 @@ Both end in :meth:`HessianAccumulator.add`.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from ..ops.observe import collecting
 
 __all__ = ["HessianAccumulator", "Observations", "observing", "hook_inputs"]
 
@@ -85,18 +87,12 @@ class Observations(Dict[str, HessianAccumulator]):
         acc.add(x)
 
 
-_ACTIVE: List[Observations] = []
-
-
 @contextlib.contextmanager
 def observing(into: Optional[Observations] = None) -> Iterator[Observations]:
-    """Collect what ``fairy2i.observe`` sees (calibrate-mode compiled graphs) while active."""
+    """Collect what ``fairy2i.observe`` (``ops/observe.py``) sees in calibrate-mode compiled graphs."""
     obs = Observations() if into is None else into
-    _ACTIVE.append(obs)
-    try:
+    with collecting(obs.add):
         yield obs
-    finally:
-        _ACTIVE.remove(obs)
 
 
 @contextlib.contextmanager
@@ -110,28 +106,3 @@ def hook_inputs(modules: Dict[str, nn.Module], into: Observations) -> Iterator[O
     finally:
         for h in handles:
             h.remove()
-
-
-# --------------------------------------------------------------------------- the op
-_lib = torch.library.Library("fairy2i", "FRAGMENT")
-_lib.define("observe(Tensor x, Tensor weight, str name) -> ()")
-
-
-def _observe_impl(x: Tensor, weight: Tensor, name: str) -> None:
-    if not _ACTIVE:
-        raise RuntimeError(
-            f"fairy2i.observe ({name}): a model compiled with options={{'mode': 'calibrate'}} ran outside "
-            "`with fairy2i_compile.calibration.observing() as obs:`; run the calibration batches inside it"
-        )
-    _ACTIVE[-1].add(name, x)
-
-
-def _observe_fake(x: Tensor, weight: Tensor, name: str) -> None:
-    return None
-
-
-for _key in ("CPU", "CUDA"):
-    _lib.impl("observe", _observe_impl, _key)
-torch.library.register_fake("fairy2i::observe", _observe_fake, lib=_lib)
-# an op with no outputs and no mutated args would be dead code to FX/AOTAutograd
-torch.fx.node.has_side_effect(torch.ops.fairy2i.observe.default)

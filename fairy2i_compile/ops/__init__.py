@@ -15,8 +15,9 @@ signature (what mlir_export decomposes the ops into for torch-mlir).
     packed_triton.py      packed_linear_triton (+ _interpreted): the Triton kernels as ops; imported
                           on first use of kernel="triton" (Triton stays a lazy import)
 
-Not here: `fairy2i::observe` (calibration/observer.py, beside the accumulators it feeds),
-and the C++ CPU kernels of packed_linear_cpu / ptq_packed_linear_cpu
+    observe.py            observe (calibrate mode): hands a layer's input to the active sink
+
+Not here: the C++ CPU kernels of packed_linear_cpu / ptq_packed_linear_cpu
 (codegen/cpu_packed_op.cpp registers implementations of the schemas defined here).
 Which kernel runs a packed op is codegen/dispatch.py's decision.
 """
@@ -26,12 +27,13 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from ..quant import compute_dtype
-from . import packed, ptq_cache, ptq_packed, quantize, widely
+from . import observe, packed, ptq_cache, ptq_packed, quantize, widely
 from .widely import (real_to_widely, real_to_widely_reference, widely_linear, widely_linear_reference,
                      widely_to_real, widely_to_real_reference)
 
 __all__ = [
     "compute_dtype",
+    "observe",
     "packed",
     "ptq_cache",
     "ptq_packed",

@@ -5,8 +5,8 @@ quantizing modes would convert (same selector: even dims, real floating weight,
 not skipped) gets an observer in front of it, and the graph computes the float
 model's outputs. Run inside ``fairy2i_compile.calibration.observing()``, each
 call adds the layer's input activations to that layer's second-moment
-accumulator (``calibration/observer.py``), keyed by the layer's dotted name in
-the compiled module. This is how calibration sees every layer of a model in one
+accumulator (``calibration/observer.py``, through the sink of ``ops/observe.py``),
+keyed by the layer's dotted name in the compiled module. This is how calibration sees every layer of a model in one
 compiled run (the "all layers from float activations" variant).
 
 The observer op returns nothing and is registered as side-effecting, so neither
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..calibration import observer  # noqa: F401  (registers torch.ops.fairy2i.observe)
+from ..ops import observe as _observe_op  # noqa: F401  (registers torch.ops.fairy2i.observe)
 from . import GraphPass, PassContext
 from ._layers import WeightSite, rewrite_layers
 from .widely_linear import should_rewrite
