@@ -208,30 +208,26 @@ def _steps(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr)
 
 
-def _nonnegative(name: str):
+def _int_at_least(name: str, low: int):
+    """An argparse type: an int >= low, or an error naming the flag and the value."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
         return value
 
     return parse
 
 
 def _positive(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
+    return _int_at_least(name, 1)
 
-    return parse
+
+def _nonnegative(name: str):
+    return _int_at_least(name, 0)
 
 
 # --------------------------------------------------------------------------- dump
