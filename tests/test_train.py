@@ -148,7 +148,16 @@ def test_resume_refuses_another_config_or_other_windows(tmp_path):
     assert h["step"] == [1, 2] and read_checkpoint_info(path)["step"] == 2  # budget: one more step
 
 
-def test_sigint_during_a_step_is_delivered_after_it():
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C as an interactive run has it: a shell starts background jobs with SIGINT ignored
+    (`pytest ... &` in a script), and an ignored signal is rightly never delivered."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_sigint_during_a_step_is_delivered_after_it(default_sigint):
     # signal.raise_signal runs the Python handler before it returns. os.kill(os.getpid(), ...)
     # did not: the kernel may hand a process-directed signal to any thread (torch has several),
     # and under load the handler ran only after pytest.raises had ended ("DID NOT RAISE").
@@ -162,7 +171,7 @@ def test_sigint_during_a_step_is_delivered_after_it():
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX threads")
-def test_sigint_sent_from_another_thread_is_deferred_too():
+def test_sigint_sent_from_another_thread_is_deferred_too(default_sigint):
     # Ctrl-C while a step runs: the signal comes from outside the main thread. Waiting for the
     # sender with join() makes the delivery explicit: the main thread's blocked wait is where
     # the handler runs, before join() returns.
