@@ -59,6 +59,7 @@ from fairy2i_compile import quant  # noqa: E402
 from fairy2i_compile.calibration import calibrate, calibration_windows, rtn_round  # noqa: E402
 from fairy2i_compile.calibration.rounding import MAX_OUTLIERS  # noqa: E402
 from fairy2i_compile.models import load_smollm2  # noqa: E402
+from fairy2i_compile.packed_model import PackedLinear, outlier_nbytes  # noqa: E402
 from peers import eval_windows, hqq_available, hqq_dequantized  # noqa: E402
 from results_io import write_results  # noqa: E402
 
@@ -112,9 +113,9 @@ def _bits(model_before: nn.Module, method: str, stages: int, gran: Any) -> float
 
 
 def _outlier_bits(columns: Dict[str, tuple], weights: int) -> float:
-    """Bits per quantized weight the outlier corrections add: per column its index (64 bits)
-    and its float16 residual (16 bits per output); ``columns``: {layer: (k, out_features)}."""
-    return sum(k * (64 + 16 * out_f) for k, out_f in columns.values()) / weights
+    """Bits per quantized weight the outlier corrections add (``packed_model.outlier_nbytes``);
+    ``columns``: {layer: (k, out_features)}."""
+    return sum(8 * outlier_nbytes(k, out_f) for k, out_f in columns.values()) / weights
 
 
 def _weights(model: nn.Module) -> int:
@@ -154,8 +155,6 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
         info.update({k: v for k, v in extra.items() if k not in ("bits_per_weight", "per_layer_output_error")})
         if "per_layer_output_error" in extra:
             info["layers"] = extra["per_layer_output_error"]
-        from fairy2i_compile.packed_model import PackedLinear
-
         cols = {n: (m.outliers, m.out_features) for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
         info["outlier_columns"] = sum(k for k, _ in cols.values())
         info["bits_per_weight"] += _outlier_bits(cols, _weights(model))

@@ -166,13 +166,17 @@ class PackedLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        extra = self.outliers * (8 + 2 * self.out_features)
-        return self.codes.numel() * 4 + self.scales.numel() * 4 + extra
+        return self.codes.numel() * 4 + self.scales.numel() * 4 + outlier_nbytes(self.outliers, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, stages={self.stages}, "
                 f"granularity={self.granularity!r}, bias={self.bias is not None}, kernel={self.kernel!r}"
                 + (f", outliers={self.outliers}" if self.outliers else ""))
+
+
+def outlier_nbytes(k: int, out_features: int) -> int:
+    """Bytes of a k-column outlier correction: int64 indices and float16 residuals [out, k]."""
+    return k * (8 + 2 * out_features)
 
 
 def check_outliers(index: Any, weight: Any, in_features: int, out_features: int, k: int, what: str) -> None:

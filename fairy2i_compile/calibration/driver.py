@@ -45,8 +45,9 @@ from ..config import Fairy2iConfig
 from ..packed_model import PackedLinear, select_layers
 from ..packing import pack_phase
 from .observer import Observations, hook_inputs, observing
-from .repair import repair_block
-from .rounding import MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, gptq_round, output_error, rtn_round, select_outliers
+from .repair import block_output, repair_block
+from .rounding import (MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, check_outlier_options, gptq_round, output_error,
+                       rtn_round, select_outliers)
 
 __all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks"]
 
@@ -201,14 +202,6 @@ def _call(model: nn.Module, ids: Tensor) -> Any:
         return model(ids)
 
 
-def _first(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"a decoder block returned {type(out).__name__}; expected a tensor or a tuple starting with one")
-
-
 def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> Tuple[tuple, dict]:
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
@@ -289,7 +282,7 @@ def calibrate(
                          "pass max_outliers=0 with refit_scales=True")
     if refit_scales and not isinstance(config.scale_granularity, str):
         raise ValueError(f"refit_scales supports scale_granularity 'tensor' or 'row', got {config.scale_granularity!r}")
-    select_outliers(torch.ones(2, 2), outlier_ratio, max_outliers)  # validates both, names the value
+    check_outlier_options(outlier_ratio, max_outliers)
     if isinstance(repair_steps, bool) or not isinstance(repair_steps, int) or repair_steps < 0:
         raise ValueError(f"repair_steps must be an int >= 0 (0 = no repair), got {repair_steps!r}")
     if repair_steps and (config.method != "phase" or not sequential):
@@ -297,7 +290,7 @@ def calibrate(
                          f"(got method={config.method!r}, sequential={sequential!r}); pass repair_steps=0")
     if not (isinstance(repair_lr, (int, float)) and not isinstance(repair_lr, bool) and math.isfinite(repair_lr)
             and repair_lr > 0):
-        raise ValueError(f"repair_lr must be a positive float (e.g. 1e-4), got {repair_lr!r}")
+        raise ValueError(f"repair_lr must be a positive float (e.g. 1e-3), got {repair_lr!r}")
     data = _as_batches(batches, _vocab_size(model), min_tokens)
     targets, kept, matched = _targets(model, config)
     if not targets:
@@ -374,7 +367,7 @@ def calibrate(
                     round_layer(name, obs[name].hessian(), obs[name].tokens)
                     done.add(name)
             if repair_steps and here:
-                targets = [_first(fp_blocks[k](*args, **kwargs)) for args, kwargs in inputs_fp]
+                targets = [block_output(fp_blocks[k](*args, **kwargs)) for args, kwargs in inputs_fp]
                 layers = {}
                 for name in here:
                     parent, _, attr = name.rpartition(".")
@@ -385,7 +378,7 @@ def calibrate(
                 repair_log.append({"block": k, **info})
                 inputs_fp = [_with_hidden(args, kwargs, t) for (args, kwargs), t in zip(inputs_fp, targets)]
                 del targets
-            inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
+            inputs = [_with_hidden(args, kwargs, block_output(block(*args, **kwargs))) for args, kwargs in inputs]
         del inputs
         rest = {n: m for n, m in work_targets.items() if n not in done}
         if rest:

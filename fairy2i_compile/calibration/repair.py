@@ -53,7 +53,7 @@ from .. import quant
 from ..ops.widely import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from .rounding import RoundedLayer, round_at_scales
 
-__all__ = ["repair_block", "RepairLinear"]
+__all__ = ["repair_block", "RepairLinear", "block_output"]
 
 
 class RepairLinear(nn.Module):
@@ -147,9 +147,9 @@ class _PhaseSTE(torch.autograd.Function):
 
 
 def _codes_and_values(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor, m: int, group_size: Optional[int]):
-    """(codes, s_re, s_im, re, im) in PhaseQuantized's field order, Â rebuilt as the kernels do."""
-    codes, _, _ = round_at_scales(re, im, s_re, s_im, m, group_size)
-    q_re, q_im = quant.dequant_phase(codes, s_re, s_im, m, group_size)
+    """(codes, s_re, s_im, re, im) in PhaseQuantized's field order; round_at_scales sums the
+    stages in ``quant.dequant_phase``'s order, so these values are the kernels' Â bit for bit."""
+    codes, q_re, q_im = round_at_scales(re, im, s_re, s_im, m, group_size)
     return codes, s_re, s_im, q_re, q_im
 
 
@@ -164,8 +164,13 @@ def _batch_of(args: tuple, kwargs: dict, rows: slice, batch: int) -> Tuple[tuple
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
-def _first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+def block_output(out: Any) -> Tensor:
+    """The hidden states a decoder block returns (the first element if it returns a tuple)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"a decoder block returned {type(out).__name__}; expected a tensor or a tuple starting with one")
 
 
 def repair_block(
@@ -206,7 +211,7 @@ def repair_block(
               for i, t in enumerate(targets) for r in range(0, t.shape[0], rows_per_step)]
     def loss_on(i: int, rows: slice) -> Tensor:
         args, kwargs = _batch_of(*inputs_q[i], rows, targets[i].shape[0])
-        out = _first(block(*args, **kwargs)).float()
+        out = block_output(block(*args, **kwargs)).float()
         target = targets[i][rows].float()
         # per token, relative: the next block reads RMSNorm(hidden), which is blind to a token's scale,
         # and a plain MSE would be ruled by the few tokens whose massive activations dwarf the rest

@@ -107,7 +107,7 @@ from ..ops.widely import real_to_widely_reference as _real_to_widely, widely_to_
 from ..quant import Granularity, PhaseQuantized
 
 __all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor", "round_at_scales",
-           "select_outliers", "OUTLIER_RATIO", "MAX_OUTLIERS"]
+           "select_outliers", "check_outlier_options", "OUTLIER_RATIO", "MAX_OUTLIERS"]
 
 OUTLIER_RATIO = 100.0  # H[c, c] / median(diag H) from which an input column is an outlier
 MAX_OUTLIERS = 8       # at most this many corrected columns per layer
@@ -182,21 +182,24 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
     raise ValueError(f"H is not positive definite even with damping {lam:g}; use more calibration tokens")
 
 
-def select_outliers(h: Tensor, ratio: float = OUTLIER_RATIO, max_count: int = MAX_OUTLIERS) -> Tensor:
-    """Real input columns c with H[c, c] >= ratio · median(diag H), largest first, at most
-    ``max_count``; returned sorted ascending, int64 [k] (k may be 0)."""
+def check_outlier_options(ratio: Any, max_count: Any) -> None:
+    """Raise a ValueError naming the value unless ratio is a finite float > 1 and max_count an int >= 0."""
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 1):
         raise ValueError(f"outlier ratio must be a finite float > 1 (e.g. {OUTLIER_RATIO}), got {ratio!r}")
     if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0:
         raise ValueError(f"max outliers must be an int >= 0 (0 = none, e.g. {MAX_OUTLIERS}), got {max_count!r}")
+
+
+def select_outliers(h: Tensor, ratio: float = OUTLIER_RATIO, max_count: int = MAX_OUTLIERS) -> Tensor:
+    """Real input columns c with H[c, c] >= ratio · median(diag H), largest first, at most
+    ``max_count``; returned sorted ascending, int64 [k] (k may be 0). When more than half
+    the inputs never fire (median 0), every input that fires counts."""
+    check_outlier_options(ratio, max_count)
+    if max_count == 0:
+        return torch.zeros(0, dtype=torch.int64)
     d = torch.diagonal(h.to(torch.float64))
     med = float(d.median())
-    if max_count == 0 or med <= 0:
-        cand = torch.zeros(0, dtype=torch.int64) if max_count == 0 else torch.nonzero(d > 0).flatten()
-    else:
-        cand = torch.nonzero(d >= ratio * med).flatten()
-    if max_count == 0 or cand.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
+    cand = torch.nonzero(d >= ratio * med if med > 0 else d > 0).flatten()
     top = cand[torch.argsort(d[cand], descending=True, stable=True)[:max_count]]
     return torch.sort(top).values
 
@@ -283,21 +286,12 @@ def round_at_scales(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor, m: int,
 
 
 def _round_phase_column(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """T-stage residual phase rule on one complex column [n] at fixed scales [T, n_s].
+    """:func:`round_at_scales` on one complex column [n] at fixed scales [T, n_s].
 
-    Returns codes uint8 [T, n] and the dequantized column (re, im) [n], summed in
-    stage order as ``quant.dequant_phase`` does.
+    Returns codes uint8 [T, n] and the dequantized column (re, im) [n].
     """
-    codes, acc_re, acc_im = [], None, None
-    e_re, e_im = re, im
-    for t in range(s_re.shape[0]):
-        c = quant.phase_codes(e_re, e_im)
-        q_re, q_im = quant.stage_values(c, s_re[t], s_im[t])
-        e_re, e_im = e_re - q_re, e_im - q_im
-        codes.append(c)
-        acc_re = q_re if acc_re is None else acc_re + q_re
-        acc_im = q_im if acc_im is None else acc_im + q_im
-    return torch.stack(codes), acc_re, acc_im
+    codes, q_re, q_im = round_at_scales(re[:, None], im[:, None], s_re[..., None], s_im[..., None], 1, None)
+    return codes[..., 0], q_re[:, 0], q_im[:, 0]
 
 
 _OPT_RE = torch.tensor([1.0, 0.0, -1.0, 0.0])  # code k -> Re(i^k), Im(i^k)
