@@ -21,8 +21,10 @@ Why it works without backend changes (torch 2.13):
          same as on one device), and the gradient of A is reduce-scattered back to
          the shards. `clip_grad_norm_` sees DTensor grads and returns a DTensor norm.
 
-The recipe is `train.train_qat`'s (AdamW, LR warmup + cosine, grad clip), step by
-step: with B windows per step (global batch) on W processes, rank r trains on
+The recipe is `train.train_qat`'s, and so is each update: the same optimizer
+(`train.qat_optimizer`), LR schedule (`train.lr_schedule`) and guarded step
+(`train.qat_step`), whose loss check reads the loss averaged over ranks, so every rank
+stops at the same step. With B windows per step (global batch) on W processes, rank r trains on
 windows [r*B/W, (r+1)*B/W) of the step's batch. Both strategies average gradients
 over ranks, so with equal-length windows a step equals one single-process step on
 the whole batch with the mean loss (tested against `train_qat`).
@@ -41,7 +43,7 @@ checkpoint as the latest. Only tensors go through DCP (the optimizer's
 param_groups hyper-parameters are rebuilt from the TrainConfig), so loading
 unpickles nothing but DCP's own `.metadata` file; the rest is JSON.
 The LR of step s is lr * lr_factor(s - 1), a function of s, so no scheduler state
-is saved. No RNG state is saved: the Llama-style models trained here use no dropout.
+is saved: a resumed run rebuilds the schedule at its step. No RNG state is saved: the Llama-style models trained here use no dropout.
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ from .train import (
     RESUMABLE_CHANGES,
     CheckpointError,
     TrainConfig,
-    forward_kwargs,
-    model_logits,
-    windows_fingerprint,
     batch_indices,
+    forward_kwargs,
     lm_loss,
+    lr_schedule,
+    model_logits,
+    qat_optimizer,
+    qat_step,
+    windows_fingerprint,
 )
 
 __all__ = [
@@ -211,13 +216,14 @@ def train_qat_distributed(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter with requires_grad=True: nothing would train")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = qat_optimizer(params, cfg)
     fingerprint = windows_fingerprint(windows)
 
     step, history = 0, {"step": [], "loss": [], "grad_norm": [], "lr": [], "time_s": []}
     if checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
         step, info = load_distributed_checkpoint(checkpoint_dir, model, optimizer, config=cfg, windows=windows)
         history = info["history"]
+    scheduler = lr_schedule(optimizer, cfg, completed=step)
 
     def save(at: int) -> None:
         save_distributed_checkpoint(checkpoint_dir, model, optimizer, at, config=cfg, history=history,
@@ -232,25 +238,15 @@ def train_qat_distributed(
         t0 = time.perf_counter()
         ids = windows[batch_indices(len(windows), cfg.batch_size, cfg.seed, s)]
         ids = local_batch(ids, rank, world).to(device, torch.long)
-        lr = cfg.lr * cfg.lr_factor(s - 1)  # what train_qat's LambdaLR gives step s
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss, _, _ = lm_loss(model_logits(compiled, ids, kwargs), ids)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
-            grad_norm = grad_norm.full_tensor()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)
-        mean_loss = (mean_loss / world).item()
-        if not torch.isfinite(torch.tensor(mean_loss)):
-            raise FloatingPointError(
-                f"step {s}: mean loss over ranks is {mean_loss}; parameters are untouched since step {s - 1}. "
-                f"Lower TrainConfig.lr or check the data; the last checkpoint is at step {saved}"
-            )
-        optimizer.step()
-        record = {"step": s, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
+        mean_loss /= world
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = qat_step(loss, optimizer, params, cfg.grad_clip, scheduler=scheduler, checked_loss=mean_loss,
+                             step=s, last_checkpoint=saved)
+        record = {"step": s, "loss": mean_loss.item(), "grad_norm": grad_norm, "lr": lr,
                   "time_s": time.perf_counter() - t0}
         for key, value in record.items():
             history[key].append(value)
@@ -431,6 +427,10 @@ def load_distributed_checkpoint(
         raise ValueError(f"{path} was trained on other windows (shape {saved_windows.get('shape')}, now "
                          f"{list(windows.shape)}); pass the same windows, or a new checkpoint directory")
 
+    # torch fills in a fresh optimizer's state (the targets) only when no parameter holds a
+    # gradient; gradients left by an earlier run in this process made it return no state, and
+    # DCP then loaded none: AdamW restarted from zero moments. A resumed step recomputes them.
+    optimizer.zero_grad(set_to_none=True)
     state = _tensor_state(model, optimizer)  # the targets DCP loads into, in place
     try:
         dcp.load(state, checkpoint_id=str(path))

@@ -68,6 +68,8 @@ __all__ = [
     "CheckpointError",
     "train_qat",
     "qat_step",
+    "qat_optimizer",
+    "lr_schedule",
     "lm_loss",
     "batch_indices",
     "save_checkpoint",
@@ -275,8 +277,8 @@ def train_qat(
     """
     _check_train_args(model, windows, cfg, teacher, eval_fn, eval_every, run_until, time_budget_s)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda completed: cfg.lr_factor(completed))
+    optimizer = qat_optimizer(params, cfg)
+    scheduler = lr_schedule(optimizer, cfg)
     fingerprint = windows_fingerprint(windows)
     path = pathlib.Path(checkpoint_path) if checkpoint_path is not None else None
 
@@ -320,26 +322,13 @@ def train_qat(
                     teacher_logits = model_logits(teacher, ids, teacher_kwargs)
             loss, ce, kl = lm_loss(model_logits(compiled, ids, student_kwargs), ids, teacher_logits,
                                    cfg.distill_alpha, cfg.distill_temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {s}: loss is {loss.item()} (ce {ce.item()}); parameters are untouched since step "
-                    f"{s - 1}. Lower TrainConfig.lr or check the data; the last checkpoint is at step {saved}"
-                )
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not torch.isfinite(grad_norm):  # clipping by a NaN norm would make every gradient NaN
-                optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(
-                    f"step {s}: gradient norm is {grad_norm.item()} (loss {loss.item()}); parameters are untouched "
-                    f"since step {s - 1}. Lower TrainConfig.lr or check the data; the last checkpoint is at step {saved}"
-                )
             lr = optimizer.param_groups[0]["lr"]
-            with _sigint_deferred():  # a step is applied whole or not at all
-                optimizer.step()
-                scheduler.step()
+            with _sigint_deferred():  # the update and its record are applied whole or not at all
+                grad_norm = qat_step(loss, optimizer, params, cfg.grad_clip, scheduler=scheduler, step=s,
+                                     last_checkpoint=saved)
                 step = s
                 _append(history, step=s, loss=loss.item(), ce=ce.item(), kl=None if kl is None else kl.item(),
-                        grad_norm=grad_norm.item(), lr=lr, time_s=time.perf_counter() - t0)
+                        grad_norm=grad_norm, lr=lr, time_s=time.perf_counter() - t0)
             _show(bar, history, cfg.log_every)
             if eval_fn is not None and ((eval_every is not None and s % eval_every == 0) or s == cfg.steps):
                 evaluate(s)
@@ -363,8 +352,11 @@ def train_qat(
 
 
 def qat_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
-             grad_clip: Optional[float] = 2.0) -> float:
-    """One update of a hand-written QAT loop with train_qat's guards; returns the gradient norm.
+             grad_clip: Optional[float] = 2.0, *, scheduler: Optional[Any] = None,
+             checked_loss: Optional[torch.Tensor] = None, step: Optional[int] = None,
+             last_checkpoint: Optional[int] = None) -> float:
+    """One QAT update with the guards: backward, clip, optimizer step, scheduler step; returns the
+    gradient norm. `train_qat` and `distributed.train_qat_distributed` run every step through it.
 
         loss = compiled(ids, labels=ids).loss
         opt.zero_grad()
@@ -375,22 +367,61 @@ def qat_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: I
     before `optimizer.step()`: no parameter changes and the gradients are cleared, so the
     error names the step that went wrong instead of the next forward blaming the weights.
     A Ctrl-C during `optimizer.step()` is delivered after it (a step is applied whole).
-    grad_clip None: no clipping (the norm is still checked).
+
+    grad_clip:       max global norm; None: no clipping (the norm is still checked).
+    scheduler:       stepped after the optimizer (train_qat's LambdaLR, see lr_schedule).
+    checked_loss:    the value the loss check reads instead of `loss`. Several processes pass
+                     the same value (the mean over ranks), so that all raise at the same step:
+                     a rank raising alone would leave the others waiting in backward's
+                     collectives. The gradient norm is global already (DDP averages the
+                     gradients; an FSDP2 DTensor norm is gathered here).
+    step, last_checkpoint: a loop's step number and its last checkpoint, named in the error.
     """
     params = [p for p in parameters if p.requires_grad]
-    if not torch.isfinite(loss.detach()).all():
-        raise FloatingPointError(f"qat_step: the loss is {loss.detach().flatten()[0].item()}; no parameter was "
-                                 f"changed. Lower the learning rate or check the batch")
+    value = (loss if checked_loss is None else torch.as_tensor(checked_loss)).detach()
+    where = "qat_step" if step is None else f"step {step}"
+    kept = "no parameter was changed" if step is None else f"parameters are untouched since step {step - 1}"
+    if step is None:
+        fix = "Lower the learning rate or check the batch"
+    else:
+        fix = "Lower TrainConfig.lr or check the data"
+        if last_checkpoint is not None:
+            fix += f"; the last checkpoint is at step {last_checkpoint}"
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"{where}: the loss is {value.flatten()[0].item()}; {kept}. {fix}")
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
-    if not torch.isfinite(norm):
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+        norm = norm.full_tensor()
+    if not torch.isfinite(norm):  # clipping by a NaN norm would make every gradient NaN
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"qat_step: the gradient norm is {norm.item()} (a NaN/Inf gradient) with loss "
-                                 f"{loss.item()}; no parameter was changed and the gradients were cleared. Lower "
-                                 f"the learning rate or check the batch")
+        raise FloatingPointError(f"{where}: gradient norm is {norm.item()} (a NaN/Inf gradient) with loss "
+                                 f"{value.flatten()[0].item()}; {kept} and the gradients were cleared. {fix}")
     with _sigint_deferred():
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     return norm.item()
+
+
+def qat_optimizer(params: Iterable[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    """The recipe's optimizer: AdamW with cfg's peak lr, betas and weight decay."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                completed: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """cfg's warmup + cosine as a LambdaLR on `optimizer`, positioned after `completed` updates:
+    the next update runs at cfg.lr * cfg.lr_factor(completed), and `scheduler.last_epoch` counts
+    the updates. A loop that keeps no scheduler state (the distributed checkpoints) rebuilds it
+    from the step it resumes at."""
+    if isinstance(completed, bool) or not isinstance(completed, int) or completed < 0:
+        raise ValueError(f"completed must be the number of updates done, an int >= 0, got {completed!r}")
+    if completed:  # what LambdaLR would have recorded when it was built at step 0
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", cfg.lr)
+    # a lambda, not the bound method: LambdaLR.state_dict stores callable objects' attributes
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: cfg.lr_factor(done), last_epoch=completed - 1)
 
 
 def _check_train_args(model, windows, cfg, teacher, eval_fn, eval_every, run_until, time_budget_s) -> None:

@@ -196,6 +196,51 @@ def test_resume_in_new_processes_loses_no_step(runs):
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step_00000002", "step_00000003"]
 
 
+def test_one_process_runs_train_qats_steps_bit_for_bit(single_process, tmp_path):
+    """World size 1, in this process: the distributed loop is train_qat's loop (same optimizer,
+    LambdaLR schedule and guarded step), so the parameters, losses, norms and LRs are the same
+    numbers (atol = rtol = 0: the same arithmetic in the same order; the all-reduced loss of one
+    rank is its own). Stopping at step 2 and resuming rebuilds the schedule at step 2: same again."""
+    from fairy2i_compile.distributed import train_qat_distributed
+
+    want, reference = single_process
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        runs = {}
+        for name, stops in (("straight", [None]), ("resumed", [SAVE_AT, None])):
+            torch._dynamo.reset()
+            model = tiny_llama(seed=0)
+            compiled = torch.compile(model, backend=Fairy2iBackend(OPTIONS))
+            for run_until in stops:
+                history = train_qat_distributed(model, compiled, _windows(), CFG, run_until=run_until,
+                                                checkpoint_dir=tmp_path / "ckpt" if name == "resumed" else None)
+            runs[name] = model.state_dict(), history
+    finally:
+        dist.destroy_process_group()
+    for got, history in runs.values():
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+        for key in ("step", "loss", "grad_norm", "lr"):
+            assert history[key] == reference[key], key
+    assert reference["lr"] == [1e-3, 1e-3, 1e-4]  # the cosine reaches lr * min_lr_ratio: the schedule is exercised
+
+
+def test_a_non_finite_mean_loss_stops_the_distributed_loop_before_the_update():
+    from fairy2i_compile.distributed import train_qat_distributed
+
+    model = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan_logits = lambda ids, **kwargs: model(ids, **kwargs).logits * float("nan")  # noqa: E731
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(FloatingPointError, match=r"step 1: the loss is nan; parameters are untouched since step 0"):
+            train_qat_distributed(model, nan_logits, _windows(), CFG)
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
 # ------------------------------------------------------------------ bad input (no processes needed)
 def test_batch_not_divisible_by_world_size_names_values_and_fix():
     from fairy2i_compile.distributed import local_batch

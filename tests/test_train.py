@@ -396,6 +396,23 @@ def test_train_config_round_trip_and_schedule():
         TrainConfig.from_dict({"step": 3})
 
 
+def test_lr_schedule_resumed_at_a_step_continues_the_schedule():
+    """The schedule a resumed loop rebuilds at step k runs the update k+1 at lr * lr_factor(k), as
+    the one stepped k times does (the distributed loop keeps no scheduler state)."""
+    cfg = TrainConfig(steps=6, lr=1e-2, warmup_steps=2)
+    param = torch.nn.Parameter(torch.zeros(1))
+    stepped = train_mod.lr_schedule(train_mod.qat_optimizer([param], cfg), cfg)
+    for k in range(cfg.steps):
+        opt = train_mod.qat_optimizer([param], cfg)
+        rebuilt = train_mod.lr_schedule(opt, cfg, completed=k)
+        assert opt.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"] == cfg.lr * cfg.lr_factor(k)
+        assert rebuilt.last_epoch == stepped.last_epoch == k
+        stepped.optimizer.step()
+        stepped.step()
+    with pytest.raises(ValueError, match=r"completed must be the number of updates done, an int >= 0, got -1"):
+        train_mod.lr_schedule(train_mod.qat_optimizer([param], cfg), cfg, completed=-1)
+
+
 def test_train_qat_argument_errors():
     model, compiled = qat_model()
     with pytest.raises(ValueError, match="distill_alpha=0.5 needs a teacher"):
