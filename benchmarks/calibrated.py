@@ -29,6 +29,9 @@ Configurations (``--configs``; names say what they are):
       -nosearch             stage-1 scales by the paper's rule, no per-layer search (ablation)
       -noout                no outlier-column correction (``max_outliers=0``; ablation)
       -rep{N}               per-block repair, N steps per block (``repair_steps=N``)
+      -dist{N}              then N steps of end-to-end distillation to the float model
+                            (``calibration.distill``; ``--distill-windows`` windows of ``--calib-seq-len``
+                            tokens from the end of the sample, the last eighth held out; ``--distill-lr``)
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -65,7 +68,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -90,7 +93,8 @@ def parse_config(name: str) -> Dict[str, Any]:
             "stages": int(stages), "granularity": gran, "sequential": "par" not in opts,
             "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts,
             "scale_search": "nosearch" not in opts, "outliers": "noout" not in opts and "refit" not in opts,
-            "repair_steps": next((int(o[3:]) for o in opts if o.startswith("rep")), 0)}
+            "repair_steps": next((int(o[3:]) for o in opts if o.startswith("rep")), 0),
+            "distill_steps": next((int(o[4:]) for o in opts if o.startswith("dist")), 0)}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -123,9 +127,12 @@ def _weights(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def build(name: str, cal_windows: torch.Tensor) -> tuple:
+def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.Tensor] = None,
+          distill_lr: float = 1e-4) -> tuple:
     """(model ready to evaluate, row info) for one configuration."""
     cfg = parse_config(name)
+    if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
+        raise SystemExit(f"{name}: -dist applies to calibrated Fairy2i rows (cal-w...)")
     model, _ = load_smollm2(progress=False)
     info: Dict[str, Any] = {"name": name, **{k: v for k, v in cfg.items() if k != "kind"}, "kind": cfg["kind"]}
     t0 = time.perf_counter()
@@ -167,7 +174,7 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                         true_sequential=cfg["true_sequential"], refit_scales=cfg["refit_scales"],
                         scale_search=cfg["scale_search"], max_outliers=MAX_OUTLIERS if cfg["outliers"] else 0,
                         repair_steps=cfg["repair_steps"],
-                        pack=False, progress=False, min_tokens=1)
+                        pack=bool(cfg["distill_steps"]), progress=False, min_tokens=1)
         s = res.summary()
         info["bits_per_weight"] += _outlier_bits({n: (lc.outliers, lc.shape[0]) for n, lc in res.layers.items()},
                                                  _weights(model))
@@ -177,6 +184,16 @@ def build(name: str, cal_windows: torch.Tensor) -> tuple:
                     layers={n: [lc.rtn_error, lc.calibrated_error] for n, lc in res.layers.items()})
         del model
         model = res.model
+    if cfg.get("distill_steps"):
+        from fairy2i_compile.calibration import distill
+
+        teacher, _ = load_smollm2(progress=False)
+        d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,
+                    progress=False)
+        info["distill"] = {**d.summary(), "loss": d.history["loss"], "s_per_step": sum(d.history["time_s"]) /
+                           max(1, len(d.history["time_s"]))}
+        model = d.model
+        del teacher
     info["build_s"] = round(time.perf_counter() - t0, 1)
     return model, info
 
@@ -213,6 +230,11 @@ def markdown(payload: Dict[str, Any]) -> str:
                 before = sum(b["loss_before"] for b in r["repair"]) / len(r["repair"])
                 after = sum(b["loss_after"] for b in r["repair"]) / len(r["repair"])
                 extra += f", repair: mean block loss {before:.4f} -> {after:.4f}"
+            if r.get("distill"):
+                d = r["distill"]
+                extra += (f", distillation: {d['steps']} steps of {d['train_tokens_per_step']} tokens "
+                          f"({d['s_per_step']:.1f} s/step), held-out KL {d['holdout_kl_before']:.3f} -> "
+                          f"{d['holdout_kl_after']:.3f}" + ("" if d["kept"] else " (not kept)"))
             lines.append(f"- {r['name']}: {r['mean_rtn_output_error']:.4f} -> {r['mean_calibrated_output_error']:.4f} "
                          f"(calibration {r.get('calibration_s', '?')} s{extra})")
     return "\n".join(lines) + "\n"
@@ -225,6 +247,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--distill-windows", type=int, default=256)
+    p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--tasks", nargs="*", default=[])
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--zero-shot-configs", nargs="*", default=None,
@@ -235,7 +259,7 @@ def main(argv: Optional[list] = None) -> int:
     args = p.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        keys = ("windows", "seq_len", "calib_samples", "calib_seq_len", "eval_end", "calib_start")
+        keys = ("windows", "seq_len", "calib_samples", "calib_seq_len", "eval_end", "calib_start")  # distill: per row
         for part in parts[1:]:
             if any(part["settings"][k] != parts[0]["settings"][k] for k in keys):
                 raise SystemExit(f"--merge: the parts were measured with different settings ({keys})")
@@ -252,6 +276,7 @@ def main(argv: Optional[list] = None) -> int:
     windows = eval_windows(tokenizer, args.seq_len, args.windows)
     eval_end = int(windows.numel())
     cal = calibration_windows(ev.wiki_tokens(tokenizer), args.calib_samples, args.calib_seq_len, avoid=eval_end)
+    train = calibration_windows(ev.wiki_tokens(tokenizer), args.distill_windows, args.calib_seq_len, avoid=eval_end)
     payload: Dict[str, Any] = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -265,7 +290,7 @@ def main(argv: Optional[list] = None) -> int:
     zs = set(args.configs if args.zero_shot_configs is None else args.zero_shot_configs)
     examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
     for name in args.configs:
-        model, info = build(name, cal)
+        model, info = build(name, cal, train, args.distill_lr)
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from . import ops, packed_ops, quant_ops
 from .backend import Fairy2iBackend, compile, fairy2i_backend
-from .calibration import calibrate, calibration_windows
+from .calibration import calibrate, calibration_windows, distill
 from .checkpoint import load_packed, packed_state_info, save_packed
 from .config import Fairy2iConfig
 from .packed_model import PackedLinear, pack_model
 
 __all__ = [
-    "Fairy2iBackend", "Fairy2iConfig", "PackedLinear", "calibrate", "calibration_windows", "compile",
+    "Fairy2iBackend", "Fairy2iConfig", "PackedLinear", "calibrate", "calibration_windows", "compile", "distill",
     "fairy2i_backend", "load_packed", "ops", "pack_model",
     "packed_ops", "packed_state_info", "quant_ops", "save_packed",
 ]

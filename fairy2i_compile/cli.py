@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -391,6 +392,11 @@ def cmd_quantize(args) -> int:
     if is_checkpoint_spec(args.model):
         raise CLIError(f"--model {args.model!r} is already a packed checkpoint; quantize the float model "
                        f"(smollm2, tiny-llama or a Hugging Face folder)")
+    tuning = [f for f, v in (("--repair-steps", args.repair_steps), ("--distill-steps", args.distill_steps)) if v]
+    if tuning and not args.calibrate:
+        raise CLIError(f"{' and '.join(tuning)} tune calibrated codes; add --calibrate")
+    if not (math.isfinite(args.distill_lr) and args.distill_lr > 0):
+        raise CLIError(f"--distill-lr must be a positive number (e.g. 1e-4), got {args.distill_lr!r}")
     options: Dict[str, Any] = {"skip": list(args.skip or [])}
     if args.stages is not None:
         options["stages"] = args.stages
@@ -467,10 +473,21 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
             raise CLIError(f"{e}; or pass --calib-text FILE") from None
         avoid = args.calib_avoid
     windows = calibration_windows(tokens, args.calib_samples, args.calib_seq_len, avoid=avoid)
-    return calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
-                     skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
-                     max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,
-                     repair_steps=args.repair_steps, repair_lr=args.repair_lr, progress=args.progress)
+    train = calibration_windows(tokens, args.distill_windows, args.calib_seq_len, avoid=avoid) \
+        if args.distill_steps else None  # checked before the calibration's minutes are spent
+    result = calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
+                       skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
+                       max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,
+                       repair_steps=args.repair_steps, repair_lr=args.repair_lr, progress=args.progress)
+    if train is not None:
+        from .calibration import distill
+
+        d = distill(result.model, model, train, steps=args.distill_steps, lr=args.distill_lr, progress=args.progress)
+        print(f"distilled {d.steps} steps in {d.seconds:.0f} s: held-out KL to the float model {d.loss_before:.4f} -> "
+              f"{d.loss_after:.4f}" + ("" if d.kept else " (not lower: the calibrated codes are kept)"))
+        result.model = d.model
+        result.settings["distill"] = d.summary()
+    return result
 
 
 # --------------------------------------------------------------------------- parser
@@ -591,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(latent weights, stage scales, norms; default 0 = no repair)")
     g.add_argument("--repair-lr", type=float, default=1e-3, metavar="LR",
                    help="repair learning rate (default 1e-3, cosine decay)")
+    g.add_argument("--distill-steps", type=_nonnegative("--distill-steps"), default=0, metavar="N",
+                   help="after calibration, N AdamW steps distilling the whole packed model to the float model's "
+                        "logits (latent weights, stage scales, norms; fairy2i_compile.distill; default 0 = none)")
+    g.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
+                   help="distillation peak learning rate (default 1e-4, warmup + cosine)")
+    g.add_argument("--distill-windows", type=_positive("--distill-windows"), default=256, metavar="N",
+                   help="distillation text: N windows of --calib-seq-len tokens from the end of the calibration "
+                        "text, the last eighth held out (default 256)")
     p.set_defaults(func=cmd_quantize)
     return parser
 

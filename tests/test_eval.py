@@ -34,6 +34,8 @@ from fairy2i_compile.eval import (
 from fairy2i_compile.eval import data
 from fairy2i_compile.eval.metrics import _encode_pair, _loglikelihoods
 
+from helpers import BOS, EOS, bpe_tokenizer, hf_tokenizer
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids (vocab 256), with Hugging Face's ``encode`` signature."""
@@ -371,33 +373,6 @@ def test_evaluate_end_to_end(articles):
 
 
 # --------------------------------------------------------------------------- special tokens (BOS)
-
-BOS, EOS = 0, 1  # ids of the special tokens in the local tokenizers below
-
-
-def bpe_tokenizer(template: bool):
-    """A small byte-level BPE built offline; ``template`` adds ``<bos>`` before every text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Question: Which is the answer? The quick brown fox jumps over the lazy dog."], trainer)
-    assert tok.token_to_id("<bos>") == BOS
-    if template:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS)])
-    return tok
-
-
-def hf_tokenizer(add_bos_token: bool):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer(template=False), bos_token="<bos>",
-                                   eos_token="<eos>", add_bos_token=add_bos_token)
-
 
 class Recorder(torch.nn.Module):
     """Uniform logits over ``vocab``; keeps every input batch it is called with."""

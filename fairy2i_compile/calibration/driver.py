@@ -42,14 +42,15 @@ from torch import Tensor
 
 from .. import quant
 from ..config import Fairy2iConfig
-from ..packed_model import PackedLinear, select_layers
+from ..packed_model import PackedLinear, select_layers, set_submodule
 from ..packing import pack_phase
 from .observer import Observations, hook_inputs, observing
 from .repair import block_output, repair_block
 from .rounding import (MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, check_outlier_options, gptq_round, output_error,
                        rtn_round, select_outliers)
 
-__all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks"]
+__all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks",
+           "packed_from_rounded"]
 
 
 @dataclass
@@ -394,18 +395,8 @@ def calibrate(
 
     if pack:
         for name, r in rounded.items():
-            mod = work_targets[name]
-            k = 0 if r.outlier_index is None else int(r.outlier_index.numel())
-            layer = PackedLinear(mod.in_features, mod.out_features, config.stages, config.scale_granularity,
-                                 mod.bias is not None, config.kernel, device=mod.weight.device,
-                                 bias_dtype=mod.bias.dtype if mod.bias is not None else torch.float32, outliers=k)
-            layer.load_packed(pack_phase(r.qu, r.qw))
-            if k:
-                layer.load_outliers(r.outlier_index, r.outlier_weight)
-            if mod.bias is not None:
-                layer.bias.copy_(mod.bias.detach())
-            parent, _, child = name.rpartition(".")
-            setattr(work.get_submodule(parent) if parent else work, child, layer)
+            set_submodule(work, name, packed_from_rounded(r, work_targets[name], config.scale_granularity,
+                                                          config.kernel))
     settings = {
         "method": config.method, "stages": config.stages, "granularity": config.scale_granularity,
         "skip": list(config.skip), "sequential": bool(sequential and blocks is not None), "damp": damp,
@@ -423,6 +414,28 @@ def calibrate(
         seconds=time.perf_counter() - t0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     )
+
+
+@torch.no_grad()
+def packed_from_rounded(r: RoundedLayer, like: nn.Module, granularity: Any, kernel: str) -> PackedLinear:
+    """A PackedLinear holding a phase-rounded layer's codes, scales and outlier correction.
+
+    ``like`` (the nn.Linear or PackedLinear the layer replaces) gives the features, the
+    device and the bias, which is copied; the stage count is the rounding's.
+    """
+    if r.qu is None or r.qw is None:
+        raise ValueError("only phase-rounded layers (method='phase') pack; the real baselines stay nn.Linear")
+    bias = like.bias
+    k = 0 if r.outlier_index is None else int(r.outlier_index.numel())
+    layer = PackedLinear(like.in_features, like.out_features, int(r.qu.codes.shape[0]), granularity,
+                         bias is not None, kernel, device=r.a_hat.device,
+                         bias_dtype=bias.dtype if bias is not None else torch.float32, outliers=k)
+    layer.load_packed(pack_phase(r.qu, r.qw))
+    if k:
+        layer.load_outliers(r.outlier_index, r.outlier_weight)
+    if bias is not None:
+        layer.bias.copy_(bias.detach())
+    return layer
 
 
 def _input_groups(block: nn.Module, layers: Dict[str, nn.Module], sample: Tuple[tuple, dict]) -> List[List[str]]:
