@@ -12,9 +12,9 @@ scales (the paper's) and lm_head converted everywhere. Columns: bits per linear
 weight, linear-weight bytes (codes + scales), perplexity on non-overlapping
 enwiki windows, zero-shot acc / acc_norm.
 
-Calibrated Fairy2i models are cached as packed checkpoints under the cache
-folder, keyed by everything that produced them, so a second run skips the
-calibration. Writes <out>.md, <out>.json (the table and every setting) and
+Calibrated models are cached under the cache folder, keyed by everything that
+produced them (Fairy2i rows as packed checkpoints, the real baselines as their
+dequantized linear weights), so a second run skips the calibration. Writes <out>.md, <out>.json (the table and every setting) and
 <out>.png (per-layer weight error); by default <out> is `runs/demo/demo` (not
 tracked), so running the demo never changes the checkout; the committed
 reference is `benchmarks/results/demo.*` (`--out benchmarks/results/demo`).
@@ -87,21 +87,51 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
                 "outliers": [calibration.rounding.MAX_OUTLIERS, calibration.rounding.OUTLIER_RATIO]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(default_cache_dir()) / "calibrated" / f"smollm2-{options['method']}-t{options['stages']}-{key}.safetensors"
-    if options["method"] == "phase" and path.is_file():
+    if path.is_file():
         try:
-            return load_packed(path), {"cached": str(path)}
+            cached = load_packed(path) if options["method"] == "phase" else _load_dequantized(model, path)
+            return cached, {"cached": str(path)}
         except (OSError, ValueError) as e:  # a broken cache entry is rebuilt, never trusted
             print(f"  ignoring the cached calibration {path}: {e}", flush=True)
     result = calibration.calibrate(model, cal_windows, stages=options["stages"], method=options["method"],
                                    progress=progress, min_tokens=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if options["method"] == "phase":
-        path.parent.mkdir(parents=True, exist_ok=True)
         result.save(path)
+    else:  # the real baselines stay nn.Linear: their dequantized weights, written atomically
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file({name: result.model.get_submodule(name).weight.detach().contiguous() for name in result.layers},
+                  str(tmp), metadata={"calibration": json.dumps(result.settings)})
+        os.replace(tmp, path)
     s = result.summary()
     return result.model, {"calibration_s": round(result.seconds, 1), "mean_rtn_output_error": s["mean_rtn_error"],
                           "mean_calibrated_output_error": s["mean_calibrated_error"],
                           "bits_per_weight": quant.bits_per_real_weight(options["method"], options["stages"]),
                           "per_layer_output_error": {n: lc.calibrated_error for n, lc in result.layers.items()}}
+
+
+def _load_dequantized(model, path: Path):
+    """A copy of ``model`` whose calibrated layers hold the cached dequantized weights (real baselines)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    out = copy.deepcopy(model)
+    for name, w in weights.items():
+        try:
+            mod = out.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: layer {name!r} is not in {type(model).__name__}") from None
+        if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != tuple(w.shape) or \
+                not torch.isfinite(w).all():
+            raise ValueError(f"{path}: {name} does not fit the model's layer (or is not finite)")
+        mod.weight = torch.nn.Parameter(w, requires_grad=False)  # its own tensor: unties lm_head
+    if not weights:
+        raise ValueError(f"{path}: no layer in the cache file")
+    return out
 
 
 def _linear_bytes(model) -> tuple:

@@ -86,3 +86,32 @@ def test_plot_without_per_layer_errors_writes_nothing(tmp_path):
         r["per_layer_rel_fro"] = {}
     assert plot(result, tmp_path / "demo.png") is False
     assert not (tmp_path / "demo.png").exists()
+
+
+@pytest.mark.parametrize("method,stages", [("phase", 2), ("ternary", 1)])
+def test_calibrated_rows_come_back_from_the_cache_identical(tmp_path, monkeypatch, method, stages):
+    from fairy2i_compile import demo
+
+    from helpers import tiny_llama
+
+    monkeypatch.setenv("FAIRY2I_CACHE", str(tmp_path))
+    model = tiny_llama(seed=0, layers=1)
+    cal = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+    first, info = demo.calibrated_model(model, None, {"method": method, "stages": stages}, cal, progress=False)
+    assert "cached" not in info
+    second, info = demo.calibrated_model(model, None, {"method": method, "stages": stages}, cal, progress=False)
+    assert "cached" in info
+    x = cal[:1, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(second(x).logits, first(x).logits, rtol=1e-5, atol=1e-5)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the user's model stays tied and float
+    # a cache file that does not fit the model is rebuilt, never trusted
+    path = Path(info["cached"])
+    if method != "phase":
+        from safetensors.torch import save_file
+
+        save_file({"lm_head": torch.zeros(3, 3)}, str(path))
+        third, info = demo.calibrated_model(model, None, {"method": method, "stages": stages}, cal, progress=False)
+        assert "cached" not in info
+        with torch.no_grad():
+            torch.testing.assert_close(third(x).logits, first(x).logits, rtol=1e-5, atol=1e-5)
