@@ -6,8 +6,10 @@ it, so every option is listed once, here, with its allowed values.
 
 Whether a `kernel` can run on the tensors' device is checked when the op first
 runs (`codegen.dispatch.resolve_kernel`), with the fix in the message. The values
-of `kernel` come from that module's table of implementations, the stage bound and
-the quantization methods from quant.py (the quantizer's own limits).
+of `kernel` come from that module's table of implementations; every other option
+value, the stage bound and the granularity type from options.py. The config holds
+`mode`, `method` and `compiler` as those str-Enum members (equal to their strings),
+and `scale_granularity` as its option value ("tensor" | "row" | g; typed: `granularity`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 from .codegen.dispatch import kernel_names
-from .quant import MAX_STAGES, METHODS
+from .options import MAX_STAGES, Compiler, Method, Mode, ScaleGranularity, ScaleKind, check_stages
+from .quant import METHODS
 
 __all__ = [
     "Fairy2iConfig",
@@ -33,12 +36,12 @@ __all__ = [
     "matching_skip_pattern",
 ]
 
-MODES = ("exact", "ptq", "qat", "calibrate")
-GRANULARITIES = ("tensor", "row")  # or a positive int group size
+MODES = tuple(Mode)
+GRANULARITIES = (ScaleKind.TENSOR, ScaleKind.ROW)  # or a positive int group size
 KERNELS = kernel_names()  # the built-in kernels; validation reads the table, so registered ones count
-COMPILERS = ("eager", "inductor")
+COMPILERS = tuple(Compiler)
 
-Granularity = Union[str, int]
+Granularity = Union[str, int, ScaleGranularity]
 
 
 @dataclass(frozen=True)
@@ -80,28 +83,20 @@ class Fairy2iConfig:
     compiler: str = "eager"
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("method", self.method, METHODS)
+        object.__setattr__(self, "mode", Mode.parse(self.mode, "option 'mode'"))
+        object.__setattr__(self, "method", Method.parse(self.method, "option 'method'"))
         _check_choice("kernel", self.kernel, kernel_names())
-        _check_choice("compiler", self.compiler, COMPILERS)
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int):
-            raise ValueError(
-                f"option 'stages' must be an int in 1..{MAX_STAGES}, got {self.stages!r} "
-                f"({type(self.stages).__name__}); use 1 for Fairy2i-W1 or 2 for Fairy2i-W2"
-            )
-        if not 1 <= self.stages <= MAX_STAGES:
-            raise ValueError(
-                f"option 'stages' must be in 1..{MAX_STAGES}, got {self.stages}; "
-                "use 1 for Fairy2i-W1 or 2 for Fairy2i-W2"
-            )
-        g = self.scale_granularity
-        if isinstance(g, bool) or not (
-            (isinstance(g, str) and g in GRANULARITIES) or (isinstance(g, int) and g > 0)
-        ):
+        object.__setattr__(self, "compiler", Compiler.parse(self.compiler, "option 'compiler'"))
+        stages = check_stages(self.stages, "option 'stages'", "use 1 for Fairy2i-W1 or 2 for Fairy2i-W2")
+        object.__setattr__(self, "stages", stages)  # a plain int (a numpy int is not JSON)
+        try:
+            granularity = ScaleGranularity.of(self.scale_granularity)
+        except ValueError:
             raise ValueError(
                 f"option 'scale_granularity' must be one of {GRANULARITIES} or a positive "
-                f"int group size, got {g!r}"
-            )
+                f"int group size, got {self.scale_granularity!r}"
+            ) from None
+        object.__setattr__(self, "scale_granularity", granularity.option)
         skip = self.skip
         if isinstance(skip, str):
             skip = (skip,)
@@ -117,6 +112,11 @@ class Fairy2iConfig:
                     f"option 'dump_dir' must be a path (str or os.PathLike), got {self.dump_dir!r}"
                 )
             object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
+
+    @property
+    def granularity(self) -> ScaleGranularity:
+        """`scale_granularity` as the typed value (options.ScaleGranularity)."""
+        return ScaleGranularity.of(self.scale_granularity)
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "Fairy2iConfig":

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .options import Strategy
 from .report import atomic_write_text
 from .train import (
     RESUMABLE_CHANGES,
@@ -87,7 +88,7 @@ __all__ = [
     "full_state_dict",
 ]
 
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = tuple(Strategy)  # "ddp", "fsdp2"
 CKPT_FORMAT = "fairy2i_compile.distributed_checkpoint"
 CKPT_FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]

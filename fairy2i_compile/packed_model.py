@@ -41,6 +41,7 @@ from torch import Tensor
 from .codegen.dispatch import eager_cpu_op
 from .config import Fairy2iConfig, matching_skip_pattern
 from .ops.packed_reference import dequantize_packed
+from .options import group_size_of_packed
 from .ops.quantize import pack_layer
 from .packing import PackedWidely, scale_shape, words_per_row
 
@@ -77,6 +78,7 @@ class PackedLinear(nn.Module):
             )
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.stages, self.granularity, self.kernel = config.stages, config.scale_granularity, config.kernel
+        self._group_size = config.granularity.packed_group_size  # read by every forward
         n, m = self.out_features // 2, self.in_features // 2
         n_s, g = scale_shape(n, m, self.granularity)
         self.register_buffer("codes", torch.zeros((2 * self.stages, n, words_per_row(m)), dtype=torch.int32, device=device))
@@ -97,7 +99,8 @@ class PackedLinear(nn.Module):
 
     @property
     def group_size(self) -> int:
-        return 0 if isinstance(self.granularity, str) else int(self.granularity)
+        """The packed ops' `group_size` argument: g, or 0 for "tensor" / "row" scales."""
+        return self._group_size
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, stages: int = 2, granularity: Granularity = "tensor",
@@ -137,7 +140,7 @@ class PackedLinear(nn.Module):
 
     def packed(self) -> PackedWidely:
         return PackedWidely(self.codes, self.scales, self.out_features // 2, self.m,
-                            None if isinstance(self.granularity, str) else int(self.granularity))
+                            group_size_of_packed(self.group_size))
 
     def dequantized_weight(self) -> Tensor:
         """The dense real weight A_hat [out, in] (float32), rebuilt on demand (not stored)."""

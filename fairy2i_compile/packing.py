@@ -47,12 +47,13 @@ on the unpacked codes and scales rebuilds the fake-quant weights exactly
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .options import ScaleGranularity, packed_group_size
 from .quant import Granularity, PhaseQuantized, dequant_phase, phase_quant, validate_granularity
 
 __all__ = [
@@ -78,11 +79,10 @@ def words_per_row(m: int) -> int:
 
 def scale_shape(n: int, m: int, granularity: Granularity) -> Tuple[int, int]:
     """(n_s, G) of one plane's scales for an [n, m] complex matrix."""
-    if granularity == "tensor":
-        return 1, 1
-    if granularity == "row":
-        return n, 1
-    return n, -(-m // int(granularity))
+    typed = ScaleGranularity.of(granularity)
+    if typed.group_size is None:
+        return (1, 1) if typed.kind == "tensor" else (n, 1)
+    return n, -(-m // typed.group_size)
 
 
 def packed_nbytes(n: int, m: int, stages: int, granularity: Granularity) -> int:
@@ -145,6 +145,11 @@ class PackedWidely:
     n: int
     m: int
     group_size: Optional[int]
+    # group_size as the packed ops take it (0: no groups), kept as a field: the PTQ op reads it per call
+    packed_group_size: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "packed_group_size", packed_group_size(self.group_size))
 
     @property
     def stages(self) -> int:

@@ -100,6 +100,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .options import MAX_STAGES, Method, ScaleGranularity, check_stages
+
 __all__ = [
     "Granularity",
     "METHODS",
@@ -126,11 +128,9 @@ __all__ = [
     "validate_granularity",
 ]
 
-Granularity = Union[str, int]
-METHODS = ("phase", "binary", "ternary")
-MAX_STAGES = 4
+Granularity = Union[str, int, ScaleGranularity]  # "tensor" | "row" | g, or the typed value (options.py)
+METHODS = tuple(Method)  # "phase", "binary", "ternary"
 SCALE_EPS = 1e-6
-_GRANULARITY_STRINGS = ("tensor", "row")
 
 
 # ----------------------------------------------------------------------------
@@ -172,41 +172,26 @@ def check_finite(t: Tensor, name: str) -> None:
         )
 
 
-def validate_granularity(g: Any, m: int) -> None:
-    """Check a granularity for a matrix with ``m`` input columns.
+def validate_granularity(g: Any, m: int) -> ScaleGranularity:
+    """Check a granularity for a matrix with ``m`` input columns; returns it typed.
 
-    Valid: ``"tensor"``, ``"row"``, or an int group size ``g >= 1`` (bool is
-    rejected). ``g >= m`` is allowed (one group per row, same as ``"row"``).
+    Valid: ``"tensor"``, ``"row"``, an int group size ``g >= 1`` (bool is rejected), or a
+    :class:`options.ScaleGranularity`. ``g >= m`` is allowed (one group per row, same as ``"row"``).
     """
-    if isinstance(g, str):
-        if g not in _GRANULARITY_STRINGS:
-            raise ValueError(
-                f"unknown granularity {g!r}: use 'tensor', 'row', or a positive int group size"
-            )
-        return
-    if isinstance(g, bool) or not isinstance(g, numbers.Integral):
-        raise ValueError(
-            f"granularity must be 'tensor', 'row' or a positive int group size, "
-            f"got {g!r} of type {type(g).__name__}"
-        )
-    if g < 1:
-        raise ValueError(f"group size must be >= 1, got granularity={g!r}; use e.g. 64 or 128")
-    if not isinstance(m, numbers.Integral) or m < 1:
+    granularity = ScaleGranularity.of(g)
+    if granularity.group_size is not None and (not isinstance(m, numbers.Integral) or m < 1):
         raise ValueError(f"number of input columns must be a positive int, got m={m!r}")
+    return granularity
 
 
 def _validate_stages(stages: Any) -> int:
-    if isinstance(stages, bool) or not isinstance(stages, numbers.Integral):
-        raise ValueError(f"stages must be an int in 1..{MAX_STAGES}, got {stages!r}")
-    if not 1 <= stages <= MAX_STAGES:
-        raise ValueError(f"stages must be in 1..{MAX_STAGES}, got stages={stages}")
-    return int(stages)
+    return check_stages(stages)
 
 
-def _validate_method(method: Any) -> str:
+def _validate_method(method: Any) -> Method:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    return method
+    return Method(method)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -400,7 +385,8 @@ def phase_quant(
         raise ValueError(f"re and im must have the same shape, got {tuple(re.shape)} and {tuple(im.shape)}")
     T = _validate_stages(stages)
     n, m = re.shape
-    validate_granularity(granularity, m)
+    typed = validate_granularity(granularity, m)
+    granularity, group_size = typed.option, typed.group_size
     check_finite(re, f"{name} (real part)")
     check_finite(im, f"{name} (imaginary part)")
 
@@ -409,7 +395,6 @@ def phase_quant(
     e_re = re.detach().to(dtype).contiguous()
     e_im = im.detach().to(dtype).contiguous()
     codes, s_re, s_im = [], [], []
-    group_size = None if isinstance(granularity, str) else int(granularity)
     if not (isinstance(first_scale, (int, float)) and math.isfinite(first_scale) and first_scale > 0):
         raise ValueError(f"first_scale must be a positive finite float (1.0 = the paper's rule), got {first_scale!r}")
     for t in range(T):
@@ -522,7 +507,7 @@ def real_stage_apply(e: Tensor, method: str, center: Tensor, scale: Tensor) -> T
 def _real_stage(e: Tensor, method: str, granularity: Granularity) -> Tensor:
     """One binary / ternary stage on a real residual [n, m] -> dequantized [n, m]."""
     m = e.shape[1]
-    group_size = None if isinstance(granularity, str) else int(granularity)
+    group_size = ScaleGranularity.of(granularity).group_size
     center, scale = real_stage_params(e, method, granularity)
     return real_stage_apply(e, method, expand_scales(center, m, group_size), expand_scales(scale, m, group_size))
 
@@ -549,7 +534,7 @@ def real_quant(
         )
     _check_matrix(a, "a")
     T = _validate_stages(stages)
-    validate_granularity(granularity, a.shape[1])
+    granularity = validate_granularity(granularity, a.shape[1]).option
     check_finite(a, name)
 
     e = a.detach().to(compute_dtype(a.dtype)).contiguous()
@@ -607,11 +592,10 @@ def bits_per_real_weight(method: str, stages: int) -> float:
 
 def scale_groups(rows: int, cols: int, granularity: Granularity) -> int:
     """Number of scale groups of a [rows, cols] matrix (per axis, per stage)."""
-    if granularity == "tensor":
-        return 1
-    if granularity == "row":
-        return rows
-    return rows * -(-cols // int(granularity))
+    typed = ScaleGranularity.of(granularity)
+    if typed.group_size is None:
+        return 1 if typed.kind == "tensor" else rows
+    return rows * -(-cols // typed.group_size)
 
 
 def storage_bytes(method: str, stages: int, out_features: int, in_features: int,

@@ -32,6 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..options import KernelName
 from .triton_spec import triton_interpreter_enabled, triton_unavailable_reason
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 PackedFn = Callable[..., Tensor]  # (x, codes, scales, bias, m, group_size) -> y, arguments trusted
-AUTO = ("auto", "inductor")       # option values that pick from the table ("inductor": see docstring)
+AUTO = (KernelName.AUTO, KernelName.INDUCTOR)  # option values that pick from the table ("inductor": see docstring)
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,10 @@ def _load_torch() -> PackedFn:
 
 
 IMPLEMENTATIONS: Dict[str, Kernel] = {
-    "triton": Kernel("triton", triton_unavailable_reason, _load_triton, auto_on=("cuda",),
-                     per_call=lambda device: device.type == "cpu"),  # the interpreter switch is read per call
-    "cpu": Kernel("cpu", _cpu_why_not, _load_cpu, auto_on=("cpu",)),
-    "torch": Kernel("torch", lambda device: None, _load_torch),
+    KernelName.TRITON: Kernel(KernelName.TRITON, triton_unavailable_reason, _load_triton, auto_on=("cuda",),
+                              per_call=lambda device: device.type == "cpu"),  # the interpreter switch is read per call
+    KernelName.CPU: Kernel(KernelName.CPU, _cpu_why_not, _load_cpu, auto_on=("cpu",)),
+    KernelName.TORCH: Kernel(KernelName.TORCH, lambda device: None, _load_torch),
 }
 """name -> Kernel, in "auto"'s order of preference ("torch", which runs everywhere, last)."""
 
@@ -109,13 +110,14 @@ def register_kernel(kernel: Kernel) -> None:
     if kernel.name in AUTO:
         raise ValueError(f"kernel name {kernel.name!r} is reserved ({AUTO}); pick another name")
     IMPLEMENTATIONS[kernel.name] = kernel
-    IMPLEMENTATIONS["torch"] = IMPLEMENTATIONS.pop("torch")  # the reference stays the last resort
+    IMPLEMENTATIONS[KernelName.TORCH] = IMPLEMENTATIONS.pop(KernelName.TORCH)  # the reference stays the last resort
     _MEMO.clear()
 
 
 def kernel_names() -> Tuple[str, ...]:
     """Every value of the `kernel` option: "auto", the implementations, "inductor", the reference "torch"."""
-    return ("auto", *(k for k in IMPLEMENTATIONS if k != "torch"), "inductor", "torch")
+    return (KernelName.AUTO, *(k for k in IMPLEMENTATIONS if k != KernelName.TORCH), KernelName.INDUCTOR,
+            KernelName.TORCH)
 
 
 def check_kernel_name(kernel: str) -> None:
@@ -130,7 +132,7 @@ def _resolve(kernel: str, device: torch.device) -> Kernel:
         for entry in IMPLEMENTATIONS.values():
             if device.type in entry.auto_on and entry.why_not(device) is None:
                 return entry
-        return IMPLEMENTATIONS["torch"]
+        return IMPLEMENTATIONS[KernelName.TORCH]
     entry = IMPLEMENTATIONS[kernel]
     why = entry.why_not(device)
     if why is not None:
@@ -143,7 +145,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
     ValueError for an unknown name, RuntimeError (with the fix) when it cannot run on `device`.
     """
-    return _resolve(kernel, torch.device(device)).name
+    return str(_resolve(kernel, torch.device(device)).name)  # a plain str: it becomes an op argument
 
 
 class _Resolved:

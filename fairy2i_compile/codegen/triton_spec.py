@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..quant import MAX_STAGES
+from ..options import ScaleKind, check_stages
 
 __all__ = [
     "ACT_DTYPES",
@@ -145,9 +145,8 @@ class KernelSpec:
         if self.decode == "asm" and self.path == "dense" and self.act_dtype == "float32":
             raise ValueError("KernelSpec: path='dense' with decode='asm' sums tiles in bf16x2 / f16x2 pairs: "
                              "bfloat16 or float16 activations only, got float32")
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 1 <= self.stages <= MAX_STAGES:
-            raise ValueError(f"KernelSpec.stages must be an int in 1..{MAX_STAGES}, got {self.stages!r}")
-        if self.scale not in ("tensor", "row", "group"):
+        check_stages(self.stages, "KernelSpec.stages")
+        if self.scale not in ScaleKind.values():
             raise ValueError(f"KernelSpec.scale must be 'tensor', 'row' or 'group', got {self.scale!r}")
         if self.scale == "group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..options import group_size_of_packed
 from ..packing import check_packed, unpack_codes
 from ..quant import dequant_phase
 from .widely import widely_to_real_reference
@@ -67,7 +68,7 @@ def dequantize_packed(codes: Tensor, scales: Tensor, m: int, group_size: int) ->
     Bit-identical to ``widely_to_real(*quantize_widely(...))`` for the weights that were packed.
     """
     P = codes.shape[0]
-    g = int(group_size) or None
+    g = group_size_of_packed(group_size)
     c = unpack_codes(codes, m)
     u = dequant_phase(c[0::2], scales[0::2, 0], scales[0::2, 1], m, g)
     w = dequant_phase(c[1::2], scales[1::2, 0], scales[1::2, 1], m, g)

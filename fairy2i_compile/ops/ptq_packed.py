@@ -62,8 +62,8 @@ def _ptq_packed_linear(x, a, bias, slot, stages, granularity, name, kernel):
             f"{tuple(a.shape)} (last dim must be in_features = {a.shape[1] if a.dim() == 2 else '?'})"
         )
     pk = _packed_for(a, slot, stages, granularity, name)
-    check_packed_linear(x, pk.codes, pk.scales, bias, pk.m, pk.group_size or 0)
-    return run_packed(x, pk.codes, pk.scales, bias, pk.m, pk.group_size or 0, kernel)
+    check_packed_linear(x, pk.codes, pk.scales, bias, pk.m, pk.packed_group_size)
+    return run_packed(x, pk.codes, pk.scales, bias, pk.m, pk.packed_group_size, kernel)
 
 
 _LIB.impl("ptq_packed_linear", _ptq_packed_linear, "CompositeExplicitAutograd")
@@ -71,7 +71,7 @@ _LIB.impl("ptq_packed_linear", _ptq_packed_linear, "CompositeExplicitAutograd")
 
 def _ptq_packed_linear_infer(x, a, bias, slot, stages, granularity, name, kernel):
     pk = _packed_for(a, slot, stages, granularity, name)
-    return run_packed(x, pk.codes, pk.scales, bias, pk.m, pk.group_size or 0, kernel)
+    return run_packed(x, pk.codes, pk.scales, bias, pk.m, pk.packed_group_size, kernel)
 
 
 # ptq_packed_linear for inference graphs (codegen/lower.py): no autograd formula, no checks
@@ -107,7 +107,7 @@ def _ptq_packed_linear_cpu_fallback(x, a, bias, slot, stages, granularity, name)
 
 def _ptq_pack_slot(a, slot, stages, granularity, name):
     pk = _packed_for(a, slot, stages, granularity, name)
-    return pk.codes, pk.scales, int(pk.group_size or 0)
+    return pk.codes, pk.scales, pk.packed_group_size
 
 
 _LIB.impl("ptq_packed_linear_cpu", _ptq_packed_linear_cpu_fallback, "CompositeExplicitAutograd")
@@ -127,7 +127,7 @@ def ptq_packed_linear_direct(x, a, bias, slot, stages, granularity, name, kernel
 
     pk = _packed_for(a, slot, stages, granularity, name)
     return cpu_forward(x if x.is_contiguous() else x.contiguous(), pk.codes, pk.scales, bias, pk.m,
-                       pk.group_size or 0)
+                       pk.packed_group_size)
 
 # The dense A_hat of a packed PTQ layer, rebuilt from its cached codes as a fresh tensor:
 # only the backward of ptq_packed_linear (dL/dx = g @ A_hat) uses it. An op of its own
@@ -138,7 +138,7 @@ _LIB.define("ptq_packed_dequant(Tensor a, int slot, int stages, str granularity,
 
 def _ptq_packed_dequant(a, slot, stages, granularity, name):
     pk = _packed_for(a, slot, stages, granularity, name)
-    return dequantize_packed(pk.codes, pk.scales, pk.m, pk.group_size or 0)
+    return dequantize_packed(pk.codes, pk.scales, pk.m, pk.packed_group_size)
 
 
 _LIB.impl("ptq_packed_dequant", _ptq_packed_dequant, "CompositeExplicitAutograd")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
+from ..options import ScaleGranularity
 from .ptq_cache import cached
 from .widely import real_to_widely_reference
 
@@ -45,14 +46,15 @@ __all__ = [
 ]
 
 
-def encode_granularity(g: Union[str, int]) -> str:
-    """A scale granularity as an op schema carries it: "tensor", "row" or the group size in digits."""
-    return g if isinstance(g, str) else str(int(g))
+def encode_granularity(g: Union[str, int, ScaleGranularity]) -> str:
+    """A scale granularity as an op schema carries it: "tensor", "row" or the group size in digits
+    (options.ScaleGranularity.op_arg; checked)."""
+    return ScaleGranularity.of(g).op_arg()
 
 
 def decode_granularity(g: str) -> Union[str, int]:
-    """The inverse of :func:`encode_granularity`."""
-    return int(g) if g.isdigit() else g
+    """The inverse of :func:`encode_granularity`: the option value ("tensor" | "row" | g)."""
+    return ScaleGranularity.from_op_arg(g).option
 
 
 def phase_quant_reference(a: Tensor, stages: int, granularity: Union[str, int], name: str = "weight"):

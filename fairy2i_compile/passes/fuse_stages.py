@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..ops import ptq_cache, quantize
+from ..ops import ptq_cache
+from ..options import ScaleGranularity
 from ..packing import pack_phase, packed_nbytes
 from . import GraphPass, PassContext
 from ._fx import fake_value, insert_call
@@ -93,7 +94,7 @@ def fuse_stages_replace(gm: fx.GraphModule, node: fx.Node, q: fx.Node, ctx: Pass
         ptq_cache.replace_ptq_slot_value(slot, packed)
         nbytes = packed.nbytes
     elif isinstance(a, torch.Tensor):  # weight computed in the graph: packed at run time
-        nbytes = packed_nbytes(a.shape[0] // 2, a.shape[1] // 2, stages, quantize.decode_granularity(gran))
+        nbytes = packed_nbytes(a.shape[0] // 2, a.shape[1] // 2, stages, ScaleGranularity.from_op_arg(gran))
     if rep is not None and nbytes is not None:
         rep.bytes_after = nbytes
         rep.extra.update(dense_cache_bytes=0, packed=True, kernel=ctx.config.kernel)

@@ -41,7 +41,7 @@ def phase_quant_replace(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
     layer = node.meta["fairy2i_layer"]
     site = node.meta["fairy2i_site"]
     name = ctx.report.layers[layer].name
-    gran = quantize.encode_granularity(cfg.scale_granularity)
+    gran = cfg.granularity.op_arg()
     x, u_re, u_im, w_re, w_im, bias = node.args
     uw = u_re.args[0]  # the real_to_widely node
     a = uw.args[0]

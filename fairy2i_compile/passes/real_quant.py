@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .. import quant
-from ..ops import ptq_cache, quantize
+from ..ops import ptq_cache
 from . import GraphPass, PassContext
 from ._fx import insert_call, param_of
 from ._layers import WeightSite, kept_real_reason, record_quantized, rewrite_layers, weight_value
@@ -30,7 +30,7 @@ def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: Pa
     """Replace the layer's weight by its binary / ternary quantization (QAT or cached PTQ)."""
     cfg, graph, node, fm = ctx.config, gm.graph, site.node, ctx.fake_mode
     name = ctx.report.layers[layer].name
-    gran = quantize.encode_granularity(cfg.scale_granularity)
+    gran, method = cfg.granularity.op_arg(), cfg.method.value  # op arguments: plain strings
     a_val = weight_value(site)
     a_hat = quant.real_quant(a_val, cfg.method, cfg.stages, cfg.scale_granularity, name=name).to(a_val.dtype) if a_val is not None else None
 
@@ -39,13 +39,13 @@ def real_quant_replace(gm: fx.GraphModule, site: WeightSite, layer: int, ctx: Pa
         if site.transposed:
             a = insert_call(graph, torch.t, (a,), node, fm)
         if cfg.mode == "qat":
-            aq = insert_call(graph, torch.ops.fairy2i.real_quant.default, (a, cfg.method, cfg.stages, gran, name), node, fm, name="real_quant")
+            aq = insert_call(graph, torch.ops.fairy2i.real_quant.default, (a, method, cfg.stages, gran, name), node, fm, name="real_quant")
         else:
             slot = ptq_cache.new_ptq_slot(param_of(site.weight))  # the entry lives as long as the parameter
             if a_hat is not None:
                 ptq_cache.prefill_ptq_slot(slot, a_val, a_hat)
             frozen = insert_call(graph, torch.detach, (a,), node, fm)
-            aq = insert_call(graph, torch.ops.fairy2i.ptq_real_quant.default, (frozen, slot, cfg.method, cfg.stages, gran, name), node, fm, name="ptq_real_quant")
+            aq = insert_call(graph, torch.ops.fairy2i.ptq_real_quant.default, (frozen, slot, method, cfg.stages, gran, name), node, fm, name="ptq_real_quant")
         y = insert_call(graph, torch._C._nn.linear, (site.x, aq, site.bias), node, fm)
     y.meta["fairy2i_layer"] = layer
     node.replace_all_uses_with(y)
