@@ -17,7 +17,7 @@ as placeholder inputs, linears as `torch._C._nn.linear`). The backend
                   15-35 s per graph cold; the fairy2i ops are opaque library
                   calls either way, so the eager runner loses little for them.
                   In inference graphs, packed ops on CPU become direct calls of
-                  the C++ kernel (codegen/lower.py).
+                  the C++ kernel (passes.INFERENCE_PIPELINE, codegen/lower.py).
        "inductor" Inductor compiles everything around the fairy2i ops.
 
 With `dump_dir` set, every stage's graph, what each pass changed, the forward
@@ -39,7 +39,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.fairy2i.*)
 from .config import Fairy2iConfig
 from .dump import GraphDumper, check_dump_dir, clear_previous_dump
-from .passes import PassContext, enabled_passes, graph_fake_mode
+from .passes import INFERENCE_PIPELINE, GraphPass, PassContext, enabled_passes, graph_fake_mode
 from .report import GraphReport, summarize
 
 __all__ = ["Fairy2iBackend", "compile", "fairy2i_backend"]
@@ -72,13 +72,7 @@ class Fairy2iBackend:
         ctx = PassContext(config=config, report=report, fake_mode=graph_fake_mode(gm), example_inputs=list(example_inputs))
 
         dumper.write("captured", gm, note=f"config: {config.to_dict()}")
-        for graph_pass in enabled_passes(config):
-            before = dumper.before_pass(gm, report)
-            graph_pass.run(gm, ctx)
-            gm.graph.lint()
-            gm.recompile()
-            dumper.write(graph_pass.name, gm, note=f"counters after this pass: {report.counters}")
-            dumper.after_pass(graph_pass.name, gm, before, report)
+        _run_passes(gm, enabled_passes(config), ctx, dumper)
 
         self.reports.append(report)
         self._warn_unmatched_skip(report)
@@ -88,8 +82,7 @@ class Fairy2iBackend:
                 dump_graphs.append(report)
         self._write_report(dumper, report, dump_graphs)  # before lowering: a failing lowering still leaves it
         compiled = _lower(gm, example_inputs, config, dumper, report)
-        if report.mlir is not None:
-            self._write_report(dumper, report, dump_graphs)
+        self._write_report(dumper, report, dump_graphs)  # with the MLIR export and the inference passes
         packed = report.counters.get("fuse_stages_fused", 0) + report.counters.get("fuse_stages_prepacked", 0)
         if packed and (config.dump_dir is not None or os.environ.get("TORCH_TRACE")):
             compiled = self._dump_kernels_after_first_call(compiled, dumper, report, dump_graphs)
@@ -141,9 +134,15 @@ class Fairy2iBackend:
             return len(graphs), graphs
 
 
-def _count(report: GraphReport, counter: str, by: int) -> None:
-    if by:
-        report.counters[counter] = report.counters.get(counter, 0) + by
+def _run_passes(gm: fx.GraphModule, passes: List[GraphPass], ctx: PassContext, dumper: GraphDumper) -> None:
+    """Run `passes` on `gm` in order: lint + recompile after each, dump its graph and what it changed."""
+    for graph_pass in passes:
+        before = dumper.before_pass(gm, ctx.report)
+        graph_pass.run(gm, ctx)
+        gm.graph.lint()
+        gm.recompile()
+        dumper.write(graph_pass.name, gm, note=f"counters after this pass: {ctx.report.counters}")
+        dumper.after_pass(graph_pass.name, gm, before, ctx.report)
 
 
 def _kernel_sources(report: GraphReport) -> List[str]:
@@ -162,16 +161,14 @@ def _kernel_sources(report: GraphReport) -> List[str]:
     return sources
 
 
-def _lower_inference(graph: fx.GraphModule, config: Fairy2iConfig, report: GraphReport) -> None:
-    """codegen/lower.py's LOWERINGS for this runner, counted in the report."""
-    from .codegen.lower import lower_inference_graph
-
-    for counter, n in lower_inference_graph(graph, config.compiler).items():
-        _count(report, counter, n)
-
-
 def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: GraphDumper, report: GraphReport):
     aot_index = dumper.next_index
+
+    def inference_passes(graph: fx.GraphModule, inputs) -> None:
+        # after the dump and MLIR export of the inference graph (they show the ops): CPU packed
+        # layers -> the C++ op, other CPU packed ops -> direct kernel calls, the rest -> the twins
+        ctx = PassContext(config=config, report=report, fake_mode=graph_fake_mode(graph), example_inputs=list(inputs))
+        _run_passes(graph, enabled_passes(config, INFERENCE_PIPELINE), ctx, dumper)
 
     def dumping(stage: str, index: int, inner):
         def compiler(graph: fx.GraphModule, inputs, **kwargs):
@@ -193,7 +190,7 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
             if not backward:
                 dumper.export_mlir(stage, aot_index, graph, inputs, report)
             if inference:
-                _lower_inference(graph, config, report)
+                inference_passes(graph, inputs)
             return compile_fx_inner(graph, inputs, **kwargs)
 
         # AOTAutograd's cache would hand back a whole compiled graph without calling `inner`:
@@ -210,9 +207,7 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
         return make_boxed_func(graph.forward)
 
     def run_eager_inference(graph, inputs, **kwargs):
-        # after the dump and MLIR export (they show the ops): CPU packed layers -> the C++ op,
-        # other CPU packed ops -> direct kernel calls, the rest -> their no-autograd twins
-        _lower_inference(graph, config, report)
+        inference_passes(graph, inputs)
         return make_boxed_func(graph.forward)
 
     return aot_autograd(

@@ -33,28 +33,25 @@ of it; the measurements are in benchmarks/results/bench_cpu_notes.md. Both runne
 packed_linear_cpu where they can; the eager runner's direct calls remain for when the C++
 registration is unavailable.
 Training graphs keep the ops (their backward needs the autograd formulas).
-The three rewrites, their order and which runner applies each are one table, LOWERINGS;
-both runners call lower_inference_graph on AOTAutograd's inference graph.
+Each rewrite is a pass of passes.INFERENCE_PIPELINE (passes/lower_cpu_op.py,
+lower_cpu_direct.py, lower_infer.py), which holds their order and which runner applies
+each; the backend runs it on AOTAutograd's inference graph like the passes before
+AOTAutograd: counted, linted, dumped.
 
-The dumps and the MLIR export see the graph before this step (the ops, which say what is
-computed); the report's counters `lowered_infer` and `lowered_cpu_direct` say how many
-calls were lowered, and `lowered_cpu_op` how many became packed_linear_cpu or
-ptq_packed_linear_cpu.
+The MLIR export sees the graph before these passes (the ops, which say what is computed);
+the dumps show it before and after each. The counters `lowered_infer` and
+`lowered_cpu_direct` say how many calls were lowered, and `lowered_cpu_op` how many became
+packed_linear_cpu or ptq_packed_linear_cpu.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
-
 import torch
 import torch.fx as fx
 
-from ..config import COMPILERS
 from .dispatch import resolve_kernel
 
-__all__ = ["LOWERINGS", "Lowering", "lower_inference_graph", "lower_packed_for_cpu_op", "lower_packed_for_eager",
-           "lower_packed_for_inference", "node_kernel"]
+__all__ = ["lower_packed_for_cpu_op", "lower_packed_for_eager", "lower_packed_for_inference", "node_kernel"]
 
 KERNEL_INDEX = {  # packed op -> position of its `kernel` argument
     torch.ops.fairy2i.packed_linear.default: 6,
@@ -176,33 +173,3 @@ def lower_packed_for_eager(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return lowered
-
-
-@dataclass(frozen=True)
-class Lowering:
-    """One inference-graph lowering: its report counter, its rewrite (returns how many calls
-    it lowered) and the runners (`compiler` option values) that apply it."""
-
-    counter: str
-    run: Callable[[fx.GraphModule], int]
-    compilers: Tuple[str, ...]
-
-
-LOWERINGS = (  # in this order: the C++ op first, then direct calls for what is left, then the twins
-    Lowering("lowered_cpu_op", lower_packed_for_cpu_op, COMPILERS),
-    Lowering("lowered_cpu_direct", lower_packed_for_eager, ("eager",)),
-    Lowering("lowered_infer", lower_packed_for_inference, COMPILERS),
-)
-
-
-def lower_inference_graph(gm: fx.GraphModule, compiler: str) -> Dict[str, int]:
-    """Run the LOWERINGS that apply to the `compiler` runner on AOTAutograd's inference graph
-    `gm`, in order; returns {counter: calls lowered} for those that lowered any."""
-    counts = {}
-    for lowering in LOWERINGS:
-        if compiler in lowering.compilers:
-            n = lowering.run(gm)
-            if n:
-                counts[lowering.counter] = n
-    return counts
-

@@ -1,15 +1,18 @@
-"""FX passes over the Dynamo graph, in pipeline order.
+"""FX passes, in pipeline order: over the Dynamo graph, and over AOTAutograd's inference graph.
 
 Each pass lives in its own module, rewrites one thing, records what it did in
 the layer reports and bumps `torch._dynamo.utils.counters["fairy2i"]`. The
-backend runs `PIPELINE` in order, keeping only the passes whose `enabled(config)`
-is true, and calls `graph.lint()` + `recompile()` after each.
+backend runs `PIPELINE` on the Dynamo graph and `INFERENCE_PIPELINE` on the
+inference graph AOTAutograd traces from it (no gradient recorded: the packed ops
+lower to their inference forms, codegen/lower.py), in order, keeping only the
+passes whose `enabled(config)` is true; it calls `graph.lint()` + `recompile()`
+after each and dumps the graph (dump.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, List, Optional
 
 import torch.fx as fx
 
@@ -17,7 +20,8 @@ from ..config import Fairy2iConfig
 from ..report import GraphReport
 from ._fx import graph_fake_mode
 
-__all__ = ["PassContext", "GraphPass", "PIPELINE", "enabled_passes", "graph_fake_mode"]
+__all__ = ["PassContext", "GraphPass", "PIPELINE", "INFERENCE_PIPELINE", "counted_pass", "enabled_passes",
+           "graph_fake_mode"]
 
 
 @dataclass
@@ -43,6 +47,18 @@ class GraphPass:
     enabled: Callable[[Fairy2iConfig], bool]
 
 
+def counted_pass(name: str, counter: str, rewrite: Callable[[fx.GraphModule], int],
+                 enabled: Callable[[Fairy2iConfig], bool] = lambda config: True) -> GraphPass:
+    """A pass whose whole work is `rewrite(gm)`, which returns how many calls it rewrote:
+    that many are counted under `counter` (nothing when none)."""
+    def run(gm: fx.GraphModule, ctx: PassContext) -> None:
+        rewritten = rewrite(gm)
+        if rewritten:
+            ctx.bump(counter, rewritten)
+
+    return GraphPass(name=name, run=run, enabled=enabled)
+
+
 def _pipeline() -> List[GraphPass]:
     from . import decompose_packed, fuse_stages, observe, phase_quant, real_quant, widely_linear
 
@@ -50,9 +66,17 @@ def _pipeline() -> List[GraphPass]:
             decompose_packed.PASS]
 
 
+def _inference_pipeline() -> List[GraphPass]:
+    from . import lower_cpu_direct, lower_cpu_op, lower_infer
+
+    # the C++ op first, then direct calls for what is left, then the twins
+    return [lower_cpu_op.PASS, lower_cpu_direct.PASS, lower_infer.PASS]
+
+
 PIPELINE: List[GraphPass] = _pipeline()
+INFERENCE_PIPELINE: List[GraphPass] = _inference_pipeline()
 
 
-def enabled_passes(config: Fairy2iConfig) -> List[GraphPass]:
-    """The passes of PIPELINE that `config` enables, in pipeline order."""
-    return [p for p in PIPELINE if p.enabled(config)]
+def enabled_passes(config: Fairy2iConfig, pipeline: Optional[List[GraphPass]] = None) -> List[GraphPass]:
+    """The passes of `pipeline` (default PIPELINE) that `config` enables, in pipeline order."""
+    return [p for p in (PIPELINE if pipeline is None else pipeline) if p.enabled(config)]
