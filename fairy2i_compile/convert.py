@@ -10,8 +10,10 @@ read from the folder's safetensors shards with plain positioned reads (no mmap, 
 the shards never count towards this process's resident memory), a block of rows at
 a time:
 
-* a linear layer packed with `chunked.pack_layer_chunked`, reading its rows from the
-  shard as it goes (one pass per stage for per-tensor scales);
+* a linear layer packed with `chunked.pack_layer_into`, reading its rows from the
+  shard as it goes (one pass per stage for per-tensor scales) and writing its codes
+  straight into their place in the output file (the earlier stages are read back from
+  there), so they are never held: only the scales wait in memory for their turn;
 * every other tensor (embeddings, norms, biases, kept-real layers) copied block by
   block, cast to the load dtype (float32 unless told otherwise, what `fairy2i quantize`
   loads a folder in) and then to `dense_dtype` if given.
@@ -20,8 +22,11 @@ The output file is written in the order and with the header of
 `safetensors_io.write_safetensors` (every shape and dtype is known before a byte of
 data is read), and with the metadata `checkpoint.save_packed` writes for the same
 model loaded dense: the two files are identical byte for byte (tests/test_convert.py),
-so `load_packed` reads it as any other. Memory: the packed codes of one layer, the
-blocks being processed, and the model skeleton; not one dense layer.
+so `load_packed` reads it as any other. Memory: the blocks being processed, the scales
+of one layer, and the model skeleton; not one dense layer, nor a layer's codes. Measured
+on a 1B-class Llama folder (benchmarks/results/convert_memory.md), the peak is mostly the
+imports: torch + transformers' modeling code (which pulls in torch.distributed.tensor,
+sympy, torch._dynamo) is about 450 MiB before the first tensor is read.
 
 Weights tied to another module (lm_head tied to the embedding) are read from the key
 the folder stores. The folder must hold the model's tensors under the state_dict keys
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import struct
@@ -49,8 +55,8 @@ from .config import Fairy2iConfig
 __all__ = ["convert_folder", "ShardReader"]
 
 PathLike = Union[str, os.PathLike]
-# bytes of one block read or written for a dense tensor
-_COPY_BLOCK_BYTES = 16 << 20
+# bytes of one block read for a dense tensor (its float32 copy is up to twice that)
+_COPY_BLOCK_BYTES = 4 << 20
 
 
 # ------------------------------------------------------------------ reading the shards
@@ -106,21 +112,50 @@ class ShardReader:
         e = self.entries[key]
         shape = e.shape if e.shape else (1,)
         row_bytes = e.nbytes // max(1, shape[0])
-        count = (r1 - r0) * row_bytes
-        buf = bytearray(count)
-        if count:
-            fd = os.open(e.file, os.O_RDONLY)
-            try:
-                view, done = memoryview(buf), 0
-                while done < count:
-                    got = os.preadv(fd, [view[done:]], e.start + r0 * row_bytes + done)
-                    if got <= 0:
-                        raise ValueError(f"{e.file}: truncated while reading tensor {key!r}")
-                    done += got
-            finally:
-                os.close(fd)
-        t = torch.frombuffer(buf, dtype=e.dtype) if count else torch.empty(0, dtype=e.dtype)
+        fd = os.open(e.file, os.O_RDONLY)
+        try:
+            t = _pread_tensor(fd, e.start + r0 * row_bytes, (r1 - r0) * row_bytes, e.dtype,
+                              f"{e.file}: truncated while reading tensor {key!r}")
+        finally:
+            os.close(fd)
         return t.reshape(r1 - r0, *shape[1:]) if e.shape else t.reshape(())
+
+
+def _pread_tensor(fd: int, offset: int, count: int, dtype: torch.dtype, truncated: str) -> Tensor:
+    """`count` bytes at `offset` of the open file `fd` as a 1-D tensor of `dtype` (os.preadv, no mmap)."""
+    if not count:
+        return torch.empty(0, dtype=dtype)
+    buf = bytearray(count)
+    view, done = memoryview(buf), 0
+    while done < count:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise ValueError(truncated)
+        done += got
+    return torch.frombuffer(buf, dtype=dtype)
+
+
+class _FileCodes:
+    """chunked.CodeSink over the output file: codes [P, n, KW] int32 at byte `offset` of `fd`."""
+
+    def __init__(self, fd: int, offset: int, shape: Tuple[int, ...], name: str):
+        self.fd, self.offset, self.name = fd, offset, name
+        self.n, self.kw = int(shape[1]), int(shape[2])
+
+    def _at(self, plane: int, j0: int) -> int:
+        return self.offset + 4 * (plane * self.n + j0) * self.kw
+
+    def write(self, plane: int, j0: int, words: Tensor) -> None:
+        assert words.dtype == torch.int32 and words.shape[1] == self.kw, (words.dtype, words.shape)
+        data = memoryview(words.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+        at, done = self._at(plane, j0), 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], at + done)
+
+    def read(self, plane: int, j0: int, j1: int) -> Tensor:
+        words = _pread_tensor(self.fd, self._at(plane, j0), 4 * (j1 - j0) * self.kw, torch.int32,
+                              f"{self.name}: the output file is shorter than the codes written to it")
+        return words.reshape(j1 - j0, self.kw)
 
 
 # ------------------------------------------------------------------ the conversion
@@ -145,7 +180,7 @@ def convert_folder(
     dense_dtype=dense_dtype, extra=extra)` writes.
     """
     from . import checkpoint as ck
-    from .chunked import pack_layer_chunked, release_freed_memory
+    from .chunked import pack_layer_into, release_freed_memory
     from .packed_model import select_layers, with_progress
     from .packing import scale_shape, words_per_row
     from .safetensors_io import ST_DTYPES
@@ -238,25 +273,25 @@ def convert_folder(
     }
     metadata["config_sha256"] = ck._config_digest(metadata["model_class"], metadata["model_config"])
 
-    packed_cache: Dict[str, Any] = {}
+    scales_due: Dict[str, Tensor] = {}  # a packed layer's scales, until the writer reaches them
     bar = iter(with_progress(range(len(targets)), progress))
 
-    def produce(key: str) -> Iterator[Tensor]:
+    def produce(key: str, fd: int, at: int) -> Iterator[Union[Tensor, int]]:
         shape, want = specs[key]
         name, _, part = key.rpartition(".")
-        if name in layers and part in ("codes", "scales"):
-            if name not in packed_cache:
-                mod = model.get_submodule(name)
-                wkey = source[f"{name}.weight"]
-                packed_cache[name] = pack_layer_chunked(
-                    lambda r0, r1: shards.rows(wkey, r0, r1), settings.stages, settings.scale_granularity, name,
-                    shape=(mod.out_features, mod.in_features), dtype=shards.entries[wkey].dtype)
-                next(bar, None)
-            pk = packed_cache[name]
-            t = pk.codes if part == "codes" else pk.scales.to(torch.float32)
-            if {f"{name}.codes", f"{name}.scales"} <= done:  # both halves out: drop the layer's codes
-                packed_cache.pop(name)
-            yield t.contiguous()
+        if name in layers and part == "codes":  # written in place, the scales kept for later
+            mod = model.get_submodule(name)
+            wkey = source[f"{name}.weight"]
+            scales_due[name] = pack_layer_into(
+                _FileCodes(fd, at, shape, key), lambda r0, r1: shards.rows(wkey, r0, r1), settings.stages,
+                settings.scale_granularity, name, shape=(mod.out_features, mod.in_features),
+                dtype=shards.entries[wkey].dtype)
+            next(bar, None)
+            release_freed_memory()
+            yield 4 * math.prod(shape)
+            return
+        if name in layers and part == "scales":
+            yield scales_due.pop(name).to(torch.float32).contiguous()
             return
         src = dense[key]
         if not src:  # a persistent buffer the folder does not store: the skeleton's own value
@@ -272,13 +307,12 @@ def convert_folder(
             del block
             release_freed_memory()
 
-    done: set = set()
     out.parent.mkdir(parents=True, exist_ok=True)
     ck._remove_stale_partials(out)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_streaming(specs, produce, f, metadata, done)
+            _write_streaming(specs, produce, f, metadata)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -314,12 +348,15 @@ def _skeleton(folder: pathlib.Path, dtype: torch.dtype) -> nn.Module:
 
 
 def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
-                     produce: Callable[[str], Iterator[Tensor]], f: Any, metadata: Mapping[str, str],
-                     done: set) -> None:
+                     produce: Callable[[str, int, int], Iterator[Union[Tensor, int]]], f: Any,
+                     metadata: Mapping[str, str]) -> None:
     """safetensors_io.write_safetensors with the tensors made one at a time, in blocks, by `produce`.
 
     Same tensor order and header bytes as write_safetensors (larger element size first, then
-    by name; metadata sorted; header padded with spaces to 8 bytes).
+    by name; metadata sorted; header padded with spaces to 8 bytes). `produce(key, fd, at)`
+    yields the tensor's blocks in order, or the number of bytes it has itself written with
+    os.pwrite at byte `at` of `fd` (the open file `f`, which must be readable too: the packer
+    reads earlier stages back).
     """
     from .safetensors_io import ST_DTYPES, write_header
 
@@ -342,8 +379,12 @@ def _write_streaming(specs: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
         shape, dt = specs[key]
         want = header[key]["data_offsets"][1] - header[key]["data_offsets"][0]  # type: ignore[index]
         written = 0
-        done.add(key)
-        for block in produce(key):
+        at = f.tell()
+        for block in produce(key, f.fileno(), at):
+            if isinstance(block, int):  # written in place by the producer
+                written += block
+                f.seek(at + written)
+                continue
             if block.dtype != dt or block.device.type != "cpu" or not block.is_contiguous():
                 raise ValueError(f"tensor {key!r}: a block came as {block.dtype} on {block.device} "
                                  f"(contiguous={block.is_contiguous()}), the file needs contiguous CPU {dt}")

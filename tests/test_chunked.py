@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fairy2i_compile import quant, quant_ops
-from fairy2i_compile.chunked import chunk_rows_for, pack_layer_chunked
+from fairy2i_compile.chunked import chunk_rows_for, pack_layer_chunked, pack_layer_into
 from fairy2i_compile.packing import pack_phase
 
 HYP = settings(max_examples=60, deadline=None, database=None)
@@ -64,6 +64,37 @@ def test_chunked_equals_whole_matrix(a, granularity, T, chunk):
 def test_chunked_first_scale(a, granularity, chunk, first):
     packed = pack_layer_chunked(a, 3, granularity, chunk_rows=chunk, first_scale=first)
     _assert_same(packed, *_reference(a, 3, granularity, first))
+
+
+class _RowSink:
+    """A CodeSink that keeps each written block apart and checks that a read asks for written rows."""
+
+    def __init__(self):
+        self.blocks = {}
+
+    def write(self, plane, j0, words):
+        assert (plane, j0) not in self.blocks, "a block of codes written twice"
+        self.blocks[plane, j0] = words.clone()
+
+    def read(self, plane, j0, j1):
+        words = self.blocks[plane, j0]  # KeyError: read before it was written
+        assert words.shape[0] == j1 - j0
+        return words
+
+    def codes(self, planes):
+        return torch.stack([torch.cat([w for (p, _), w in sorted(self.blocks.items()) if p == q])
+                            for q in range(planes)])
+
+
+@HYP
+@given(a=layers(), granularity=granularities, T=st.integers(1, 3), chunk=st.integers(1, 5))
+def test_pack_into_a_sink_equals_pack_layer_chunked(a, granularity, T, chunk):
+    # the codes go to the sink (convert.py: the output file) and per-tensor stages read them back
+    sink = _RowSink()
+    scales = pack_layer_into(sink, a, T, granularity, chunk_rows=chunk)
+    want = pack_layer_chunked(a, T, granularity, chunk_rows=chunk)
+    assert torch.equal(sink.codes(2 * T), want.codes)
+    assert torch.equal(scales, want.scales)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row", 4096])

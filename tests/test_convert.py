@@ -42,6 +42,22 @@ def test_same_bytes_as_save_packed(tmp_path, case):
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
+def test_codes_go_straight_to_the_file(tmp_path, monkeypatch):
+    # no layer's codes are held in memory: the packer writes them into the output file (and
+    # reads the earlier stages back from it); a tensor of a layer's codes is never made
+    from fairy2i_compile import chunked
+
+    def no_codes_tensor(*args, **kwargs):
+        raise AssertionError("convert_folder made a tensor of a layer's codes")
+
+    folder = _folder(tmp_path)
+    want, got = tmp_path / "dense.safetensors", tmp_path / "stream.safetensors"
+    _dense_path(folder, want, {"stages": 3})
+    monkeypatch.setattr(chunked, "_TensorSink", no_codes_tensor)
+    convert_folder(folder, got, {"stages": 3}, extra={"source": "x"})
+    assert got.read_bytes() == want.read_bytes()
+
+
 def test_shard_reader_rows(tmp_path):
     folder = _folder(tmp_path)
     from safetensors.torch import load_file
