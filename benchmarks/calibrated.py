@@ -31,7 +31,8 @@ Configurations (``--configs``; names say what they are):
       -rep{N}               per-block repair, N steps per block (``repair_steps=N``)
       -dist{N}              then N steps of end-to-end distillation to the float model
                             (``calibration.distill``; ``--distill-windows`` windows of ``--calib-seq-len``
-                            tokens from the end of the sample, the last eighth held out; ``--distill-lr``)
+                            tokens from the end of the sample, the last eighth held out; ``--distill-lr``,
+                            ``--distill-batch`` windows per step)
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -128,7 +129,7 @@ def _weights(model: nn.Module) -> int:
 
 @torch.no_grad()
 def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.Tensor] = None,
-          distill_lr: float = 1e-4) -> tuple:
+          distill_lr: float = 1e-4, distill_batch: int = 1) -> tuple:
     """(model ready to evaluate, row info) for one configuration."""
     cfg = parse_config(name)
     if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
@@ -189,7 +190,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
 
         teacher, _ = load_smollm2(progress=False)
         d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,
-                    progress=False)
+                    batch_size=distill_batch, progress=False)
         info["distill"] = {**d.summary(), "loss": d.history["loss"], "s_per_step": sum(d.history["time_s"]) /
                            max(1, len(d.history["time_s"]))}
         model = d.model
@@ -249,6 +250,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--distill-windows", type=int, default=256)
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-batch", type=int, default=1, help="windows per distillation step")
     p.add_argument("--tasks", nargs="*", default=[])
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--zero-shot-configs", nargs="*", default=None,
@@ -290,7 +292,7 @@ def main(argv: Optional[list] = None) -> int:
     zs = set(args.configs if args.zero_shot_configs is None else args.zero_shot_configs)
     examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
     for name in args.configs:
-        model, info = build(name, cal, train, args.distill_lr)
+        model, info = build(name, cal, train, args.distill_lr, args.distill_batch)
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}

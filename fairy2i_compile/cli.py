@@ -169,6 +169,16 @@ def _model_and_options(args, options: Dict[str, Any]) -> Tuple[Any, Any, Dict[st
     return model, tokenizer, options
 
 
+def _granularity_option(text: str) -> Any:
+    """--granularity as an option value: "tensor", "row", or a group size written in digits."""
+    from .options import ScaleGranularity
+
+    try:
+        return ScaleGranularity.from_op_arg(text).option
+    except ValueError as e:
+        raise CLIError(f"--granularity {text!r}: {e}") from None
+
+
 def _vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
@@ -184,8 +194,7 @@ def _options(args) -> Dict[str, Any]:
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.granularity is not None:
-        g = args.granularity
-        opts["scale_granularity"] = int(g) if g.isdigit() else g
+        opts["scale_granularity"] = _granularity_option(args.granularity)
     try:
         Fairy2iConfig.from_options(opts)
     except (ValueError, TypeError) as e:
@@ -401,7 +410,7 @@ def cmd_quantize(args) -> int:
     if args.stages is not None:
         options["stages"] = args.stages
     if args.granularity is not None:
-        options["scale_granularity"] = int(args.granularity) if args.granularity.isdigit() else args.granularity
+        options["scale_granularity"] = _granularity_option(args.granularity)
     try:
         config = Fairy2iConfig.from_options(options)
     except (ValueError, TypeError) as e:

@@ -73,7 +73,7 @@ def test_missing_model_folder_is_exit_2_without_traceback(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["dump", "--model", "{tmp}"], "is not a Hugging Face model folder (no config.json in it)"),
     (["dump", "--stages", "9"], "option 'stages' must be in 1..4"),
-    (["dump", "--granularity", "blocks"], "scale_granularity"),
+    (["dump", "--granularity", "blocks"], "--granularity 'blocks': unknown granularity"),
     (["dump", "--out", "{file}"], "exists and is not a folder"),
     (["eval", "--model", "tiny-llama"], "has no tokenizer"),
     (["eval", "--tasks", "arc_easyy"], "unknown task(s) ['arc_easyy']"),

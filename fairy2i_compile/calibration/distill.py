@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..packed_model import PackedLinear, set_submodule
 from ..train import TrainConfig, forward_kwargs, lm_loss, model_logits, train_qat
-from .driver import packed_from_rounded
+from .driver import check_token_range, model_vocab_size, packed_from_rounded
 from .repair import RepairLinear
 from .rounding import RoundedLayer
 
@@ -99,17 +99,8 @@ def _check_windows(name: str, windows: Any, vocab: Optional[int]) -> Tensor:
         got = f"{windows.dtype} {tuple(windows.shape)}" if isinstance(windows, Tensor) else type(windows).__name__
         raise ValueError(f"{name} must be an integer tensor [W, L] of token ids with W >= 1 and L >= 2, got {got} "
                          f"(e.g. calibration_windows(tokens, 64, 512, avoid=...))")
-    low, high = int(windows.min()), int(windows.max())
-    if low < 0 or (vocab is not None and high >= vocab):
-        raise ValueError(f"{name} hold token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab}); "
-                         f"tokenize with the model's own tokenizer")
+    check_token_range(windows, name, vocab)
     return windows.long()
-
-
-def _vocab(model: nn.Module) -> Optional[int]:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
 @torch.no_grad()
@@ -167,7 +158,7 @@ def distill(
                          f"(calibrate(...).model, pack_model(...) or load_packed(...))")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"distill steps must be a positive int (e.g. steps=150), got {steps!r}")
-    vocab = _vocab(model)
+    vocab = model_vocab_size(model)
     windows = _check_windows("windows", windows, vocab)
     if holdout is None:
         if windows.shape[0] < 2:

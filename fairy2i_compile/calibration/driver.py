@@ -50,7 +50,7 @@ from .rounding import (MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, check_outlier_
                        rtn_round, select_outliers)
 
 __all__ = ["calibrate", "CalibrationResult", "LayerCalibration", "calibration_windows", "find_blocks",
-           "packed_from_rounded"]
+           "packed_from_rounded", "check_token_range", "model_vocab_size"]
 
 
 @dataclass
@@ -153,10 +153,7 @@ def _as_batches(batches: Any, vocab: Optional[int], min_tokens: int) -> List[Ten
         if b.dim() != 2 or b.numel() == 0:
             raise ValueError(f"calibration batch {i} must be [batch, seq] with at least one token, "
                              f"got shape {tuple(b.shape)}")
-        lo, hi = int(b.min()), int(b.max())
-        if lo < 0 or (vocab is not None and hi >= vocab):
-            raise ValueError(f"calibration batch {i} has token ids in [{lo}, {hi}], outside the model's "
-                             f"vocabulary [0, {vocab}); tokenize with the model's own tokenizer")
+        check_token_range(b, f"calibration batch {i}", vocab)
         out.append(b.long())
     if not out:
         raise ValueError("no calibration batches: pass token ids, e.g. calibration_windows(tokens, 32, 512, avoid=...)")
@@ -168,7 +165,16 @@ def _as_batches(batches: Any, vocab: Optional[int], min_tokens: int) -> List[Ten
     return out
 
 
-def _vocab_size(model: nn.Module) -> Optional[int]:
+def check_token_range(ids: Tensor, what: str, vocab: Optional[int]) -> None:
+    """ValueError naming ``what`` when token ids fall outside [0, vocab) (vocab None: only >= 0)."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"{what} has token ids in [{lo}, {hi}], outside the model's vocabulary [0, {vocab}); "
+                         f"tokenize with the model's own tokenizer")
+
+
+def model_vocab_size(model: nn.Module) -> Optional[int]:
+    """The input embedding's row count, or None for a model without an nn.Embedding input."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
@@ -292,7 +298,7 @@ def calibrate(
     if not (isinstance(repair_lr, (int, float)) and not isinstance(repair_lr, bool) and math.isfinite(repair_lr)
             and repair_lr > 0):
         raise ValueError(f"repair_lr must be a positive float (e.g. 1e-3), got {repair_lr!r}")
-    data = _as_batches(batches, _vocab_size(model), min_tokens)
+    data = _as_batches(batches, model_vocab_size(model), min_tokens)
     targets, kept, matched = _targets(model, config)
     if not targets:
         raise ValueError(

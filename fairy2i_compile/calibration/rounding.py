@@ -104,6 +104,7 @@ from torch import Tensor
 
 from .. import quant
 from ..ops.widely import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
+from ..options import ScaleGranularity
 from ..quant import Granularity, PhaseQuantized
 
 __all__ = ["RoundedLayer", "gptq_round", "output_error", "rtn_round", "inverse_hessian_factor", "round_at_scales",
@@ -343,7 +344,7 @@ def _round_pair_hessian(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor, 
 def _real_params(a: Tensor, method: str, stages: int, granularity: Granularity) -> List[Tuple[Tensor, Tensor]]:
     """Per-stage (center, scale) per group of the float A's residual recursion."""
     m = a.shape[1]
-    gs = None if isinstance(granularity, str) else int(granularity)
+    gs = ScaleGranularity.of(granularity).group_size
     e = a.detach().to(quant.compute_dtype(a.dtype)).contiguous()
     params = []
     for _ in range(stages):
@@ -400,7 +401,7 @@ def gptq_round(
     rows, cols = a.shape
     m = cols // 2
     work_dtype = quant.compute_dtype(a.dtype)
-    gs = None if isinstance(granularity, str) else int(granularity)
+    gs = ScaleGranularity.of(granularity).group_size
     if gs is not None and method == "phase" and gs >= m:
         gs_col = None  # one group per row: the "row" scales
     else:
