@@ -129,7 +129,7 @@ def _weights(model: nn.Module) -> int:
 
 @torch.no_grad()
 def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.Tensor] = None,
-          distill_lr: float = 1e-4, distill_batch: int = 1) -> tuple:
+          distill_lr: float = 1e-3, distill_batch: int = 1) -> tuple:
     """(model ready to evaluate, row info) for one configuration."""
     cfg = parse_config(name)
     if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
@@ -249,7 +249,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--distill-windows", type=int, default=256)
-    p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=1, help="windows per distillation step")
     p.add_argument("--tasks", nargs="*", default=[])
     p.add_argument("--limit", type=int, default=500)

@@ -491,7 +491,8 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
     if train is not None:
         from .calibration import distill
 
-        d = distill(result.model, model, train, steps=args.distill_steps, lr=args.distill_lr, progress=args.progress)
+        d = distill(result.model, model, train, steps=args.distill_steps, lr=args.distill_lr,
+                    batch_size=args.distill_batch, progress=args.progress)
         print(f"distilled {d.steps} steps in {d.seconds:.0f} s: held-out KL to the float model {d.loss_before:.4f} -> "
               f"{d.loss_after:.4f}" + ("" if d.kept else " (not lower: the calibrated codes are kept)"))
         result.model = d.model
@@ -620,8 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill-steps", type=_nonnegative("--distill-steps"), default=0, metavar="N",
                    help="after calibration, N AdamW steps distilling the whole packed model to the float model's "
                         "logits (latent weights, stage scales, norms; fairy2i_compile.distill; default 0 = none)")
-    g.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
-                   help="distillation peak learning rate (default 1e-4, warmup + cosine)")
+    g.add_argument("--distill-lr", type=float, default=1e-3, metavar="LR",
+                   help="distillation peak learning rate (default 1e-3, warmup + cosine)")
+    g.add_argument("--distill-batch", type=_positive("--distill-batch"), default=1, metavar="B",
+                   help="windows per distillation step (default 1)")
     g.add_argument("--distill-windows", type=_positive("--distill-windows"), default=256, metavar="N",
                    help="distillation text: N windows of --calib-seq-len tokens from the end of the calibration "
                         "text, the last eighth held out (default 256)")

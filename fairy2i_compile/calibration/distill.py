@@ -123,7 +123,7 @@ def distill(
     windows: Tensor,
     *,
     steps: int,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     holdout: Optional[Tensor] = None,
     batch_size: int = 1,
     alpha: float = 1.0,
@@ -140,7 +140,9 @@ def distill(
     model:    the packed model (``calibrate(...).model`` or ``load_packed(...)``); left untouched.
     teacher:  the float model it was converted from, in eval mode; never trained.
     windows:  training token ids [W, L]; keep them apart from the evaluation text.
-    steps, lr, batch_size, warmup_steps (default 5% of steps), grad_clip, seed: ``TrainConfig``'s.
+    steps, lr, batch_size, warmup_steps (default 5% of steps), grad_clip, seed: ``TrainConfig``'s
+              (lr 1e-3 measured better than 1e-4 on SmolLM2 W2: held-out KL 1.50 against 1.69 after
+              30 steps).
     alpha, temperature: weight of the KL term against next-token cross entropy, and its τ.
     holdout:  token ids [W', L'] for the before/after loss (default: the last eighth of
               ``windows``, at least one window, which then do not train).
