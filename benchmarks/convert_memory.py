@@ -1,8 +1,9 @@
 """Peak memory (RSS) of converting a model to packed Fairy2i form, before and after issue 21.
 
 Each measurement runs in a fresh Python process (`--worker CASE`), with the package
-imported from either this checkout ("after") or a git worktree of the baseline commit
-("before", default: the last commit before the issue-21 work). The worker imports
+imported from a git worktree of the baseline commit ("before", default: the last commit
+before the issue-21 work) or of `--after-rev` ("after"; without it, this checkout as it is,
+uncommitted edits included). The worker imports
 torch / transformers / fairy2i_compile, records its RSS (the import baseline), loads or
 builds the model, records the RSS and resets the peak (`/proc/self/clear_refs` 5), runs
 the conversion, and reports the peak (VmHWM) of the conversion alone. The lifetime peak
@@ -49,6 +50,8 @@ LLAMA1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_
 CASES = ("head_w2", "head_t4_row", "head_compile_w2", "smollm2_pack_w2", "smollm2_pack_t4_row", "smollm2_save_w2_fp16",
          "llama1b_quantize_w2")
 MB = 2**20
+# hand-written: what each change was predicted to do before its run, and what the run measured
+NOTES = REPO / "benchmarks" / "results" / "convert_memory_notes.md"
 SMOKE_CASES = ("head_small_w2",)  # a 4096 x 640 head: checks the plumbing in seconds
 
 
@@ -91,7 +94,14 @@ def worker(case: str, tmp: Path) -> dict:
     import fairy2i_compile  # noqa: F401
 
     base = _status()["VmRSS"]
-    rec: dict = {"case": case, "import_rss": base}
+    rec: dict = {"case": case, "import_rss": base, "threads": torch.get_num_threads()}
+    # `import transformers` is lazy: its modeling code (which imports torch.distributed.tensor,
+    # sympy, torch._dynamo: about 200 MiB) arrives with the first model or config, inside the
+    # measured conversion in some cases and not in others; imported here, it is part of no case
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    rec["modeling_import_rss"] = _status()["VmRSS"]
     if case.startswith("head_"):
         from fairy2i_compile import quant_ops
 
@@ -190,6 +200,7 @@ def make_llama1b_folder() -> None:
 
 
 def baseline_tree(rev: str) -> Path:
+    """A detached git worktree of `rev` under /tmp (made once)."""
     path = Path(f"/tmp/fairy2i_baseline_{rev}")
     if not (path / "fairy2i_compile").is_dir():
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
@@ -212,6 +223,8 @@ def run_case(case: str, code: Path) -> dict:
 def summarize(rec: dict) -> dict:
     over = rec["peak_rss"] - rec["import_rss"]
     rec["conversion_rss_above_imports"] = over
+    if "modeling_import_rss" in rec:
+        rec["conversion_rss_above_modeling_imports"] = rec["peak_rss"] - rec["modeling_import_rss"]
     rec["bound_model_plus_1p5_layer"] = rec["model_bytes"] + 1.5 * rec["largest_layer_bytes"]
     if rec["case"].startswith("llama1b"):
         rec["peak_over_dense_bf16"] = rec["peak_rss"] / rec["model_bytes"]
@@ -223,32 +236,48 @@ def markdown(rows: list, meta: dict) -> str:
     lines = [
         "# Conversion memory (issue 21)",
         "",
-        f"Peak RSS of one conversion per fresh process; before = commit {meta['baseline_rev']}, after = "
-        f"{meta['after_rev']}. torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}.",
+        f"Peak RSS of one conversion per fresh process; before = commit {meta['baseline_rev']}, after = the "
+        f"commit in the code column (\"tree\": that commit plus the checkout's uncommitted edits). "
+        f"torch {meta['torch']}, {meta['machine']}; threads per row (RSS does not depend on them; the seconds "
+        f"do, and were measured on a machine shared with other CPU-heavy jobs: read them as rough).",
         "Peak = VmHWM from just before the conversion to its end (the model already loaded); "
-        "\"above imports\" subtracts the RSS of the process after importing torch, transformers and "
-        "fairy2i_compile. Bound = model bytes + 1.5 x largest layer (float32). MiB throughout.",
+        "\"above imports\" subtracts the RSS of the process after importing torch, transformers (lazily: "
+        "nothing of its modeling code) and fairy2i_compile; \"above modeling imports\" subtracts the RSS once "
+        "transformers' modeling code is imported as well (rows measured before that column existed show -; "
+        "it is about 205 MiB more). Bound = model bytes + 1.5 x largest layer (float32), checked against the "
+        "latter where measured. MiB throughout.",
         "",
-        "| case | code | model | largest layer | import RSS | loaded RSS | peak RSS | peak above imports | bound | "
-        "within bound | lifetime peak | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | code | threads | model | largest layer | import RSS | modeling import RSS | loaded RSS | peak RSS | "
+        "peak above imports | peak above modeling imports | bound | within bound | lifetime peak | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mib = lambda r, k: f"{r[k] / MB:,.0f}" if k in r else "-"  # noqa: E731
+    order = {c: i for i, c in enumerate(CASES + SMOKE_CASES)}
+    # by case, before first; a stable sort keeps the runs of one case in the order they were made
+    rows = sorted(rows, key=lambda r: (order.get(r["case"], len(order)), r["code"] != "before"))
     for r in rows:
-        ok = r["conversion_rss_above_imports"] <= r["bound_model_plus_1p5_layer"]
+        over = r.get("conversion_rss_above_modeling_imports", r["conversion_rss_above_imports"])
+        ok = over <= r["bound_model_plus_1p5_layer"]
         lines.append(
-            f"| {r['case']} | {r['code']} | {r['model_bytes'] / MB:,.0f} | {r['largest_layer_bytes'] / MB:,.0f} | "
-            f"{r['import_rss'] / MB:,.0f} | {r['loaded_rss'] / MB:,.0f} | {r['peak_rss'] / MB:,.0f} | "
-            f"{r['conversion_rss_above_imports'] / MB:,.0f} | {r['bound_model_plus_1p5_layer'] / MB:,.0f} | "
-            f"{'yes' if ok else 'no'} | {r['lifetime_peak_rss'] / MB:,.0f} | {r['seconds']:.1f} |")
+            f"| {r['case']} | {_code(r)} | {r.get('threads', '?')} | {mib(r, 'model_bytes')} | "
+            f"{mib(r, 'largest_layer_bytes')} | {mib(r, 'import_rss')} | {mib(r, 'modeling_import_rss')} | "
+            f"{mib(r, 'loaded_rss')} | {mib(r, 'peak_rss')} | {mib(r, 'conversion_rss_above_imports')} | "
+            f"{mib(r, 'conversion_rss_above_modeling_imports')} | {mib(r, 'bound_model_plus_1p5_layer')} | "
+            f"{'yes' if ok else 'no'} | {mib(r, 'lifetime_peak_rss')} | {r['seconds']:.1f} |")
     big = [r for r in rows if r["case"].startswith("llama1b")]
     if big:
         lines += ["", "1B-class Llama folder (random bfloat16 weights, Llama-3.2-1B shapes, tied embedding): "
                       "peak RSS as a share of the dense model (target <= 25%):", "",
                   "| code | peak RSS | / folder bytes (bfloat16) | / float32 model |", "|---|---|---|---|"]
         for r in big:
-            lines.append(f"| {r['code']} | {r['peak_rss'] / MB:,.0f} | {100 * r['peak_over_dense_bf16']:.1f}% | "
+            lines.append(f"| {_code(r)} | {r['peak_rss'] / MB:,.0f} | {100 * r['peak_over_dense_bf16']:.1f}% | "
                          f"{100 * r['peak_over_dense_fp32']:.1f}% |")
-    return "\n".join(lines) + "\n"
+    notes = NOTES.read_text().strip() if NOTES.is_file() else ""
+    return "\n".join(lines + (["", notes] if notes else [])) + "\n"
+
+
+def _code(r: dict) -> str:
+    return f"{r['code']} {r['rev']}" if r.get("rev") else r["code"]
 
 
 def main() -> None:
@@ -259,7 +288,9 @@ def main() -> None:
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES + SMOKE_CASES)
     p.add_argument("--which", nargs="*", default=["before", "after"], choices=("before", "after"))
     p.add_argument("--baseline-rev", default=BASELINE_REV)
-    p.add_argument("--merge", action="store_true", help="keep the other rows of an existing results file")
+    p.add_argument("--after-rev", help="measure 'after' in a worktree of this commit (default: this checkout as it is)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an existing results file, except those of the same case, code and commit")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "convert_memory"))
     args = p.parse_args()
     if args.worker:
@@ -274,24 +305,29 @@ def main() -> None:
 
     if any(c.startswith("llama1b") for c in args.cases):
         make_llama1b_folder()
-    trees = {"before": baseline_tree(args.baseline_rev), "after": REPO}
-    after_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                               text=True).stdout.strip()
+    after_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.after_rev or "HEAD"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    trees = {"before": baseline_tree(args.baseline_rev), "after": baseline_tree(after_rev) if args.after_rev else REPO}
+    if not args.after_rev and subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                             capture_output=True, text=True, check=True).stdout.strip():
+        after_rev += " tree"  # uncommitted edits measured too
     meta = {"baseline_rev": args.baseline_rev, "after_rev": after_rev, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
     rows = []
-    if args.merge and Path(args.out + ".json").is_file():  # keep the rows of an earlier run not measured now
-        again = {(c, w) for c in args.cases for w in args.which}
-        rows = [r for r in json.loads(Path(args.out + ".json").read_text())["rows"] if (r["case"], r["code"]) not in again]
+    revs = {"before": args.baseline_rev, "after": after_rev}
+    if args.merge and Path(args.out + ".json").is_file():  # keep the rows of an earlier run not measured again now
+        again = {(c, w, revs[w]) for c in args.cases for w in args.which}
+        rows = [r for r in json.loads(Path(args.out + ".json").read_text())["rows"]
+                if (r["case"], r["code"], r.get("rev")) not in again]
     for case in args.cases:
         for which in args.which:
             rec = summarize(run_case(case, trees[which]))
             rec["code"] = which
             rows.append(rec)
-            rec["rev"] = after_rev if which == "after" else args.baseline_rev
-            print(f"{case:24s} {which:6s} peak {rec['peak_rss'] / MB:8.0f} MiB (above imports "
-                  f"{rec['conversion_rss_above_imports'] / MB:8.0f}, bound {rec['bound_model_plus_1p5_layer'] / MB:8.0f})"
-                  f"  {rec['seconds']:.1f} s", flush=True)
+            rec["rev"] = revs[which]
+            print(f"{case:24s} {which:6s} peak {rec['peak_rss'] / MB:8.0f} MiB (above modeling imports "
+                  f"{rec['conversion_rss_above_modeling_imports'] / MB:8.0f}, bound "
+                  f"{rec['bound_model_plus_1p5_layer'] / MB:8.0f})  {rec['seconds']:.1f} s", flush=True)
             write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))  # after every case
 
 
