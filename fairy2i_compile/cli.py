@@ -74,7 +74,7 @@ def load_model(spec: str, dtype_name: Optional[str] = "float32", progress: bool 
     if spec == "tiny-llama":
         return _tiny_llama(dtype), None
     if spec == "smollm2":
-        from .models import load_smollm2
+        from .checkpoints.models import load_smollm2
 
         try:
             return load_smollm2(dtype, progress=progress)
@@ -102,7 +102,7 @@ def load_model(spec: str, dtype_name: Optional[str] = "float32", progress: bool 
 
 def _load_checkpoint(spec: str, dtype_name: Optional[str]) -> Tuple[Any, Any]:
     """A packed checkpoint and the tokenizer of the model it was quantized from (when still there)."""
-    from .checkpoint import load_packed, packed_state_info
+    from .checkpoints.checkpoint import load_packed, packed_state_info
 
     path = _checkpoint_path(spec)
     if dtype_name is not None:
@@ -128,7 +128,7 @@ def _source_tokenizer(source: Any):
     """The tokenizer of the model a checkpoint came from: SmolLM2's cache folder or the HF folder, else None."""
     folder: Optional[Path] = None
     if source == "smollm2":
-        from .models import SMOLLM2_CACHE_NAME, default_cache_dir
+        from .checkpoints.models import SMOLLM2_CACHE_NAME, default_cache_dir
 
         folder = default_cache_dir() / SMOLLM2_CACHE_NAME
     elif isinstance(source, str) and source not in MODEL_CHOICES:
@@ -145,7 +145,7 @@ def _source_tokenizer(source: Any):
 
 def _checkpoint_options(args, options: Dict[str, Any]) -> Dict[str, Any]:
     """Compile options for a packed checkpoint: its kept-real layers stay real, quantization flags refused."""
-    from .checkpoint import packed_state_info
+    from .checkpoints.checkpoint import packed_state_info
 
     given = [f"--{n}" for n in ("stages", "method", "granularity") if getattr(args, n, None) is not None]
     try:
@@ -171,7 +171,7 @@ def _model_and_options(args, options: Dict[str, Any]) -> Tuple[Any, Any, Dict[st
 
 def _granularity_option(text: str) -> Any:
     """--granularity as an option value: "tensor", "row", or a group size written in digits."""
-    from .options import ScaleGranularity
+    from .compiler.options import ScaleGranularity
 
     try:
         return ScaleGranularity.from_op_arg(text).option
@@ -186,7 +186,7 @@ def _vocab_size(model) -> int:
 # --------------------------------------------------------------------------- options
 def _options(args) -> Dict[str, Any]:
     """Backend options from the flags, validated by Fairy2iConfig (ValueError -> CLIError)."""
-    from .config import Fairy2iConfig
+    from .compiler.config import Fairy2iConfig
 
     # only the flags given: the backend warns about quantization options that exact mode ignores
     opts: Dict[str, Any] = {"mode": args.mode, "compiler": args.compiler, "skip": list(args.skip or [])}
@@ -205,7 +205,7 @@ def _options(args) -> Dict[str, Any]:
 def _compile(model, options):
     import torch
 
-    from .backend import Fairy2iBackend
+    from .compiler.backend import Fairy2iBackend
 
     torch._dynamo.reset()
     backend = Fairy2iBackend(options)
@@ -259,7 +259,7 @@ def cmd_dump(args) -> int:
 def _dump(args) -> int:
     import torch
 
-    from .mlir_export import mlir_dialects
+    from .compiler.mlir_export import mlir_dialects
 
     options = _options(args)
     out = Path(args.out)
@@ -338,7 +338,7 @@ def cmd_eval(args) -> int:
     for name, score in result["tasks"].items():
         print(f"  {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} (n={score['n']})")
     if args.json:
-        from .report import atomic_write_text
+        from .compiler.report import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
@@ -389,8 +389,8 @@ def cmd_bench(args) -> int:
 def cmd_quantize(args) -> int:
     import torch
 
-    from .checkpoint import packed_state_info, save_packed
-    from .config import Fairy2iConfig
+    from .checkpoints.checkpoint import packed_state_info, save_packed
+    from .compiler.config import Fairy2iConfig
 
     out = Path(args.out).expanduser()
     if out.is_dir():
@@ -420,7 +420,7 @@ def cmd_quantize(args) -> int:
     if args.model not in MODEL_CHOICES and not args.calibrate and (Path(source) / "config.json").is_file():
         # a Hugging Face folder: layer by layer from its shards, never the dense model (convert.py);
         # the same file save_packed writes for the model loaded in --dtype
-        from .convert import convert_folder
+        from .checkpoints.convert import convert_folder
 
         try:
             convert_folder(source, out, config, dtype=getattr(torch, args.dtype or "float32"),
@@ -461,7 +461,7 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
     """`quantize --calibrate`: Hessian-aware rounding on the tail of the enwiki sample (or --calib-text)."""
     import torch
 
-    from .calibration import calibrate, calibration_windows
+    from .quantization.calibration import calibrate, calibration_windows
 
     if tokenizer is None:
         raise CLIError(f"--calibrate needs the model's tokenizer to read calibration text, and --model "
@@ -489,7 +489,7 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
                        max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,
                        repair_steps=args.repair_steps, repair_lr=args.repair_lr, progress=args.progress)
     if train is not None:
-        from .calibration import distill
+        from .quantization.calibration import distill
 
         d = distill(result.model, model, train, steps=args.distill_steps, lr=args.distill_lr,
                     batch_size=args.distill_batch, progress=args.progress)
@@ -503,8 +503,8 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
 # --------------------------------------------------------------------------- parser
 def _add_model(p: argparse.ArgumentParser, mode_default: str = "ptq", modes=("exact", "ptq", "qat"),
                compile_flags: bool = True) -> None:
-    from .config import COMPILERS
-    from .quant import MAX_STAGES, METHODS
+    from .compiler.config import COMPILERS
+    from .quantization.quant import MAX_STAGES, METHODS
 
     if compile_flags:
         p.add_argument("--model", default="tiny-llama", metavar="{smollm2,tiny-llama,FOLDER,FILE.safetensors}",
@@ -537,7 +537,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .calibration.rounding import MAX_OUTLIERS, OUTLIER_RATIO
+    from .quantization.calibration.rounding import MAX_OUTLIERS, OUTLIER_RATIO
 
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog="`fairy2i <command> --help` for each command's options.")
@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the tensors that stay dense (embeddings, norms, biases, kept-real layers) in this "
                         "dtype (default: as the model holds them)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="checkpoint file to write")
-    g = p.add_argument_group("calibration (Hessian-aware rounding; fairy2i_compile.calibration)")
+    g = p.add_argument_group("calibration (Hessian-aware rounding; fairy2i_compile.quantization.calibration)")
     g.add_argument("--calibrate", action="store_true",
                    help="choose the codes with calibration data instead of round-to-nearest (needs a tokenizer)")
     g.add_argument("--calib-samples", type=_positive("--calib-samples"), default=64,

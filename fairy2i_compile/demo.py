@@ -35,8 +35,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from .backend import Fairy2iBackend
-from .report import atomic_write_text
+from .compiler.backend import Fairy2iBackend
+from .compiler.report import atomic_write_text
 
 __all__ = ["ROWS", "run_demo", "main"]
 
@@ -77,9 +77,9 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
     """(model, how it was obtained) for one calibrated row; Fairy2i rows come from / go to the cache."""
     import hashlib
 
-    from . import calibration, quant
+    from .quantization import calibration, quant
     from .cache import default_cache_dir
-    from .checkpoint import load_packed
+    from .checkpoints.checkpoint import load_packed
 
     settings = {"method": options["method"], "stages": options["stages"], "scale_granularity": "tensor",
                 "calibration_tokens": hashlib.sha256(cal_windows.numpy().tobytes()).hexdigest()[:16],
@@ -136,7 +136,7 @@ def _load_dequantized(model, path: Path):
 
 def _linear_bytes(model) -> tuple:
     """(bytes of the linear layers' weights as stored, the same in float32) for a calibrated model."""
-    from .packed_model import PackedLinear
+    from .quantization.packed_model import PackedLinear
 
     now = fp32 = 0
     for mod in model.modules():
@@ -152,9 +152,9 @@ def _linear_bytes(model) -> tuple:
 def run_demo(seq_len: int, windows: int, tasks, limit: int, batch_size: int, progress: bool = True,
              rows_wanted=None) -> dict:
     from . import eval as ev
-    from . import quant
-    from .calibration import calibration_windows
-    from .models import load_smollm2
+    from .quantization import quant
+    from .quantization.calibration import calibration_windows
+    from .checkpoints.models import load_smollm2
 
     t_start = time.perf_counter()
     model, tokenizer = load_smollm2(torch.float32, progress=progress)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import KERNELS
-from .ops import packed
-from .ops.packed import *  # noqa: F401,F403  (the names below)
+from .compiler.config import KERNELS
+from .compiler.ops import packed
+from .compiler.ops.packed import *  # noqa: F401,F403  (the names below)
 
 __all__ = ["KERNELS", *packed.__all__]

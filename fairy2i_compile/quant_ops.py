@@ -3,10 +3,10 @@ ops/ptq_cache.py and ops/ptq_packed.py."""
 
 from __future__ import annotations
 
-from .ops.ptq_cache import (cached_ptq_value, new_ptq_slot, prefill_ptq_slot, ptq_cache_size,
+from .compiler.ops.ptq_cache import (cached_ptq_value, new_ptq_slot, prefill_ptq_slot, ptq_cache_size,
                             replace_ptq_slot_value)
-from .ops.ptq_packed import ptq_packed_linear_direct
-from .ops.quantize import (decode_granularity, encode_granularity, pack_layer, phase_quant, phase_quant_layer,
+from .compiler.ops.ptq_packed import ptq_packed_linear_direct
+from .compiler.ops.quantize import (decode_granularity, encode_granularity, pack_layer, phase_quant, phase_quant_layer,
                            phase_quant_reference, ptq_phase_quant, ptq_real_quant, real_quant)
 
 __all__ = [

@@ -1,5 +1,7 @@
-"""The package's import structure: no import circle between its modules, and no module
-importing another module's private names (nor a private module from outside its package).
+"""The package's layout and import structure: the folders the package is grouped into, every
+old (pre-grouping) import path answering with the same module object as its new home, no import
+circle between its modules, and no module importing another module's private names (nor a
+private module from outside its package).
 
 Every import counts, including those inside functions: a lazy import still ties two
 modules together. A private name is one with a leading underscore; a module may import
@@ -9,11 +11,22 @@ its own package's private modules (passes/_fx.py from passes/*.py) but not anoth
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.metadata
 import pathlib
 from typing import Dict, List, Set, Tuple
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fairy2i_compile"
 PACKAGE = "fairy2i_compile"
+OPS = f"{PACKAGE}.compiler.ops"
+CODEGEN = f"{PACKAGE}.compiler.codegen"
+
+# what a newcomer sees at the top of the package: one folder per wing, the shared cache
+# module, the two entry points and the op wing's compatibility modules
+TOP_FOLDERS = {"compiler", "quantization", "checkpoints", "training", "eval"}
+TOP_MODULES = {"__init__", "cache", "cli", "demo", "packed_ops", "quant_ops"}
 
 
 def _modules() -> Dict[str, pathlib.Path]:
@@ -126,26 +139,83 @@ def test_checker_sees_a_cycle_and_a_private_import():
 
 
 def test_every_op_is_defined_in_the_ops_package():
-    """torch.library definitions live in fairy2i_compile/ops/ and nowhere else in the package."""
+    """torch.library definitions live in fairy2i_compile/compiler/ops/ and nowhere else in the package."""
     where = set()
     for mod, path in _modules().items():
         text = path.read_text()
         if "torch.library.custom_op(" in text or ".define(" in text or "torch.library.triton_op(" in text:
             where.add(mod)
-    assert {m for m in where if not m.startswith(f"{PACKAGE}.ops")} == set()
-    assert f"{PACKAGE}.ops.observe" in where
+    assert {m for m in where if not m.startswith(OPS)} == set()
+    assert f"{OPS}.observe" in where
 
 
 def test_public_functions_of_the_op_wing_and_codegen_have_docstrings():
     missing = []
     for mod, path in _modules().items():
-        if not mod.startswith((f"{PACKAGE}.ops", f"{PACKAGE}.codegen")):
+        if not mod.startswith((OPS, CODEGEN)):
             continue
         for node in ast.parse(path.read_text()).body:
             if (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
                     and not ast.get_docstring(node)):
                 missing.append(f"{mod}.{node.name}")
     assert missing == []
+
+
+def test_the_top_of_the_package_is_the_wings_and_the_entry_points():
+    top = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert top == TOP_FOLDERS
+    assert {p.stem for p in ROOT.glob("*.py")} == TOP_MODULES
+    # nothing left at an old path: a file there would shadow the alias with a second copy
+    import fairy2i_compile
+    for old, new in fairy2i_compile.MOVED_MODULES.items():
+        assert not (ROOT / f"{old}.py").exists() and not (ROOT / old).exists(), old
+        assert f"{PACKAGE}.{new}" in _modules(), new
+
+
+def test_wing_packages_import_nothing():
+    """compiler/, quantization/, checkpoints/, training/ __init__s hold a docstring only: importing
+    compiler.options from the quantizer must not pull in the backend."""
+    graph, _ = import_graph()
+    for wing in ("compiler", "quantization", "checkpoints", "training"):
+        assert graph[f"{PACKAGE}.{wing}"] == set(), wing
+
+
+OLD_SUBMODULES = ["ops.packed", "ops.quantize", "codegen.dispatch", "codegen.cpu_packed", "passes.phase_quant",
+                  "passes._layers", "calibration.driver", "calibration.rounding"]
+
+
+@pytest.mark.parametrize("old", sorted(__import__(PACKAGE).MOVED_MODULES) + OLD_SUBMODULES)
+def test_old_import_paths_give_the_same_module(old):
+    """The one test of the old paths: each answers with its new home's module object."""
+    import fairy2i_compile
+    new = fairy2i_compile.moved_to(f"{PACKAGE}.{old}")
+    assert new is not None and new != f"{PACKAGE}.{old}"
+    assert importlib.import_module(f"{PACKAGE}.{old}") is importlib.import_module(new)
+
+
+def test_old_names_reach_the_same_objects():
+    import fairy2i_compile
+    from fairy2i_compile.backend import fairy2i_backend
+    from fairy2i_compile.calibration import calibrate
+    from fairy2i_compile.compiler.backend import fairy2i_backend as new_backend
+    from fairy2i_compile.quant import phase_quant
+    from fairy2i_compile.quantization import quant
+    from fairy2i_compile.quantization.calibration import calibrate as new_calibrate
+
+    assert phase_quant is quant.phase_quant
+    assert fairy2i_backend is new_backend is fairy2i_compile.fairy2i_backend
+    assert calibrate is new_calibrate is fairy2i_compile.calibrate
+    assert fairy2i_compile.quant is quant  # attribute access, as before the grouping
+    assert fairy2i_compile.ops is importlib.import_module(OPS)
+    assert fairy2i_compile.moved_to(f"{PACKAGE}.cli") is None and fairy2i_compile.moved_to("torch.quant") is None
+
+
+def test_the_dynamo_entry_point_loads_the_backend():
+    eps = [ep for ep in importlib.metadata.entry_points(group="torch_dynamo_backends") if ep.name == "fairy2i"]
+    if not eps:
+        pytest.skip("fairy2i_compile is not installed (no torch_dynamo_backends entry point)")
+    from fairy2i_compile.compiler.backend import fairy2i_backend
+    assert eps[0].load() is fairy2i_backend  # whether the installed metadata names the old path or the new
 
 
 if __name__ == "__main__":
