@@ -71,7 +71,7 @@ PROMPT = ("The history of the Roman Empire spans more than a thousand years, fro
 
 # --------------------------------------------------------------------------- one configuration
 def linear_bytes(model) -> int:
-    from fairy2i_compile.packed_model import PackedLinear
+    from fairy2i_compile.quantization.packed_model import PackedLinear
 
     total = 0
     for mod in model.modules():
@@ -103,7 +103,7 @@ def greedy(fwd, cache, ids, new_tokens):
 
 
 def run_config(name: str, args) -> dict:
-    from fairy2i_compile.models import load_smollm2
+    from fairy2i_compile.checkpoints.models import load_smollm2
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def run_config(name: str, args) -> dict:
     row = {"config": name, "prompt_tokens": int(ids.shape[1]), "decode_tokens": args.decode_tokens}
     pack_s = 0.0
     if name.startswith("w"):
-        from fairy2i_compile.packed_model import pack_model
+        from fairy2i_compile.quantization.packed_model import pack_model
 
         stages = int(name[1])
         kernel = {"torch": "torch", "decomposed": "inductor"}.get(name.split("-")[-1], "auto")
@@ -190,9 +190,9 @@ def time_ms(fn, *a, reps=30):
 
 
 def kernel_table(args) -> list:
-    from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
+    from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely
     from fairy2i_compile.packed_ops import packed_linear, packed_linear_reference
-    from fairy2i_compile.packing import pack_widely
+    from fairy2i_compile.quantization.packing import pack_widely
 
     torch.set_num_threads(args.threads)
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]

@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_cpu_scales")
     p.add_argument("--notes", default="")
     args = p.parse_args(argv)
-    from fairy2i_compile.codegen import cpu_packed
+    from fairy2i_compile.compiler.codegen import cpu_packed
     from fairy2i_compile.packed_ops import packed_linear_reference
-    from fairy2i_compile.packing import pack_widely
+    from fairy2i_compile.quantization.packing import pack_widely
 
     if not 1 <= args.tokens <= cpu_packed.FOLD_MAX_TOKENS:
         p.error(f"--tokens must be 1..{cpu_packed.FOLD_MAX_TOKENS} (the fold path's range), got {args.tokens}")

@@ -129,7 +129,7 @@ def hbm_copy_bandwidth(bench: Callable, device: str, nbytes: int = 1 << 30) -> f
 
 def variant_specs(M: int, n: int, m: int, stages: int) -> Dict[str, object]:
     """{label: KernelSpec}: choose_spec's pick ("ours") and, for --variants, the other paths at this size."""
-    from fairy2i_compile.codegen.triton_packed import choose_spec
+    from fairy2i_compile.compiler.codegen.triton_packed import choose_spec
 
     def pick(path=None):
         return choose_spec(M, n, m, stages, 0, False, torch.bfloat16, False, False, path)
@@ -152,7 +152,7 @@ def variant_specs(M: int, n: int, m: int, stages: int) -> Dict[str, object]:
 
 
 def _weights(out_f: int, in_f: int, stages: int, device: str, seed: int = 0):
-    from fairy2i_compile.packing import words_per_row
+    from fairy2i_compile.quantization.packing import words_per_row
 
     n, m = out_f // 2, in_f // 2
     g = torch.Generator(device=device).manual_seed(seed)
@@ -165,7 +165,7 @@ def _weights(out_f: int, in_f: int, stages: int, device: str, seed: int = 0):
 
 def warm(args) -> None:
     """Launch the kernels (shape, T, M, variant) number shard, shard + shards, ... once: fills Triton's cache."""
-    from fairy2i_compile.codegen.triton_packed import launch_packed_linear
+    from fairy2i_compile.compiler.codegen.triton_packed import launch_packed_linear
 
     index = 0
     for out_f, in_f in args.shapes:
@@ -190,9 +190,9 @@ def warm(args) -> None:
 
 def bench_shape(out_f: int, in_f: int, batches: List[int], stages: int, bench: Callable, device: str,
                 bandwidth: float, variants: bool) -> List[Dict]:
-    from fairy2i_compile.codegen.triton_packed import launch_packed_linear, packed_linear_triton
+    from fairy2i_compile.compiler.codegen.triton_packed import launch_packed_linear, packed_linear_triton
     from fairy2i_compile.packed_ops import packed_linear_reference
-    from fairy2i_compile.packing import packed_nbytes
+    from fairy2i_compile.quantization.packing import packed_nbytes
 
     n, m, codes, scales, w_dense, g = _weights(out_f, in_f, stages, device)
     packed_bytes = packed_nbytes(n, m, stages, "tensor")
@@ -354,8 +354,8 @@ def decode_config(name: str, args) -> Dict:
     if name == "bf16":
         compile_kw = dict(dynamic=False)
     else:
-        from fairy2i_compile.backend import Fairy2iBackend
-        from fairy2i_compile.packed_model import pack_model
+        from fairy2i_compile.compiler.backend import Fairy2iBackend
+        from fairy2i_compile.quantization.packed_model import pack_model
 
         stages = int(name[1])
         pack_model(model, stages=stages)
@@ -490,7 +490,7 @@ def sass_profile(args) -> int:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from fairy2i_compile.codegen.triton_packed import KernelSpec, load_kernel
+    from fairy2i_compile.compiler.codegen.triton_packed import KernelSpec, load_kernel
 
     tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
     if not tools:
@@ -567,7 +567,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError:
         print("bench_kernels: triton is not installed (pip install 'triton>=3.6'); nothing written.", file=sys.stderr)
         return 1
-    from fairy2i_compile.codegen import triton_interpreter_enabled
+    from fairy2i_compile.compiler.codegen import triton_interpreter_enabled
 
     if triton_interpreter_enabled():
         print("bench_kernels: TRITON_INTERPRET is set; unset it to time compiled kernels. Nothing written.",
@@ -580,7 +580,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "configs": os.environ.get("FAIRY2I_TRITON_CONFIGS") or "fairy2i_compile/codegen/triton_configs.json",
+        "configs": os.environ.get("FAIRY2I_TRITON_CONFIGS") or "fairy2i_compile/compiler/codegen/triton_configs.json",
     }
     if args.decode:
         return decode_main(args, meta)

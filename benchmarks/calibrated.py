@@ -59,11 +59,11 @@ for _path in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 from fairy2i_compile import eval as ev  # noqa: E402
-from fairy2i_compile import quant  # noqa: E402
-from fairy2i_compile.calibration import calibrate, calibration_windows, rtn_round  # noqa: E402
-from fairy2i_compile.calibration.rounding import MAX_OUTLIERS  # noqa: E402
-from fairy2i_compile.models import load_smollm2  # noqa: E402
-from fairy2i_compile.packed_model import PackedLinear, outlier_nbytes  # noqa: E402
+from fairy2i_compile.quantization import quant  # noqa: E402
+from fairy2i_compile.quantization.calibration import calibrate, calibration_windows, rtn_round  # noqa: E402
+from fairy2i_compile.quantization.calibration.rounding import MAX_OUTLIERS  # noqa: E402
+from fairy2i_compile.checkpoints.models import load_smollm2  # noqa: E402
+from fairy2i_compile.quantization.packed_model import PackedLinear, outlier_nbytes  # noqa: E402
 from peers import eval_windows, hqq_available, hqq_dequantized  # noqa: E402
 from results_io import write_results  # noqa: E402
 
@@ -186,7 +186,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
         del model
         model = res.model
     if cfg.get("distill_steps"):
-        from fairy2i_compile.calibration import distill
+        from fairy2i_compile.quantization.calibration import distill
 
         teacher, _ = load_smollm2(progress=False)
         d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,

@@ -34,10 +34,10 @@ if str(REPO) not in sys.path:
 
 from results_io import write_results  # noqa: E402
 
-from fairy2i_compile.checkpoint import load_packed, save_packed  # noqa: E402
-from fairy2i_compile.models import load_smollm2  # noqa: E402
-from fairy2i_compile.packed_model import pack_model  # noqa: E402
-from fairy2i_compile.safetensors_io import dedupe_state  # noqa: E402
+from fairy2i_compile.checkpoints.checkpoint import load_packed, save_packed  # noqa: E402
+from fairy2i_compile.checkpoints.models import load_smollm2  # noqa: E402
+from fairy2i_compile.quantization.packed_model import pack_model  # noqa: E402
+from fairy2i_compile.checkpoints.safetensors_io import dedupe_state  # noqa: E402
 
 MB = 1e6  # decimal megabytes, as file sizes are usually quoted
 

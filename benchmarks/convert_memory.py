@@ -127,17 +127,17 @@ def worker(case: str, tmp: Path) -> dict:
             with torch.no_grad():
                 return torch.compile(model, backend="fairy2i", options={"mode": "ptq", "stages": 2})(ids)
     elif case.startswith("smollm2_"):
-        from fairy2i_compile.models import load_smollm2
+        from fairy2i_compile.checkpoints.models import load_smollm2
 
         model, _ = load_smollm2(torch.float32, progress=False)
         rec["model_bytes"], rec["largest_layer_bytes"] = _model_bytes(model)
         if case == "smollm2_save_w2_fp16":
-            from fairy2i_compile.checkpoint import save_packed
+            from fairy2i_compile.checkpoints.checkpoint import save_packed
 
             run = lambda: save_packed(model, tmp / "smollm2-w2.safetensors", {"stages": 2},  # noqa: E731
                                       dense_dtype=torch.float16)
         else:
-            from fairy2i_compile.packed_model import pack_model
+            from fairy2i_compile.quantization.packed_model import pack_model
 
             stages, gran = (2, "tensor") if case == "smollm2_pack_w2" else (4, "row")
             run = lambda: pack_model(model, stages, gran)  # noqa: E731

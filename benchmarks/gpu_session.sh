@@ -39,9 +39,9 @@ stage "1 env"
 nvidia-smi -L || true
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-python3 -c "import fairy2i_compile.codegen.triton_packed as tp; print('import ok; MMA_MAX_M', tp.MMA_MAX_M)" \
+python3 -c "import fairy2i_compile.compiler.codegen.triton_packed as tp; print('import ok; MMA_MAX_M', tp.MMA_MAX_M)" \
   || { echo "IMPORT FAILED"; exit 1; }
-cp fairy2i_compile/codegen/triton_configs.json /tmp/r/triton_configs.json
+cp fairy2i_compile/compiler/codegen/triton_configs.json /tmp/r/triton_configs.json
 
 stage "2+3 GPU tests (pytest -n 6) and sweep compile (9 warm shards), side by side"
 if [ "${GPU_SESSION_CASES:-}" = mma ]; then KSEL=(-k "${TESTS_K:-mma}"); VARIANTS=(); else KSEL=(); VARIANTS=(--variants); fi
@@ -101,7 +101,7 @@ if [ "${GPU_SESSION_CASES:-}" != mma ] && [ "$(left)" -gt 22 ] && command -v ncu
 import torch, sys
 sys.path.insert(0, "benchmarks")
 from tune_kernels import make_case
-from fairy2i_compile.codegen.triton_packed import choose_spec, launch_packed_linear
+from fairy2i_compile.compiler.codegen.triton_packed import choose_spec, launch_packed_linear
 n, m, codes, scales, x, _ = make_case(4096, 11008, 1, 2)
 spec = choose_spec(1, n, m, 2, 0, False, torch.bfloat16, False, False)
 print(spec)

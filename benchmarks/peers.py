@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     _hqq()  # fail before loading anything when hqq is missing
 
     from results_io import write_results
-    from fairy2i_compile.models import load_smollm2
+    from fairy2i_compile.checkpoints.models import load_smollm2
 
     model, tokenizer = load_smollm2(progress=False)
     windows = eval_windows(tokenizer, args.seq_len, args.windows)

@@ -7,7 +7,7 @@
     torchrun --standalone --nproc-per-node N benchmarks/qat_distributed.py --model smollm2 \
         --strategy fsdp2 --batch-size 8 --seq-len 512 --steps 1000 --checkpoint-dir runs/w2
 
-Every rank builds the same model and windows; `fairy2i_compile.distributed.wrap` applies
+Every rank builds the same model and windows; `fairy2i_compile.training.distributed.wrap` applies
 DDP or FSDP2, and the wrapped module is compiled with backend="fairy2i" in QAT mode.
 --batch-size is the global batch (windows per optimizer step, split evenly over ranks);
 the recipe is train.train_qat's (AdamW beta=(0.9, 0.95), wd 0, warmup + cosine LR, grad
@@ -16,7 +16,7 @@ clip), so a run on N processes follows the single-process trajectory.
 Rank 0 prints one line per step (loss averaged over ranks, grad norm, LR, s/step) and a
 summary (mean s/step without the first, compiling, step; tokens/s). With --checkpoint-dir
 the run resumes from the latest checkpoint there and saves every --checkpoint-every steps
-and at the end (torch.distributed.checkpoint; see fairy2i_compile/distributed.py).
+and at the end (torch.distributed.checkpoint; see fairy2i_compile/training/distributed.py).
 --json writes the summary and the per-step history (rank 0, atomically).
 """
 
@@ -38,9 +38,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fairy2i_compile import Fairy2iBackend  # noqa: E402
-from fairy2i_compile.distributed import STRATEGIES, latest_checkpoint, train_qat_distributed, wrap  # noqa: E402
-from fairy2i_compile.report import atomic_write_text  # noqa: E402
-from fairy2i_compile.train import TrainConfig  # noqa: E402
+from fairy2i_compile.training.distributed import STRATEGIES, latest_checkpoint, train_qat_distributed, wrap  # noqa: E402
+from fairy2i_compile.compiler.report import atomic_write_text  # noqa: E402
+from fairy2i_compile.training.train import TrainConfig  # noqa: E402
 
 
 def _granularity(text: str):
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", choices=STRATEGIES, default="fsdp2")
     p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
-                   help="tiny: a random Llama built from a config; smollm2: SmolLM2-135M (fairy2i_compile.models)")
+                   help="tiny: a random Llama built from a config; smollm2: SmolLM2-135M (fairy2i_compile.checkpoints.models)")
     p.add_argument("--layers", type=int, default=2, help="tiny model: decoder layers")
     p.add_argument("--hidden", type=int, default=64, help="tiny model: hidden size (even)")
     p.add_argument("--data", choices=("auto", "random", "wiki"), default="auto",
@@ -106,7 +106,7 @@ def load_model(args, rank: int):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.model == "tiny":
         return tiny_llama(args.layers, args.hidden, args.seq_len)
-    from fairy2i_compile.models import load_smollm2
+    from fairy2i_compile.checkpoints.models import load_smollm2
 
     if rank != 0:
         dist.barrier()  # rank 0 converts the GGUF into the cache once; the others load it after

@@ -35,9 +35,9 @@ if str(REPO) not in sys.path:
 
 from fairy2i_compile import Fairy2iBackend  # noqa: E402
 from fairy2i_compile import eval as ev  # noqa: E402
-from fairy2i_compile.models import default_cache_dir, load_smollm2  # noqa: E402
-from fairy2i_compile.report import atomic_write_text  # noqa: E402
-from fairy2i_compile.train import TrainConfig, read_checkpoint_info, train_qat  # noqa: E402
+from fairy2i_compile.checkpoints.models import default_cache_dir, load_smollm2  # noqa: E402
+from fairy2i_compile.compiler.report import atomic_write_text  # noqa: E402
+from fairy2i_compile.training.train import TrainConfig, read_checkpoint_info, train_qat  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "qat_smollm2"
 

@@ -1,6 +1,6 @@
 """Quantization error of PhaseQuant (T = 1..4) and the real baselines at equal bits.
 
-Three parts, all through ``fairy2i_compile.quant``:
+Three parts, all through ``fairy2i_compile.quantization.quant``:
 
 1. complex Gaussian U [size, size]: PhaseQuant error for T = 1..4 per granularity
    (sanity figures, DESIGN.md §1.3: 0.603 / 0.361 / 0.242 for T = 1 / 2 / 3);
@@ -36,8 +36,8 @@ if str(REPO) not in sys.path:
 
 from results_io import write_results  # noqa: E402
 
-from fairy2i_compile.ops import real_to_widely, widely_to_real  # noqa: E402
-from fairy2i_compile.quant import (  # noqa: E402
+from fairy2i_compile.compiler.ops import real_to_widely, widely_to_real  # noqa: E402
+from fairy2i_compile.quantization.quant import (  # noqa: E402
     bits_per_real_weight,
     phase_quant,
     quant_error,

@@ -1,6 +1,6 @@
 """Sweep block sizes, launch configs and decode variants of the packed Triton kernels on one GPU.
 
-    python benchmarks/tune_kernels.py --write-configs fairy2i_compile/codegen/triton_configs.json
+    python benchmarks/tune_kernels.py --write-configs fairy2i_compile/compiler/codegen/triton_configs.json
     python benchmarks/tune_kernels.py --warm-only --shard 3 --shards 8     # compile shard 3 of 8, time nothing
 
 For each case (real layer OUTxIN, batch M, stages T, path; bf16 activations, tensor scales) the
@@ -108,7 +108,7 @@ def candidates(base, M: int) -> List:
 
 def make_case(out_f: int, in_f: int, M: int, T: int, device: str = "cuda", seed: int = 0):
     """x bf16 [M, in], random packed codes [2T, out/2, ceil(in/32)] and scales, dense bf16 W."""
-    from fairy2i_compile.packing import words_per_row
+    from fairy2i_compile.quantization.packing import words_per_row
 
     n, m = out_f // 2, in_f // 2
     g = torch.Generator(device=device).manual_seed(seed)
@@ -121,7 +121,7 @@ def make_case(out_f: int, in_f: int, M: int, T: int, device: str = "cuda", seed:
 
 
 def case_specs(out_f: int, in_f: int, M: int, T: int, path: str) -> List:
-    from fairy2i_compile.codegen.triton_packed import choose_spec
+    from fairy2i_compile.compiler.codegen.triton_packed import choose_spec
 
     current = choose_spec(M, out_f // 2, in_f // 2, T, 0, False, torch.bfloat16, False, False, path)
     return candidates(current, M)
@@ -129,7 +129,7 @@ def case_specs(out_f: int, in_f: int, M: int, T: int, path: str) -> List:
 
 def warm(shard: int, shards: int) -> int:
     """Launch candidates shard, shard + shards, ... (over all cases) once each: fills Triton's cache."""
-    from fairy2i_compile.codegen.triton_packed import launch_packed_linear
+    from fairy2i_compile.compiler.codegen.triton_packed import launch_packed_linear
 
     done = failed = 0
     index = 0
@@ -155,7 +155,7 @@ def warm(shard: int, shards: int) -> int:
 
 
 def run_case(out_f: int, in_f: int, M: int, T: int, path: str, bench, deadline: float) -> Dict:
-    from fairy2i_compile.codegen.triton_packed import launch_packed_linear
+    from fairy2i_compile.compiler.codegen.triton_packed import launch_packed_linear
     from fairy2i_compile.packed_ops import packed_linear_reference
 
     n, m, codes, scales, x, w = make_case(out_f, in_f, M, T)
@@ -248,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rep", type=int, default=30, help="do_bench repetition time, ms (default 30)")
     p.add_argument("--write-configs", type=pathlib.Path, default=None, metavar="JSON",
                    help="also write each case's fastest config into this table (the format of "
-                        "fairy2i_compile/codegen/triton_configs.json; entries of other devices are kept)")
+                        "fairy2i_compile/compiler/codegen/triton_configs.json; entries of other devices are kept)")
     p.add_argument("--warm-only", action="store_true", help="compile (launch once) and time nothing")
     p.add_argument("--shard", type=int, default=0, help="with --warm-only: this process's shard (0-based)")
     p.add_argument("--shards", type=int, default=1, help="with --warm-only: number of shards")

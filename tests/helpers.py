@@ -5,7 +5,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from fairy2i_compile import quant
+from fairy2i_compile.quantization import quant
 
 Granularity = Union[str, int]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from fairy2i_compile import Fairy2iBackend, Fairy2iConfig
-from fairy2i_compile.passes.widely_linear import WeightSite, should_rewrite
+from fairy2i_compile.compiler.passes.widely_linear import WeightSite, should_rewrite
 from conftest import rel_err
 from helpers import GPT2_CONV1DS, LLAMA_LINEARS, tiny_gpt2, tiny_llama
 
@@ -296,7 +296,7 @@ SWEEP = [{"stages": s, "scale_granularity": g} for s in (1, 2, 3, 4) for g in ("
 
 def test_option_sweep_past_the_recompile_limit_never_returns_fp_results():
     # Dynamo keeps 8 compiled versions of one function, then runs it uncompiled: outputs equal FP
-    from fairy2i_compile.backend import compile as fairy2i_compile
+    from fairy2i_compile.compiler.backend import compile as fairy2i_compile
 
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), torch.randn(2, 8)
@@ -330,8 +330,8 @@ def test_plain_torch_compile_warns_when_a_compile_fills_the_last_slot():
 
 # ------------------------------------------------------------------ generate
 def test_generate_runs_the_compiled_forward():
-    from fairy2i_compile.backend import compile as fairy2i_compile
-    from fairy2i_compile.packed_model import pack_model
+    from fairy2i_compile.compiler.backend import compile as fairy2i_compile
+    from fairy2i_compile.quantization.packed_model import pack_model
 
     model = tiny_llama().eval()
     ids = torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0))

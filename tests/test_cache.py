@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fairy2i_compile import cache
-from fairy2i_compile.codegen import cpu_packed, resolve_kernel
+from fairy2i_compile.compiler.codegen import cpu_packed, resolve_kernel
 
 needs_cpu_kernel = pytest.mark.skipif(not cpu_packed.cpu_kernel_available()[0],
                                       reason=f"C++ CPU kernel unavailable: {cpu_packed.cpu_kernel_available()[1]}")
@@ -154,9 +154,9 @@ def test_truncated_cached_kernel_is_rebuilt_not_a_crash(kernel_cache, tmp_path):
     kernel_cache.write_bytes(data[: len(data) // 2])
     code = textwrap.dedent("""
         import warnings, torch
-        from fairy2i_compile.codegen import cpu_packed
-        from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
-        from fairy2i_compile.packing import pack_widely
+        from fairy2i_compile.compiler.codegen import cpu_packed
+        from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely
+        from fairy2i_compile.quantization.packing import pack_widely
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ok, path = cpu_packed.cpu_kernel_available()

@@ -8,8 +8,9 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairy2i_compile import Fairy2iBackend, load_packed, quant
-from fairy2i_compile.calibration import (
+from fairy2i_compile import Fairy2iBackend, load_packed
+from fairy2i_compile.quantization import quant
+from fairy2i_compile.quantization.calibration import (
     HessianAccumulator,
     calibrate,
     calibration_windows,
@@ -18,8 +19,8 @@ from fairy2i_compile.calibration import (
     output_error,
     rtn_round,
 )
-from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
-from fairy2i_compile.packed_model import PackedLinear
+from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely
+from fairy2i_compile.quantization.packed_model import PackedLinear
 
 from helpers import LLAMA_LINEARS, tiny_llama
 
@@ -312,7 +313,7 @@ def test_scale_refit_never_increases_the_output_error_and_stays_packable(gran):
 
 
 def test_true_sequential_groups_a_llama_block_by_what_each_layer_reads():
-    from fairy2i_compile.calibration.driver import _capture_block_inputs, _input_groups
+    from fairy2i_compile.quantization.calibration.driver import _capture_block_inputs, _input_groups
 
     model = tiny_llama(seed=0, layers=1)
     block = model.model.layers[0]
@@ -336,7 +337,7 @@ def test_first_scale_one_is_the_paper_rule_and_others_rescale_stage_one_only():
 
 
 def test_scale_search_picks_the_lowest_rtn_error_and_never_loses_to_the_paper_rule():
-    from fairy2i_compile.calibration.rounding import search_first_scale
+    from fairy2i_compile.quantization.calibration.rounding import search_first_scale
 
     # a heavy-tailed weight, like real LLM layers: a few large entries
     g = torch.Generator().manual_seed(0)
@@ -359,7 +360,7 @@ def _massive(d: int, channel: int, factor: float, tokens: int = 400, seed: int =
 
 
 def test_select_outliers_takes_the_massive_channels_largest_first_and_caps_the_count():
-    from fairy2i_compile.calibration import select_outliers
+    from fairy2i_compile.quantization.calibration import select_outliers
 
     h = _massive(40, 7, 50.0)
     h[30, 30] = h[7, 7] * 2  # a second, larger outlier
@@ -485,7 +486,7 @@ def test_forged_outlier_corrections_are_refused(tmp_path, forge, match):
 
 # ------------------------------------------------------------------ per-block repair
 def test_round_at_scales_with_phasequants_own_scales_is_phasequant():
-    from fairy2i_compile.calibration.rounding import round_at_scales
+    from fairy2i_compile.quantization.calibration.rounding import round_at_scales
 
     g = torch.Generator().manual_seed(4)
     re, im = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
@@ -516,7 +517,7 @@ def test_repair_lowers_the_block_loss_and_packs_exactly():
 
 
 def test_repair_with_a_vanishing_step_keeps_the_calibrated_codes():
-    from fairy2i_compile.calibration.repair import RepairLinear
+    from fairy2i_compile.quantization.calibration.repair import RepairLinear
 
     a = torch.randn(16, 24, generator=torch.Generator().manual_seed(1))
     r = gptq_round(a, _spd(24), 2, "row", act_order=True, scale_search=True)
@@ -551,9 +552,9 @@ def test_bad_repair_options_are_named(kwargs, match):
 @pytest.mark.parametrize("gran", ["tensor", "row", 4])
 def test_repair_gradients_are_the_straight_through_estimator_of_the_phase_rule(gran):
     """The hand-written backward equals autograd through ``round_at_scales`` with an STE for L."""
-    from fairy2i_compile.calibration.repair import RepairLinear
-    from fairy2i_compile.calibration.rounding import round_at_scales
-    from fairy2i_compile.ops.widely import real_to_widely_reference, widely_to_real_reference
+    from fairy2i_compile.quantization.calibration.repair import RepairLinear
+    from fairy2i_compile.quantization.calibration.rounding import round_at_scales
+    from fairy2i_compile.compiler.ops.widely import real_to_widely_reference, widely_to_real_reference
 
     g = torch.Generator().manual_seed(7)
     a = torch.randn(12, 20, generator=g)
@@ -580,7 +581,7 @@ def test_repair_gradients_are_the_straight_through_estimator_of_the_phase_rule(g
 def _smollm2_or_skip():
     import importlib.util
 
-    from fairy2i_compile import models
+    from fairy2i_compile.checkpoints import models
 
     try:
         models.smollm2_gguf_path()
@@ -593,7 +594,7 @@ def _smollm2_or_skip():
 
 def test_real_smollm2_layers_calibrated_beat_round_to_nearest_and_outliers_fix_massive_channels():
     from fairy2i_compile import eval as ev
-    from fairy2i_compile.calibration import Observations, hook_inputs, select_outliers
+    from fairy2i_compile.quantization.calibration import Observations, hook_inputs, select_outliers
 
     model, tokenizer = _smollm2_or_skip()
     text = "\n".join(ev.wiki_articles()[-4:])  # the end of the sample: never evaluation text

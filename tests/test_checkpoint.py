@@ -12,10 +12,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fairy2i_compile.backend import Fairy2iBackend
-from fairy2i_compile.checkpoint import (FORMAT, FORMAT_VERSION, is_packed_checkpoint, load_packed,
+from fairy2i_compile.compiler.backend import Fairy2iBackend
+from fairy2i_compile.checkpoints.checkpoint import (FORMAT, FORMAT_VERSION, is_packed_checkpoint, load_packed,
                                         packed_state_info, save_packed)
-from fairy2i_compile.packed_model import PackedLinear, pack_model
+from fairy2i_compile.quantization.packed_model import PackedLinear, pack_model
 
 from helpers import tiny_llama
 
@@ -133,7 +133,7 @@ def test_kept_real_tied_lm_head_is_stored_once_and_retied_with_dense_dtype(tmp_p
 
 
 def test_interrupted_save_leaves_the_existing_file_intact(tmp_path, monkeypatch):
-    from fairy2i_compile import safetensors_io
+    from fairy2i_compile.checkpoints import safetensors_io
 
     path = tmp_path / "w2.safetensors"
     save_packed(tiny_llama().eval(), path, {"stages": 2})
@@ -156,8 +156,8 @@ def test_interrupted_save_leaves_the_existing_file_intact(tmp_path, monkeypatch)
 KILLED_SAVE = """
 import os, signal, sys
 import safetensors.torch, torch
-from fairy2i_compile import safetensors_io
-from fairy2i_compile.checkpoint import save_packed
+from fairy2i_compile.checkpoints import safetensors_io
+from fairy2i_compile.checkpoints.checkpoint import save_packed
 
 def die(*args, **kwargs):  # the writer is killed after the temp file exists, before it is renamed
     os.kill(os.getpid(), signal.SIGKILL)
@@ -193,8 +193,8 @@ def test_save_is_byte_deterministic(tmp_path):
 
 
 def test_load_never_quantizes_and_never_materialises_dense_linear_weights(w2_file, monkeypatch):
-    from fairy2i_compile import packed_model
-    from fairy2i_compile.ops import quantize
+    from fairy2i_compile.quantization import packed_model
+    from fairy2i_compile.compiler.ops import quantize
 
     def fail(*args, **kwargs):
         raise AssertionError("load_packed must not quantize")

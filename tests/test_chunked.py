@@ -5,15 +5,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairy2i_compile import quant, quant_ops
-from fairy2i_compile.chunked import chunk_rows_for, pack_layer_chunked, pack_layer_into
-from fairy2i_compile.packing import pack_phase
+from fairy2i_compile import quant_ops
+from fairy2i_compile.quantization import quant
+from fairy2i_compile.quantization.chunked import chunk_rows_for, pack_layer_chunked, pack_layer_into
+from fairy2i_compile.quantization.packing import pack_phase
 
 HYP = settings(max_examples=60, deadline=None, database=None)
 
 
 def _reference(a, stages, granularity, first_scale=1.0):
-    from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
+    from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely
 
     u_re, u_im, w_re, w_im = _real_to_widely(a)
     qu = quant.phase_quant(u_re, u_im, stages, granularity, first_scale=first_scale)
@@ -157,7 +158,7 @@ def test_pack_model_frees_each_dense_weight_as_it_goes(monkeypatch):
     import gc
     import weakref
 
-    from fairy2i_compile import packed_model
+    from fairy2i_compile.quantization import packed_model
 
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     weights = [weakref.ref(m.weight) for m in model]
@@ -177,7 +178,7 @@ def test_pack_model_frees_each_dense_weight_as_it_goes(monkeypatch):
 
 @pytest.mark.parametrize("granularity", ["tensor", "row", 3])
 def test_dense_ptq_paths_equal_quantize_widely(granularity):
-    from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely
+    from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely
 
     a = torch.randn(40, 26, generator=torch.Generator().manual_seed(5))
     want = quant.quantize_widely(*_real_to_widely(a), 3, granularity)

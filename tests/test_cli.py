@@ -114,9 +114,9 @@ def w2_checkpoint(tmp_path_factory):
 
 
 def test_quantize_tiny_llama_equals_pack_model_bit_for_bit(w2_checkpoint):
-    from fairy2i_compile.checkpoint import load_packed, packed_state_info
+    from fairy2i_compile.checkpoints.checkpoint import load_packed, packed_state_info
     from fairy2i_compile.cli import _tiny_llama
-    from fairy2i_compile.packed_model import pack_model
+    from fairy2i_compile.quantization.packed_model import pack_model
 
     info = packed_state_info(w2_checkpoint)
     assert info["extra"] == {"source": "tiny-llama"} and info["fairy2i"]["stages"] == 2 and len(info["layers"]) == 15

@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from fairy2i_compile import Fairy2iBackend, quant, quant_ops
-from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
+from fairy2i_compile import Fairy2iBackend, quant_ops
+from fairy2i_compile.quantization import quant
+from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from conftest import rel_err
 from helpers import LLAMA_LINEARS, PhaseQuantSTE, tiny_gpt2, tiny_llama
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fairy2i_compile.checkpoint import load_packed, save_packed
-from fairy2i_compile.convert import ShardReader, convert_folder
+from fairy2i_compile.checkpoints.checkpoint import load_packed, save_packed
+from fairy2i_compile.checkpoints.convert import ShardReader, convert_folder
 
 from helpers import tiny_llama
 
@@ -45,7 +45,7 @@ def test_same_bytes_as_save_packed(tmp_path, case):
 def test_codes_go_straight_to_the_file(tmp_path, monkeypatch):
     # no layer's codes are held in memory: the packer writes them into the output file (and
     # reads the earlier stages back from it); a tensor of a layer's codes is never made
-    from fairy2i_compile import chunked
+    from fairy2i_compile.quantization import chunked
 
     def no_codes_tensor(*args, **kwargs):
         raise AssertionError("convert_folder made a tensor of a layer's codes")
@@ -90,7 +90,7 @@ def test_cli_quantize_folder_streams(tmp_path, monkeypatch):
     assert cli.main(["quantize", "--model", str(folder), "--stages", "2", "--out", str(out), "--no-progress"]) == 0
     want = tmp_path / "dense.safetensors"
     _dense_path(folder, want, {"stages": 2, "skip": []})
-    from fairy2i_compile.checkpoint import packed_state_info
+    from fairy2i_compile.checkpoints.checkpoint import packed_state_info
 
     info = packed_state_info(out)
     assert info["extra"]["source"] == str(folder.resolve())

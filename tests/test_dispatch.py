@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fairy2i_compile import Fairy2iBackend, Fairy2iConfig
-from fairy2i_compile.codegen import dispatch
-from fairy2i_compile.ops.packed_reference import packed_linear_body
-from fairy2i_compile.packed_model import PackedLinear, pack_model
+from fairy2i_compile.compiler.codegen import dispatch
+from fairy2i_compile.compiler.ops.packed_reference import packed_linear_body
+from fairy2i_compile.quantization.packed_model import PackedLinear, pack_model
 
 CALLS = []
 
@@ -90,7 +90,7 @@ def test_the_kernel_is_resolved_once_per_option_and_device(monkeypatch):
 def test_lowering_decides_each_node_once(monkeypatch):
     from torch._dynamo.utils import counters
 
-    from fairy2i_compile.codegen import lower
+    from fairy2i_compile.compiler.codegen import lower
 
     decided = []
     real = lower.resolve_kernel

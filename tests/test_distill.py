@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fairy2i_compile import Fairy2iBackend, calibrate, distill, load_packed, pack_model, save_packed
-from fairy2i_compile.calibration import packed_from_rounded, rounded_from_packed
-from fairy2i_compile.packed_model import PackedLinear
+from fairy2i_compile.quantization.calibration import packed_from_rounded, rounded_from_packed
+from fairy2i_compile.quantization.packed_model import PackedLinear
 
 from helpers import tiny_llama
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fairy2i_compile import Fairy2iBackend
-from fairy2i_compile.train import TrainConfig, train_qat
+from fairy2i_compile.training.train import TrainConfig, train_qat
 from helpers import LLAMA_LINEARS, tiny_llama
 
 WORLD = 2
@@ -67,7 +67,7 @@ def _load_params(path):
 
 
 def _build(strategy, seed):
-    from fairy2i_compile.distributed import wrap
+    from fairy2i_compile.training.distributed import wrap
 
     model = tiny_llama(seed=seed)
     # Dynamo cuts the graph once per DDP gradient bucket. Its DDPOptimizer always uses torch's
@@ -83,7 +83,7 @@ def _build(strategy, seed):
 
 
 def _worker(rank, strategy, port, out, phase):
-    from fairy2i_compile.distributed import full_state_dict, train_qat_distributed
+    from fairy2i_compile.training.distributed import full_state_dict, train_qat_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -201,7 +201,7 @@ def test_one_process_runs_train_qats_steps_bit_for_bit(single_process, tmp_path)
     LambdaLR schedule and guarded step), so the parameters, losses, norms and LRs are the same
     numbers (atol = rtol = 0: the same arithmetic in the same order; the all-reduced loss of one
     rank is its own). Stopping at step 2 and resuming rebuilds the schedule at step 2: same again."""
-    from fairy2i_compile.distributed import train_qat_distributed
+    from fairy2i_compile.training.distributed import train_qat_distributed
 
     want, reference = single_process
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
@@ -226,7 +226,7 @@ def test_one_process_runs_train_qats_steps_bit_for_bit(single_process, tmp_path)
 
 
 def test_a_non_finite_mean_loss_stops_the_distributed_loop_before_the_update():
-    from fairy2i_compile.distributed import train_qat_distributed
+    from fairy2i_compile.training.distributed import train_qat_distributed
 
     model = tiny_llama(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -243,7 +243,7 @@ def test_a_non_finite_mean_loss_stops_the_distributed_loop_before_the_update():
 
 # ------------------------------------------------------------------ bad input (no processes needed)
 def test_batch_not_divisible_by_world_size_names_values_and_fix():
-    from fairy2i_compile.distributed import local_batch
+    from fairy2i_compile.training.distributed import local_batch
 
     with pytest.raises(ValueError, match=r"global batch 6 is not divisible by world size 4.*multiple of 4 \(e\.g\. 8\)"):
         local_batch(torch.zeros(6, 5, dtype=torch.long), 0, 4)
@@ -251,7 +251,7 @@ def test_batch_not_divisible_by_world_size_names_values_and_fix():
 
 
 def test_wrap_rejects_bad_arguments_and_a_missing_process_group():
-    from fairy2i_compile.distributed import wrap
+    from fairy2i_compile.training.distributed import wrap
 
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"strategy must be one of \('ddp', 'fsdp2'\), got 'fsdp'"):
@@ -266,8 +266,8 @@ def test_wrap_rejects_bad_arguments_and_a_missing_process_group():
 
 
 def test_corrupt_latest_pointer_is_a_checkpoint_error(tmp_path):
-    from fairy2i_compile.distributed import latest_checkpoint
-    from fairy2i_compile.train import CheckpointError
+    from fairy2i_compile.training.distributed import latest_checkpoint
+    from fairy2i_compile.training.train import CheckpointError
 
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / "latest.json").write_text('{"format": "something else"}')

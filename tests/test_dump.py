@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fairy2i_compile import mlir_export
-from fairy2i_compile.mlir_export import decompose_fairy2i, widen_uint8
+from fairy2i_compile.compiler import mlir_export
+from fairy2i_compile.compiler.mlir_export import decompose_fairy2i, widen_uint8
 from fairy2i_compile.quant_ops import phase_quant_reference
 
 from helpers import tiny_llama
@@ -186,7 +186,7 @@ def test_dump_dir_that_is_a_file_names_the_option(tmp_path):
 
 
 def test_dump_into_a_used_folder_holds_only_the_new_dump(tmp_path, monkeypatch):
-    from fairy2i_compile import backend as backend_mod
+    from fairy2i_compile.compiler import backend as backend_mod
 
     monkeypatch.setenv("FAIRY2I_MLIR", "0")
     model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(2, 8)

@@ -15,9 +15,9 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from fairy2i_compile import Fairy2iBackend, Fairy2iConfig
-from fairy2i_compile.codegen import cpu_packed
-from fairy2i_compile.passes import INFERENCE_PIPELINE, PassContext, enabled_passes
-from fairy2i_compile.report import GraphReport
+from fairy2i_compile.compiler.codegen import cpu_packed
+from fairy2i_compile.compiler.passes import INFERENCE_PIPELINE, PassContext, enabled_passes
+from fairy2i_compile.compiler.report import GraphReport
 
 needs_cpu_op = pytest.mark.skipif(not cpu_packed.cpu_op_available()[0],
                                   reason=f"C++ op registration unavailable: {cpu_packed.cpu_op_available()[1]}")

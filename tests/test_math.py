@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fairy2i_compile import ops  # noqa: F401
+from fairy2i_compile.compiler import ops  # noqa: F401
 from conftest import rel_err
 
 fairy2i = torch.ops.fairy2i

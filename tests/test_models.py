@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fairy2i_compile import models
+from fairy2i_compile.checkpoints import models
 
 try:
     GGUF_PATH = models.smollm2_gguf_path()

@@ -10,9 +10,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fairy2i_compile import config, quant
-from fairy2i_compile.codegen.triton_spec import KernelSpec
-from fairy2i_compile.options import (
+from fairy2i_compile.compiler import config
+from fairy2i_compile.quantization import quant
+from fairy2i_compile.compiler.codegen.triton_spec import KernelSpec
+from fairy2i_compile.compiler.options import (
     MAX_STAGES,
     Compiler,
     KernelName,
@@ -26,7 +27,7 @@ from fairy2i_compile.options import (
     group_size_of_packed,
     packed_group_size,
 )
-from fairy2i_compile.ops.quantize import decode_granularity, encode_granularity
+from fairy2i_compile.compiler.ops.quantize import decode_granularity, encode_granularity
 
 ENUMS = [Mode, Method, Compiler, KernelName, ScaleKind, Strategy]
 

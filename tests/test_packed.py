@@ -12,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
-from fairy2i_compile import Fairy2iBackend, Fairy2iConfig, packed_ops, quant, quant_ops
-from fairy2i_compile.codegen import cpu_packed, resolve_kernel
-from fairy2i_compile.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
-from fairy2i_compile.packing import (PackedWidely, pack_codes, pack_phase, pack_widely, packed_nbytes,
+from fairy2i_compile import Fairy2iBackend, Fairy2iConfig, packed_ops, quant_ops
+from fairy2i_compile.quantization import quant
+from fairy2i_compile.compiler.codegen import cpu_packed, resolve_kernel
+from fairy2i_compile.compiler.ops import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
+from fairy2i_compile.quantization.packing import (PackedWidely, pack_codes, pack_phase, pack_widely, packed_nbytes,
                                      unpack_codes, words_per_row)
-from fairy2i_compile.passes import PassContext, fuse_stages
-from fairy2i_compile.report import GraphReport
+from fairy2i_compile.compiler.passes import PassContext, fuse_stages
+from fairy2i_compile.compiler.report import GraphReport
 
 from helpers import tiny_llama
 
@@ -360,7 +361,7 @@ def test_ptq_cache_holds_packed_codes_only_and_repacks_after_an_update():
 
 # ------------------------------------------------------------------ packed models (no dense weights)
 def test_pack_model_replaces_linears_and_matches_compiled_ptq():
-    from fairy2i_compile.packed_model import PackedLinear, pack_model
+    from fairy2i_compile.quantization.packed_model import PackedLinear, pack_model
 
     model = tiny_llama()
     ids = torch.randint(0, 96, (2, 7))
@@ -387,7 +388,7 @@ def test_pack_model_replaces_linears_and_matches_compiled_ptq():
 
 
 def test_pack_model_keeps_odd_and_skipped_layers_real():
-    from fairy2i_compile.packed_model import PackedLinear, pack_model
+    from fairy2i_compile.quantization.packed_model import PackedLinear, pack_model
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3), torch.nn.Linear(3, 4))
     report = pack_model(model, stages=1, skip=["0"])
@@ -483,7 +484,7 @@ def test_cpu_op_passes_opcheck_and_rejects_bad_input():
 
 
 def _packed_mlp():
-    from fairy2i_compile.packed_model import pack_model
+    from fairy2i_compile.quantization.packed_model import pack_model
 
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32, bias=False))
@@ -635,7 +636,7 @@ def test_training_graphs_keep_the_packed_op():
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_decomposition_matches_reference(stages, granularity):
-    from fairy2i_compile.codegen.inductor_packed import packed_linear_decomposed
+    from fairy2i_compile.compiler.codegen.inductor_packed import packed_linear_decomposed
 
     a, pk = packed_layer(14, 46, stages, granularity, seed=stages)
     for tokens in (1, 4):
@@ -646,7 +647,7 @@ def test_decomposition_matches_reference(stages, granularity):
 
 
 def test_decompose_pass_takes_decode_batches_only():
-    from fairy2i_compile.packed_model import pack_model
+    from fairy2i_compile.quantization.packed_model import pack_model
 
     model = tiny_llama()
     pack_model(model, stages=2)
@@ -662,7 +663,7 @@ def test_decompose_pass_takes_decode_batches_only():
 
 
 def test_decomposed_layer_through_inductor():
-    from fairy2i_compile.packed_model import PackedLinear
+    from fairy2i_compile.quantization.packed_model import PackedLinear
 
     layer = PackedLinear.from_linear(torch.nn.Linear(64, 32), stages=2, granularity=16)
     x = torch.randn(1, 64)

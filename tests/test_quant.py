@@ -1,4 +1,4 @@
-"""Tests for fairy2i_compile.quant (PhaseQuant, real baselines, STEs).
+"""Tests for fairy2i_compile.quantization.quant (PhaseQuant, real baselines, STEs).
 
 Tolerances: codes, scales on hand values and dequant round-trips are exact
 (atol=0); Gaussian error figures are +-0.01 absolute on rel_fro; the
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import PhaseQuantSTE, RealQuantSTE
-from fairy2i_compile.quant import (
+from fairy2i_compile.quantization.quant import (
     METHODS,
     SCALE_EPS,
     PhaseQuantized,

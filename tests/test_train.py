@@ -14,8 +14,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from fairy2i_compile import Fairy2iBackend
-from fairy2i_compile import train as train_mod
-from fairy2i_compile.train import (
+from fairy2i_compile.training import train as train_mod
+from fairy2i_compile.training.train import (
     CheckpointError, TrainConfig, batch_indices, load_checkpoint, lm_loss, read_checkpoint_info,
     save_checkpoint, train_qat,
 )

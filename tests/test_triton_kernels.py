@@ -51,10 +51,10 @@ if not torch.cuda.is_available() and not _interpreter_active():
         allow_module_level=True,
     )
 
-from fairy2i_compile.codegen import triton_launch, triton_spec  # noqa: E402
-from fairy2i_compile.codegen import triton_packed as tp  # noqa: E402
-from fairy2i_compile.codegen.sign_table import AXIS, TABLE, UNIT  # noqa: E402
-from fairy2i_compile.codegen.triton_packed import (  # noqa: E402
+from fairy2i_compile.compiler.codegen import triton_launch, triton_spec  # noqa: E402
+from fairy2i_compile.compiler.codegen import triton_packed as tp  # noqa: E402
+from fairy2i_compile.compiler.codegen.sign_table import AXIS, TABLE, UNIT  # noqa: E402
+from fairy2i_compile.compiler.codegen.triton_packed import (  # noqa: E402
     INNER_LOOP_BEGIN,
     INNER_LOOP_END,
     KernelSpec,
@@ -67,7 +67,7 @@ from fairy2i_compile.codegen.triton_packed import (  # noqa: E402
     source_path,
 )
 from fairy2i_compile.packed_ops import packed_linear, packed_linear_reference  # noqa: E402
-from fairy2i_compile.packing import pack_widely  # noqa: E402
+from fairy2i_compile.quantization.packing import pack_widely  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = DEVICE == "cpu"
@@ -297,8 +297,8 @@ def test_triton_op_is_registered_without_interpreter(tmp_path):
     code = (
         "import torch\n"
         "from functorch.compile import aot_function\n"
-        "from fairy2i_compile.codegen import triton_packed as tp\n"
-        "from fairy2i_compile.packing import pack_widely\n"
+        "from fairy2i_compile.compiler.codegen import triton_packed as tp\n"
+        "from fairy2i_compile.quantization.packing import pack_widely\n"
         "pk = pack_widely(*(torch.randn(16, 40) for _ in range(4)), 1, 'row')\n"
         "class Seen(Exception):\n"
         "    pass\n"
@@ -382,7 +382,7 @@ def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from fairy2i_compile.codegen import triton_packed as tp\n"
+        "from fairy2i_compile.compiler.codegen import triton_packed as tp\n"
         "s = tp.choose_spec(1, 8, 8, 1, 0, False, torch.float32, False, False)\n"
         "assert s.path == 'mma' and 'tl.dot' in tp.generate_source(s)\n"
     )
@@ -401,7 +401,7 @@ def test_gpu_sources_compile_for_sm90(tmp_path):
         "from triton.compiler import ASTSource\n"
         "import triton\n"
         "from triton.runtime.jit import JITFunction\n"
-        "from fairy2i_compile.codegen.triton_packed import KernelSpec, load_kernel\n"
+        "from fairy2i_compile.compiler.codegen.triton_packed import KernelSpec, load_kernel\n"
         "specs = [KernelSpec('mma', 2, 'tensor', 0, 'bfloat16', False, 1, 16, 64, 4, 3, decode='asm'),\n"
         "         KernelSpec('mma', 1, 'row', 0, 'float32', True, 4, 16, 32, 4, 2),\n"
         "         KernelSpec('dense', 1, 'group', 32, 'float16', True, 32, 64, 32, 4, 2, decode='asm'),\n"
