@@ -18,7 +18,7 @@ processes writing the same content do not corrupt each other.
 What the cache trusts (`untrusted_reason`): a file, and every folder above it, owned by
 this user or root and not writable by group or others (a sticky folder such as /tmp is
 allowed above the cache: others cannot replace entries they do not own there). Code
-loaded from the cache (codegen/cpu_packed.py) must also match the SHA-256 digest recorded
+loaded from the cache (compiler/codegen/cpu_packed.py) must also match the SHA-256 digest recorded
 beside it when it was built.
 """
 

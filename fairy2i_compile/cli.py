@@ -583,9 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="model -> packed low-bit checkpoint (.safetensors)",
                        description="Quantize every eligible linear layer of --model to Fairy2i 2-bit codes and "
                                    "write the whole model as one packed checkpoint "
-                                   "(fairy2i_compile.checkpoint.save_packed), which eval, bench and dump take "
+                                   "(fairy2i_compile.save_packed), which eval, bench and dump take "
                                    "as --model. A Hugging Face folder is converted from its safetensors shards "
-                                   "layer by layer, never loading the dense model (fairy2i_compile.convert; "
+                                   "layer by layer, never loading the dense model (fairy2i_compile.checkpoints.convert; "
                                    "not with --calibrate).")
     _add_model(p, compile_flags=False)
     p.add_argument("--dense-dtype", default=None, choices=("float32", "bfloat16", "float16"),

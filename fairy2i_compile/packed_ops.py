@@ -1,4 +1,4 @@
-"""Compatibility names for the packed op family, which lives in ops/packed.py."""
+"""Compatibility names for the packed op family, which lives in compiler/ops/packed.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Compatibility names for the quantizer ops and the PTQ cache, which live in ops/quantize.py,
-ops/ptq_cache.py and ops/ptq_packed.py."""
+"""Compatibility names for the quantizer ops and the PTQ cache, which live in compiler/ops/quantize.py,
+compiler/ops/ptq_cache.py and compiler/ops/ptq_packed.py."""
 
 from __future__ import annotations
 

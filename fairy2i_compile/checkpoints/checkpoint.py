@@ -354,7 +354,7 @@ def _read_header(path: pathlib.Path) -> Tuple[Dict[str, str], Dict[str, Tuple[Li
     from .safetensors_io import read_header
 
     return read_header(path, FORMAT, FORMAT_VERSION, "packed checkpoint",
-                       "write one with fairy2i_compile.checkpoint.save_packed or `fairy2i quantize`")
+                       "write one with fairy2i_compile.save_packed or `fairy2i quantize`")
 
 
 def _loads(meta: Mapping[str, str], key: str, path: pathlib.Path, kind: type) -> Any:
@@ -455,7 +455,7 @@ def load_packed(
 ) -> nn.Module:
     """Build the model stored in a packed checkpoint: PackedLinear layers, eval mode, on `device`.
 
-    kernel:          the PackedLinear kernel ("auto", "cpu", "triton", "torch"; codegen/dispatch.py).
+    kernel:          the PackedLinear kernel ("auto", "cpu", "triton", "torch"; compiler/codegen/dispatch.py).
     expected_config: a transformers config or dict; ValueError when the checkpoint's config
                      differs in any of ARCH_FIELDS the two have.
     Every check (format, version, config, layer shapes, tensor names, shapes and dtypes)

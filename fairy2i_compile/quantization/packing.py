@@ -15,7 +15,7 @@ plane, column c of the word at bits [2*(c % 16), 2*(c % 16) + 2):
 
 Each plane is a contiguous [n, KW] block, so a kernel walking the input columns
 block by block reads the same column block of all 2T planes in one pass (the
-stage-fused op of `passes/fuse_stages.py`). Little-endian byte `c // 4` of a row
+stage-fused op of `compiler/passes/fuse_stages.py`). Little-endian byte `c // 4` of a row
 holds columns 4*(c//4) .. +3, which the CPU kernel reads as bytes.
 Columns m..16*KW-1 of the last word are padding and hold code 0; kernels mask
 the activations there (x = 0), so padding never contributes.

@@ -1,7 +1,7 @@
 """Pure-torch quantizers: Fairy2i PhaseQuant and the real BitNet-style baselines.
 
 This module is the single source of truth for quantization arithmetic. PTQ,
-QAT (through the straight-through ops of ``ops/quantize.py``) and packing all
+QAT (through the straight-through ops of ``compiler/ops/quantize.py``) and packing all
 call it, so fake-quant weights and packed weights agree bit for bit.
 No complex dtypes: a complex matrix is carried as two real tensors (re, im).
 
@@ -371,7 +371,7 @@ def phase_quant(
     Returns codes uint8 [T, n, m], scales [T, n_s, g_s] and the dequantized
     sum (re, im) [n, m], in float32 (float64 if the input is float64).
     ``name`` labels the weight in error messages. Gradients are not tracked
-    (the QAT ops in ``ops/quantize.py`` add the straight-through backward).
+    (the QAT ops in ``compiler/ops/quantize.py`` add the straight-through backward).
 
     ``first_scale`` multiplies stage 1's scales (the later stages follow the rule
     on the residual that leaves). 1.0 is the paper's rule, which every mode uses;

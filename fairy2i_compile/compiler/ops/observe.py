@@ -3,7 +3,7 @@
 The ``observe`` pass (calibrate mode) puts this op in front of every linear layer
 the other modes would convert. It returns nothing and is registered as
 side-effecting, so FX and AOTAutograd keep it. Each call passes ``(name, x)`` to
-the innermost active sink (:func:`collecting`); ``calibration/observer.py``'s
+the innermost active sink (:func:`collecting`); ``quantization/calibration/observer.py``'s
 ``observing()`` installs its accumulators as that sink. Calling it with no sink
 active is an error that says how to run calibration.
 """

@@ -5,7 +5,7 @@ quantizing modes would convert (same selector: even dims, real floating weight,
 not skipped) gets an observer in front of it, and the graph computes the float
 model's outputs. Run inside ``fairy2i_compile.quantization.calibration.observing()``, each
 call adds the layer's input activations to that layer's second-moment
-accumulator (``calibration/observer.py``, through the sink of ``ops/observe.py``),
+accumulator (``quantization/calibration/observer.py``, through the sink of ``ops/observe.py``),
 keyed by the layer's dotted name in the compiled module. This is how calibration sees every layer of a model in one
 compiled run (the "all layers from float activations" variant).
 

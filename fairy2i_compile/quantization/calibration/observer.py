@@ -89,7 +89,7 @@ class Observations(Dict[str, HessianAccumulator]):
 
 @contextlib.contextmanager
 def observing(into: Optional[Observations] = None) -> Iterator[Observations]:
-    """Collect what ``fairy2i.observe`` (``ops/observe.py``) sees in calibrate-mode compiled graphs."""
+    """Collect what ``fairy2i.observe`` (``compiler/ops/observe.py``) sees in calibrate-mode compiled graphs."""
     obs = Observations() if into is None else into
     with collecting(obs.add):
         yield obs
