@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import fairy2i_compile
 from fairy2i_compile.checkpoints import models
 
 try:
@@ -34,7 +35,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FAIRY2I_CACHE", str(tmp_path / "c"))
     assert models.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("FAIRY2I_CACHE")
-    repo = pathlib.Path(models.__file__).resolve().parent.parent
+    repo = pathlib.Path(fairy2i_compile.__file__).resolve().parent.parent  # the source checkout
     assert models.default_cache_dir() == repo / ".cache" / "fairy2i_compile"
 
 
