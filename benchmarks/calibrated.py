@@ -231,13 +231,18 @@ def markdown(payload: Dict[str, Any]) -> str:
                 before = sum(b["loss_before"] for b in r["repair"]) / len(r["repair"])
                 after = sum(b["loss_after"] for b in r["repair"]) / len(r["repair"])
                 extra += f", repair: mean block loss {before:.4f} -> {after:.4f}"
-            if r.get("distill"):
-                d = r["distill"]
-                extra += (f", distillation: {d['steps']} steps of {d['train_tokens_per_step']} tokens "
-                          f"({d['s_per_step']:.1f} s/step), held-out KL {d['holdout_kl_before']:.3f} -> "
-                          f"{d['holdout_kl_after']:.3f}" + ("" if d["kept"] else " (not kept)"))
             lines.append(f"- {r['name']}: {r['mean_rtn_output_error']:.4f} -> {r['mean_calibrated_output_error']:.4f} "
                          f"(calibration {r.get('calibration_s', '?')} s{extra})")
+    distilled = [r for r in payload["rows"] if r.get("distill")]
+    if distilled:
+        lines += ["", "Distillation after calibration (held-out KL to the float model per token, final codes; "
+                  "times on the shared machine):", ""]
+    for r in distilled:
+        d = r["distill"]
+        lines.append(f"- {r['name']}: {d['steps']} steps of {d['train_tokens_per_step']} tokens, lr {d['lr']:g}, "
+                     f"{d['train_windows']} training / {d['holdout_windows']} held-out windows, "
+                     f"{d['s_per_step']:.1f} s/step; KL {d['holdout_kl_before']:.3f} -> {d['holdout_kl_after']:.3f}"
+                     + ("" if d["kept"] else " (not kept)"))
     return "\n".join(lines) + "\n"
 
 
