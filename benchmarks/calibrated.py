@@ -253,6 +253,9 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--save-models", default=None, metavar="DIR",
+                   help="also write each packed model as DIR/<configuration>.safetensors (save_packed; "
+                        "e.g. for a later zero-shot run with `fairy2i eval`)")
     p.add_argument("--distill-windows", type=int, default=256)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=1, help="windows per distillation step")
@@ -306,6 +309,13 @@ def main(argv: Optional[list] = None) -> int:
                 r = ev.score_multiple_choice(model, tokenizer, exs, progress=False)
                 info["tasks"][task] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]}
         info["eval_s"] = round(time.perf_counter() - t, 1)
+        if args.save_models and any(isinstance(m, PackedLinear) for m in model.modules()):
+            from fairy2i_compile.checkpoints.checkpoint import save_packed
+
+            Path(args.save_models).mkdir(parents=True, exist_ok=True)
+            info["saved"] = str(Path(args.save_models) / f"{name}.safetensors")
+            save_packed(model, info["saved"], extra={"benchmark_row": {k: v for k, v in info.items()
+                                                                       if k not in ("layers", "tasks")}})
         print(f"{name}: bits {info['bits_per_weight']:.3f} ppl {info['ppl']:.4g} {info['tasks']} "
               f"(build {info['build_s']} s, eval {info['eval_s']} s)", flush=True)
         payload["rows"].append(info)
