@@ -95,7 +95,7 @@ from ..cache import process_alive
 from ..compiler.config import Fairy2iConfig
 from ..quantization.packed_model import PackedLinear, check_outliers, packable_reason, select_layers, set_submodule, with_progress
 from ..quantization.packing import scale_shape, words_per_row
-from .safetensors_io import ST_DTYPES, dedupe_state, first_few, standalone_tensor
+from .safetensors_io import ST_DTYPES, dedupe_state, first_few, key_difference, standalone_tensor
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ARCH_FIELDS", "save_packed", "load_packed", "packed_state_info", "parameters_on_meta",
            "is_packed_checkpoint"]
@@ -767,8 +767,7 @@ def _check_tensors(header: Mapping[str, Tuple[List[int], str]], recorded: Mappin
     bad_alias = sorted(a for a, k in aliases.items() if k not in stored or a in stored)
     if bad_alias:
         raise ValueError(f"{path}: aliases {first_few(bad_alias)} do not point from a missing key to a stored tensor")
-    missing = sorted(set(expected) - stored - set(aliases))
-    unexpected = sorted((stored | set(aliases)) - set(expected))
+    missing, unexpected = key_difference(expected, stored, aliases)
     if missing or unexpected:
         raise ValueError(
             f"{path}: tensors differ from the model built from the checkpoint's config: missing {first_few(missing)}, "

@@ -65,6 +65,13 @@ def standalone_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def key_difference(expected, stored, aliases) -> Tuple[List[str], List[str]]:
+    """(missing, unexpected) keys of a file against what the model expects; an alias (a tied key
+    the file stores once under another name) counts as present."""
+    present = set(stored) | set(aliases)
+    return sorted(set(expected) - present), sorted(present - set(expected))
+
+
 def first_few(names, n: int = 5) -> str:
     """The first n names and how many more, for error messages."""
     return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"

@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints.safetensors_io import ST_DTYPES, dedupe_state, first_few, standalone_tensor
+from ..checkpoints.safetensors_io import ST_DTYPES, dedupe_state, first_few, key_difference, standalone_tensor
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -641,8 +641,7 @@ def load_checkpoint(
     state = model.state_dict()
     _, model_aliases = dedupe_state(state)
     stored = {k[len("model/"):] for k in header if k.startswith("model/")}
-    missing = sorted(set(state) - stored - set(aliases))
-    unexpected = sorted((stored | set(aliases)) - set(state))
+    missing, unexpected = key_difference(state, stored, aliases)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: model keys differ: in the model but not the file {first_few(missing)}, in the file but not "
