@@ -139,6 +139,7 @@ def test_packed_to_rounded_and_back_is_the_identity(n, m, stages, gran, outliers
 @pytest.mark.parametrize("call,match", [
     (lambda t, p: distill(t, t, _ids(4), steps=1), "holds no PackedLinear"),
     (lambda t, p: distill(p, t, _ids(4).float(), steps=1), "integer tensor"),
+    (lambda t, p: distill(p, t, _ids(4) > 50, steps=1), "integer tensor"),  # bool is not token ids
     (lambda t, p: distill(p, t, _ids(4) + 200, steps=1), r"outside the model's vocabulary \[0, 96\)"),
     (lambda t, p: distill(p, t, _ids(1), steps=1), "at least 2 windows"),
     (lambda t, p: distill(p, t, _ids(4), steps=0), "steps must be a positive int"),

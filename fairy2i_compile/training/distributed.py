@@ -66,6 +66,7 @@ from .train import (
     CheckpointError,
     TrainConfig,
     batch_indices,
+    check_token_windows,
     forward_kwargs,
     lm_loss,
     lr_schedule,
@@ -209,8 +210,7 @@ def train_qat_distributed(
     rank, world = _require_process_group("train_qat_distributed()")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype.is_floating_point:
-        raise ValueError(f"windows must be an integer tensor [W, L], got {getattr(windows, 'shape', type(windows))}")
+    check_token_windows(windows)
     local_batch(torch.empty(cfg.batch_size, 0), rank, world)  # raises, with the fix, unless W divides B
     if run_until is not None and (isinstance(run_until, bool) or not isinstance(run_until, int) or run_until < 1):
         raise ValueError(f"run_until must be an int >= 1 or None, got {run_until!r}")

@@ -71,6 +71,7 @@ __all__ = [
     "qat_optimizer",
     "lr_schedule",
     "lm_loss",
+    "check_token_windows",
     "batch_indices",
     "save_checkpoint",
     "load_checkpoint",
@@ -424,6 +425,14 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: cfg.lr_factor(done), last_epoch=completed - 1)
 
 
+def check_token_windows(windows: Any, name: str = "windows") -> None:
+    """ValueError naming ``name`` unless it is an integer (not bool) tensor [W, L] of token ids, W >= 1, L >= 2."""
+    if not isinstance(windows, torch.Tensor) or windows.dtype.is_floating_point or windows.dtype.is_complex \
+            or windows.dtype == torch.bool or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        got = f"{windows.dtype} {tuple(windows.shape)}" if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"{name} must be an integer tensor [W, L] of token ids with W >= 1, L >= 2, got {got}")
+
+
 def _check_train_args(model, windows, cfg, teacher, eval_fn, eval_every, run_until, time_budget_s) -> None:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -431,10 +440,7 @@ def _check_train_args(model, windows, cfg, teacher, eval_fn, eval_every, run_unt
         raise TypeError(f"model must be the nn.Module whose parameters train, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no parameter with requires_grad=True: nothing would train")
-    if not isinstance(windows, torch.Tensor) or windows.dtype.is_floating_point or windows.dtype.is_complex \
-            or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
-        got = f"{windows.dtype} {tuple(windows.shape)}" if isinstance(windows, torch.Tensor) else type(windows).__name__
-        raise ValueError(f"windows must be an integer tensor [W, L] of token ids with W >= 1, L >= 2, got {got}")
+    check_token_windows(windows)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         low, high = int(windows.min()), int(windows.max())

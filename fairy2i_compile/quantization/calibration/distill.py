@@ -46,14 +46,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..packed_model import PackedLinear, set_submodule
-from ...training.train import TrainConfig, forward_kwargs, lm_loss, model_logits, train_qat
+from ...training.train import TrainConfig, check_token_windows, forward_kwargs, lm_loss, model_logits, train_qat
 from .driver import check_token_range, model_vocab_size, packed_from_rounded
 from .repair import RepairLinear
 from .rounding import RoundedLayer
@@ -94,11 +94,7 @@ def rounded_from_packed(layer: PackedLinear) -> RoundedLayer:
 
 
 def _check_windows(name: str, windows: Any, vocab: Optional[int]) -> Tensor:
-    if not isinstance(windows, Tensor) or windows.dtype.is_floating_point or windows.dtype.is_complex \
-            or windows.dtype == torch.bool or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
-        got = f"{windows.dtype} {tuple(windows.shape)}" if isinstance(windows, Tensor) else type(windows).__name__
-        raise ValueError(f"{name} must be an integer tensor [W, L] of token ids with W >= 1 and L >= 2, got {got} "
-                         f"(e.g. calibration_windows(tokens, 64, 512, avoid=...))")
+    check_token_windows(windows, name)  # e.g. calibration_windows(tokens, 64, 512, avoid=...)
     check_token_range(windows, name, vocab)
     return windows.long()
 
@@ -198,21 +194,16 @@ def distill(
         with torch.enable_grad():  # also when the caller runs under no_grad
             history = train_qat(student, student, windows, cfg, teacher=teacher, checkpoint_path=checkpoint_path,
                                 progress=progress, time_budget_s=time_budget_s)
+        for name, t in tuned.items():  # the final codes, measured as they will run
+            set_submodule(student, name, packed_from_rounded(t.rounded(0.0, {}), layers[name],
+                                                             layers[name].granularity, layers[name].kernel))
+        for p in student.parameters():
+            p.requires_grad_(False)
+        student.eval()  # the new PackedLinear modules start in training mode
+        after = _holdout_kl(student, teacher, holdout, batch_size)
     finally:
         teacher.train(was_training)
     done = history["step"][-1] if history["step"] else 0
-    for name, t in tuned.items():  # the final codes, measured as they will run
-        set_submodule(student, name, packed_from_rounded(t.rounded(0.0, {}), layers[name], layers[name].granularity,
-                                                         layers[name].kernel))
-    for p in student.parameters():
-        p.requires_grad_(False)
-    student.eval()
-    with torch.no_grad():
-        teacher.eval()
-        try:
-            after = _holdout_kl(student, teacher, holdout, batch_size)
-        finally:
-            teacher.train(was_training)
     kept = math.isfinite(after) and after < before
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "alpha": alpha, "temperature": temperature,
                 "warmup_steps": warmup, "grad_clip": grad_clip, "seed": seed, "train_windows": int(windows.shape[0]),
