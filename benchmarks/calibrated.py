@@ -135,6 +135,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
     if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
         raise SystemExit(f"{name}: -dist applies to calibrated Fairy2i rows (cal-w...)")
     model, _ = load_smollm2(progress=False)
+    teacher = model if cfg.get("distill_steps") else None  # calibration never changes the float model
     info: Dict[str, Any] = {"name": name, **{k: v for k, v in cfg.items() if k != "kind"}, "kind": cfg["kind"]}
     t0 = time.perf_counter()
     if cfg["kind"] == "fp":
@@ -188,7 +189,6 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
     if cfg.get("distill_steps"):
         from fairy2i_compile.quantization.calibration import distill
 
-        teacher, _ = load_smollm2(progress=False)
         d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,
                     batch_size=distill_batch, progress=False)
         info["distill"] = {**d.summary(), "loss": d.history["loss"], "s_per_step": sum(d.history["time_s"]) /

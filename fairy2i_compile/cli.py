@@ -405,7 +405,7 @@ def cmd_quantize(args) -> int:
     if tuning and not args.calibrate:
         raise CLIError(f"{' and '.join(tuning)} tune calibrated codes; add --calibrate")
     if not (math.isfinite(args.distill_lr) and args.distill_lr > 0):
-        raise CLIError(f"--distill-lr must be a positive number (e.g. 1e-4), got {args.distill_lr!r}")
+        raise CLIError(f"--distill-lr must be a positive number (e.g. 1e-3), got {args.distill_lr!r}")
     options: Dict[str, Any] = {"skip": list(args.skip or [])}
     if args.stages is not None:
         options["stages"] = args.stages

@@ -14,8 +14,9 @@ enwiki windows, zero-shot acc / acc_norm.
 
 Calibrated models are cached under the cache folder, keyed by everything that
 produced them (Fairy2i rows as packed checkpoints, the real baselines as their
-dequantized linear weights), so a second run skips the calibration. Writes <out>.md, <out>.json (the table and every setting) and
-<out>.png (per-layer weight error); by default <out> is `runs/demo/demo` (not
+dequantized linear weights), so a second run skips the calibration. Writes
+<out>.md, <out>.json (the table and every setting) and <out>.png (per-layer
+weight error); by default <out> is `runs/demo/demo` (not
 tracked), so running the demo never changes the checkout; the committed
 reference is `benchmarks/results/demo.*` (`--out benchmarks/results/demo`).
 The default slice is small (2 windows, 40 records per task: a demo, not a
@@ -78,7 +79,7 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
     import hashlib
 
     from .quantization import calibration, quant
-    from .cache import default_cache_dir
+    from .cache import atomic_write_bytes, default_cache_dir
     from .checkpoints.checkpoint import load_packed
 
     settings = {"method": options["method"], "stages": options["stages"], "scale_granularity": "tensor",
@@ -98,13 +99,11 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
     path.parent.mkdir(parents=True, exist_ok=True)
     if options["method"] == "phase":
         result.save(path)
-    else:  # the real baselines stay nn.Linear: their dequantized weights, written atomically
-        from safetensors.torch import save_file
+    else:  # the real baselines stay nn.Linear: their dequantized weights
+        from safetensors.torch import save
 
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({name: result.model.get_submodule(name).weight.detach().contiguous() for name in result.layers},
-                  str(tmp), metadata={"calibration": json.dumps(result.settings)})
-        os.replace(tmp, path)
+        weights = {name: result.model.get_submodule(name).weight.detach().contiguous() for name in result.layers}
+        atomic_write_bytes(path, save(weights, metadata={"calibration": json.dumps(result.settings)}))
     s = result.summary()
     return result.model, {"calibration_s": round(result.seconds, 1), "mean_rtn_output_error": s["mean_rtn_error"],
                           "mean_calibrated_output_error": s["mean_calibrated_error"],
