@@ -147,6 +147,60 @@ def test_cpu_fold_path_with_row_and_group_scales(granularity, tokens):
             assert_fp32_close(got, want)
 
 
+needs_lut = pytest.mark.skipif(cpu_packed.cpu_lut_status() not in ("lut", "off"),
+                               reason=f"the LUT path is not compiled in here ({cpu_packed.cpu_lut_status()})")
+
+
+@needs_lut
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+def test_cpu_lut_path_matches_reference_and_select_path(stages, tokens):
+    """The table-lookup fold path against the torch reference and the select path, forced each
+    way: row counts around its 16-row lanes and 64-row register blocks (1, 7, 16, 17, 48, 65, 100
+    complex rows), widths with a partial last code word (m = 1, 23, 40, 75), bias or none."""
+    for out_f, in_f in ((2, 2), (14, 46), (32, 80), (34, 150), (96, 32), (130, 46), (200, 80)):
+        a, pk = packed_layer(out_f, in_f, stages, "tensor", seed=stages * 10 + tokens)
+        x, b = torch.randn(tokens, in_f), torch.randn(out_f)
+        for bias in (None, b):
+            want = packed_ops.packed_linear_reference(x, pk.codes, pk.scales, bias, pk.m, 0)
+            lut = cpu_packed.fold_path_forward(x, pk.codes, pk.scales, bias, pk.m, "lut")
+            assert_fp32_close(lut, want)
+            assert_fp32_close(lut, cpu_packed.fold_path_forward(x, pk.codes, pk.scales, bias, pk.m, "select"))
+
+
+@needs_lut
+@settings(max_examples=25)
+@given(n=st.integers(1, 90), m=st.integers(1, 70), tokens=st.integers(1, 4), stages=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_cpu_lut_path_property_random_shapes(n, m, tokens, stages, seed):
+    a, pk = packed_layer(2 * n, 2 * m, stages, "tensor", seed=seed)
+    x = torch.randn(tokens, 2 * m, generator=torch.Generator().manual_seed(seed))
+    want = packed_ops.packed_linear_reference(x, pk.codes, pk.scales, None, pk.m, 0)
+    assert_fp32_close(cpu_packed.fold_path_forward(x, pk.codes, pk.scales, None, pk.m, "lut"), want)
+
+
+def test_fold_path_forward_rejects_bad_input():
+    a, pk = packed_layer(8, 10, 2, "tensor")
+    with pytest.raises(ValueError, match=r"path='gather'; use one of \['auto', 'lut', 'select'\]"):
+        cpu_packed.fold_path_forward(torch.randn(1, 10), pk.codes, pk.scales, None, pk.m, "gather")
+    if cpu_packed.cpu_kernel_available()[0]:
+        with pytest.raises(ValueError, match=r"x must be contiguous float32 \[M >= 1, 2m = 10\], got torch.float64"):
+            cpu_packed.fold_path_forward(torch.randn(1, 10, dtype=torch.float64), pk.codes, pk.scales, None, pk.m, "select")
+        _, rows = packed_layer(8, 10, 2, "row")
+        with pytest.raises(ValueError, match="tensor scales only"):
+            cpu_packed.fold_path_forward(torch.randn(1, 10), rows.codes, rows.scales, None, rows.m, "select")
+
+
+@needs_cpu_kernel
+def test_models_run_the_path_cpu_lut_status_names():
+    """cpu_forward (what packed layers run) equals the forced path that cpu_lut_status reports."""
+    a, pk = packed_layer(40, 64, 2, "tensor", seed=3)
+    x = torch.randn(1, 64)
+    path = "lut" if cpu_packed.cpu_lut_status() == "lut" else "select"
+    torch.testing.assert_close(cpu_packed.cpu_forward(x, pk.codes, pk.scales, None, pk.m, 0),
+                               cpu_packed.fold_path_forward(x, pk.codes, pk.scales, None, pk.m, path), atol=0, rtol=0)
+
+
 @needs_cpu_kernel
 @settings(max_examples=15)
 @given(n=st.integers(1, 20), m=st.integers(1, 50), tokens=st.integers(1, 9), stages=st.integers(1, 3),

@@ -19,6 +19,17 @@
 //         they cannot be folded into the activations: the vectors are then unscaled and the
 //         loop keeps the +-1-coded (lo = 0) and +-i-coded (lo = 1) sums apart, per plane and
 //         group, multiplying them by s_re / s_im once per output, plane and group.
+//  lut    (the fold path's tokens with tensor scales, on CPUs with AVX-512; T-MAC-style table
+//         lookups): two adjacent complex columns of one plane hold 4 code bits, so their joint
+//         contribution to (Re y, Im y) takes one of 16 values per token. Those 16 values are
+//         tabulated once per token, plane and column pair (sign flips and selects of the
+//         scaled activations, built with permutes: no multiplications past the scaling), and
+//         16 output rows at a time look theirs up in one register permute (vpermps: each lane
+//         picks table entry code-bits of its own row), then add. The codes of 16 rows are
+//         gathered word by word, so the packed layout is unchanged. Per 16 rows x 2 columns
+//         and token this is one shift, two permutes and two adds, against the select path's
+//         one select, sign flip and add per code and output. Sums run in another order than
+//         the select path's, so results agree with it to float32 rounding, not bit for bit.
 //  decode (any scales, a few tokens): rebuild one block of 4 complex rows of A_hat (as the
 //         8 real rows [A11 | A12] and [A21 | A22], each 2m long) in a thread-local buffer
 //         by selects only, summing the stages in order exactly as quant.dequant_phase does
@@ -29,9 +40,17 @@
 //         (cpu_packed.py); again never the whole weight.
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
+#include <cstdlib>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define FAIRY2I_HAVE_LUT 1
+#else
+#define FAIRY2I_HAVE_LUT 0
+#endif
 
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
@@ -176,9 +195,162 @@ static void decode_row(const int32_t* codes, const float* scales, int64_t P, int
   }
 }
 
+
+#if FAIRY2I_HAVE_LUT
+// LUT path (see the header). Tables: tab[((t * P + p) * (mp / 2) + pair) * 32 + 16 * part + e],
+// part 0 = Re y, 1 = Im y, entry e = k0 + 4 * k1 for the codes k0, k1 of columns 2 * pair and
+// 2 * pair + 1 (a code k sits at bits 2c, 2c + 1 of its word: (word >> 4 * (pair % 8)) & 15 = e).
+// With b' = b (U planes) or -b (W planes, conj), code k of a column contributes
+//     Re: {s_re a, -s_im b', -s_re a, s_im b'}[k]      Im: {s_re b', s_im a, -s_re b', -s_im a}[k]
+// i.e. {A, B, -A, -B}[k] with (A, B) = (s_re a, -s_im b') for Re and (s_re b', s_im a) for Im
+// (the same vectors fold_vectors folds), so entry e = {A, B, -A, -B}[k0](c0) + {..}[k1](c1).
+static void lut_tables_word(const float* x, int64_t m, int64_t P, const float* scales, int64_t t, int64_t p,
+                            int64_t w, int64_t mp, float* tab) {
+  const float s_re = scales[p * 2], s_im = scales[p * 2 + 1];
+  const float conj = (p & 1) ? -1.f : 1.f;
+  const int64_t c = w * 16;
+  const __mmask16 live = c + 16 <= m ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - c)) - 1u);
+  const __m512 a = _mm512_maskz_loadu_ps(live, x + t * 2 * m + c);
+  const __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + t * 2 * m + m + c), _mm512_set1_ps(conj));
+  const __m512 SRE = _mm512_set1_ps(s_re), SIM = _mm512_set1_ps(s_im);
+  const __m512 src[2][2] = {{_mm512_mul_ps(SRE, a), _mm512_mul_ps(_mm512_set1_ps(-s_im), b)},
+                            {_mm512_mul_ps(SRE, b), _mm512_mul_ps(SIM, a)}};
+  // entry e: column c0 = 2q takes A (k0 even) or B (k0 odd, index + 16), negated when k0 & 2;
+  // column c1 = 2q + 1 likewise with k1 = e >> 2
+  const __m512i base0 = _mm512_set_epi32(16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0);
+  const __m512i base1 = _mm512_set_epi32(17, 17, 17, 17, 1, 1, 1, 1, 17, 17, 17, 17, 1, 1, 1, 1);
+  const int S = (int)0x80000000u;
+  const __m512i sgn0 = _mm512_set_epi32(S, S, 0, 0, S, S, 0, 0, S, S, 0, 0, S, S, 0, 0);
+  const __m512i sgn1 = _mm512_set_epi32(S, S, S, S, S, S, S, S, 0, 0, 0, 0, 0, 0, 0, 0);
+  float* out = tab + ((t * P + p) * (mp / 2) + w * 8) * 32;
+  for (int q = 0; q < 8; ++q) {
+    const __m512i off = _mm512_set1_epi32(2 * q);
+    const __m512i i0 = _mm512_add_epi32(base0, off), i1 = _mm512_add_epi32(base1, off);
+    for (int part = 0; part < 2; ++part) {
+      const __m512 v0 = _mm512_castsi512_ps(
+          _mm512_xor_si512(_mm512_castps_si512(_mm512_permutex2var_ps(src[part][0], i0, src[part][1])), sgn0));
+      const __m512 v1 = _mm512_castsi512_ps(
+          _mm512_xor_si512(_mm512_castps_si512(_mm512_permutex2var_ps(src[part][0], i1, src[part][1])), sgn1));
+      _mm512_storeu_ps(out + q * 32 + part * 16, _mm512_add_ps(v0, v1));
+    }
+  }
+}
+
+#ifndef LUT_PREFETCH_WORDS
+#define LUT_PREFETCH_WORDS 32
+#endif
+// R blocks of 16 rows from j0, MT tokens from t0. Lane l of block r is row j0 + 16 r + l.
+template <int R, int MT>
+static void lut_rows(const float* tab, const int32_t* codes, int64_t P, int64_t n, int64_t KW, int64_t mp,
+                     int64_t t0, int64_t j0, const float* bias, float* y) {
+  __m512 ar[R][MT], ai[R][MT];
+  __mmask16 live[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t left = n - (j0 + 16 * r);
+    live[r] = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (left > 0 ? left : 0)) - 1u);
+    for (int t = 0; t < MT; ++t) { ar[r][t] = _mm512_setzero_ps(); ai[r][t] = _mm512_setzero_ps(); }
+  }
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)KW));
+  const int64_t pairs = mp / 2;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      if ((kw & 15) == 0)  // 16 * R row streams at once: more than the hardware prefetchers follow
+        for (int r = 0; r < R; ++r)
+          for (int l = 0; l < 16; ++l)
+            _mm_prefetch((const char*)(codes + (p * n + j0 + 16 * r + l) * KW + kw + LUT_PREFETCH_WORDS), _MM_HINT_T0);
+      __m512i v[R];
+      for (int r = 0; r < R; ++r)
+        v[r] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live[r], rows,
+                                           codes + (p * n + j0 + 16 * r) * KW + kw, 4);
+      const float* tw = tab + (p * pairs + kw * 8) * 32;
+      for (int q = 0; q < 8; ++q) {
+        __m512i idx[R];
+        for (int r = 0; r < R; ++r) idx[r] = _mm512_srli_epi32(v[r], 4 * q);  // vpermps reads bits 0-3 only
+        for (int t = 0; t < MT; ++t) {
+          const float* tq = tw + (t0 + t) * P * pairs * 32 + q * 32;
+          const __m512 tr = _mm512_loadu_ps(tq), ti = _mm512_loadu_ps(tq + 16);
+          for (int r = 0; r < R; ++r) {
+            ar[r][t] = _mm512_add_ps(ar[r][t], _mm512_permutexvar_ps(idx[r], tr));
+            ai[r][t] = _mm512_add_ps(ai[r][t], _mm512_permutexvar_ps(idx[r], ti));
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t j = j0 + 16 * r;
+    const __m512 br = bias ? _mm512_maskz_loadu_ps(live[r], bias + j) : _mm512_setzero_ps();
+    const __m512 bi = bias ? _mm512_maskz_loadu_ps(live[r], bias + n + j) : _mm512_setzero_ps();
+    for (int t = 0; t < MT; ++t) {
+      _mm512_mask_storeu_ps(y + (t0 + t) * 2 * n + j, live[r], _mm512_add_ps(ar[r][t], br));
+      _mm512_mask_storeu_ps(y + (t0 + t) * 2 * n + n + j, live[r], _mm512_add_ps(ai[r][t], bi));
+    }
+  }
+}
+
+template <int MT>
+static void lut_super(const float* tab, const int32_t* codes, int64_t P, int64_t n, int64_t KW, int64_t mp,
+                      int64_t t0, int64_t j0, int64_t j_end, const float* bias, float* y) {
+  constexpr int RMAX = MT == 1 ? 4 : 2;  // 2 * R * MT accumulators + R code vectors stay in the 32 registers
+  const int64_t blocks = (j_end - j0 + 15) / 16;
+  switch (blocks >= RMAX ? RMAX : blocks) {
+    case 4: lut_rows<4, MT>(tab, codes, P, n, KW, mp, t0, j0, bias, y); break;
+    case 3: lut_rows<3, MT>(tab, codes, P, n, KW, mp, t0, j0, bias, y); break;
+    case 2: lut_rows<2, MT>(tab, codes, P, n, KW, mp, t0, j0, bias, y); break;
+    default: lut_rows<1, MT>(tab, codes, P, n, KW, mp, t0, j0, bias, y); break;
+  }
+}
+
+static void lut_linear(const float* x, int64_t M, int64_t m, const int32_t* codes, int64_t P, int64_t n,
+                       int64_t KW, const float* scales, const float* bias, float* y, int nthreads) {
+  const int64_t mp = KW * 16;
+  // the tables, reused across calls (grown, never zeroed: every entry read is written first)
+  static thread_local std::vector<float> tab_buf;
+  const size_t need = (size_t)(M * P * (mp / 2) * 32);
+  if (tab_buf.size() < need) tab_buf.resize(need);
+  float* tab = tab_buf.data();
+  const int64_t blocks = (n + 15) / 16;  // 16-row lanes
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, blocks));
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * P * KW; ++i)
+      lut_tables_word(x, m, P, scales, i / (P * KW), (i / KW) % P, i % KW, mp, tab);
+    // each thread takes a contiguous, equal share of the 16-row blocks (small layers have few)
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t b0 = blocks * id / nt, b1 = blocks * (id + 1) / nt;
+    int64_t t0 = 0;
+    for (; t0 + 2 <= M; t0 += 2)
+      for (int64_t b = b0; b < b1; b += 2) lut_super<2>(tab, codes, P, n, KW, mp, t0, 16 * b, std::min(n, 16 * b1), bias, y);
+    if (t0 < M)
+      for (int64_t b = b0; b < b1; b += 4) lut_super<1>(tab, codes, P, n, KW, mp, t0, 16 * b, std::min(n, 16 * b1), bias, y);
+  }
+}
+#endif
+
+// Whether the fold path's tensor-scale tokens take the LUT path: compiled with AVX-512 and not
+// switched off with FAIRY2I_CPU_LUT=0 (read once per process).
+static bool lut_enabled() {
+#if FAIRY2I_HAVE_LUT
+  static const bool on = [] {
+    const char* v = std::getenv("FAIRY2I_CPU_LUT");
+    return !(v && (v[0] == '0' || v[0] == 'n' || v[0] == 'N' || v[0] == 'f' || v[0] == 'F' ||
+                   ((v[0] == 'o' || v[0] == 'O') && (v[1] == 'f' || v[1] == 'F'))));
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
 extern "C" {
 
-int fairy2i_cpu_abi_version() { return 4; }
+int fairy2i_cpu_abi_version() { return 5; }
+
+// 0: the LUT path is not compiled in (no AVX-512); 1: compiled, switched off (FAIRY2I_CPU_LUT=0);
+// 2: the fold path's tensor-scale tokens run it.
+int fairy2i_cpu_lut() { return FAIRY2I_HAVE_LUT ? (lut_enabled() ? 2 : 1) : 0; }
 
 // [P, M, 4, mp] = (Pre, Qre, Pim, Qim) per plane and token, scales and conj folded in.
 // With code k = 2*hi + lo and the sign (-1)^hi applied in the loop:
@@ -208,12 +380,20 @@ static void fold_vectors(const float* x, int64_t M, int64_t m, int64_t mp, const
 // x: [M, 2m] fp32 (contiguous); codes [P, n, KW] int32; scales [P, 2, n_s, G] fp32;
 // bias [2n] fp32 or null; y: [M, 2n] fp32. fold != 0 asks for the fold path, which runs
 // for tensor and row scales and for groups of whole code words (group % 16 == 0); other
-// group sizes, and fold == 0, take the decode path.
+// group sizes, and fold == 0, take the decode path. Within the fold path, tensor scales take
+// the LUT path when fold == 1 and lut_enabled(), or when fold == 3 and it is compiled in;
+// fold == 2 keeps the select path (the tests compare the two).
 void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* codes, int64_t P,
                            int64_t n, int64_t KW, const float* scales, int64_t n_s, int64_t G,
                            int64_t group, const float* bias, float* y, int fold, int nthreads) {
   const int64_t mp = KW * 16;
   const bool per_tensor = n_s == 1 && G == 1;
+#if FAIRY2I_HAVE_LUT
+  if (per_tensor && ((fold == 1 && lut_enabled()) || fold == 3)) {
+    lut_linear(x, M, m, codes, P, n, KW, scales, bias, y, nthreads);
+    return;
+  }
+#endif
   if (fold && (G == 1 || group % 16 == 0)) {
     std::vector<float> pq_buf(P * M * 4 * mp);
     const float* pq = pq_buf.data();

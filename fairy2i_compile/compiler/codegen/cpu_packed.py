@@ -30,6 +30,12 @@ op implementation (benchmarks/results/bench_cpu.md, bench_cpu_ptq_dense.md).
 `FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the ops run the ctypes
 path.
 
+Decode-sized batches (M <= FOLD_MAX_TOKENS) with tensor scales run the LUT path where the
+library was compiled with AVX-512 (cpu_lut_status; FAIRY2I_CPU_LUT=0 keeps the select path):
+16 output rows look up the joint contribution of two complex columns in a per-token table of
+16 entries with one register permute. Per layer shape, thread count and the select path's
+times: benchmarks/results/bench_cpu_lut.md.
+
 Activations in bf16/fp16 are converted to float32 for the kernel and the result
 converted back (the kernel accumulates in float32 either way).
 """
@@ -64,11 +70,13 @@ __all__ = [
     "build_cpu_kernel",
     "build_cpu_op",
     "cpu_op_available",
+    "cpu_lut_status",
+    "fold_path_forward",
 ]
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
 OP_SOURCE = pathlib.Path(__file__).with_name("cpu_packed_op.cpp")
-ABI_VERSION = 4
+ABI_VERSION = 5
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
 GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
@@ -247,6 +255,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
             fn.restype = None
             dec.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
             dec.restype = None
+            lib.fairy2i_cpu_lut.restype = ctypes.c_int
             _LIB, _LIB_PATH, _FN, _DECODE_ROWS = lib, path, fn, dec
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             _ERROR = str(e)
@@ -302,6 +311,46 @@ def cpu_op_available() -> Tuple[bool, str]:
                         RuntimeWarning, stacklevel=2,
                     )
     return (True, str(_OP_PATH)) if _OP_PATH is not None else (False, _OP_ERROR or "unknown error")
+
+
+def cpu_lut_status() -> str:
+    """Which path decode-sized batches with tensor scales take: "lut" (AVX-512 table lookups),
+    "off" (compiled in, switched off by FAIRY2I_CPU_LUT=0: the select path runs),
+    "absent" (the CPU lacks AVX-512: the select path runs) or "unavailable" (no C++ kernel)."""
+    lib, _ = _load()
+    if lib is None:
+        return "unavailable"
+    return {0: "absent", 1: "off", 2: "lut"}[lib.fairy2i_cpu_lut()]
+
+
+_FOLD_PATHS = {"auto": 1, "select": 2, "lut": 3}
+
+
+def fold_path_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
+                      path: str) -> Tensor:
+    """The fold path for tensor scales, x [M, 2m] float32 (M >= 1), with the path forced:
+    "select" (per-code selects and sign flips) or "lut" (table lookups; needs cpu_lut_status()
+    in ("lut", "off")), or "auto" (what cpu_forward runs). For the tests and benchmarks that
+    compare the two; models go through cpu_forward."""
+    if path not in _FOLD_PATHS:
+        raise ValueError(f"fold_path_forward: path={path!r}; use one of {sorted(_FOLD_PATHS)}")
+    if path == "lut" and cpu_lut_status() not in ("lut", "off"):
+        raise RuntimeError(f"the LUT path is not compiled into this CPU kernel ({cpu_lut_status()}): it needs AVX-512")
+    lib, err = _load()
+    if lib is None:
+        raise RuntimeError(f"the fairy2i C++ CPU kernel is unavailable ({err})")
+    if x.dim() != 2 or x.dtype is not _F32 or not x.is_contiguous() or x.shape[0] < 1 or x.shape[1] != 2 * m:
+        raise ValueError(f"fold_path_forward: x must be contiguous float32 [M >= 1, 2m = {2 * m}], "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    if scales.shape[2] != 1 or scales.shape[3] != 1:
+        raise ValueError(f"fold_path_forward: tensor scales only, got scales of shape {tuple(scales.shape)}")
+    P, n, kw = codes.shape
+    codes, scales = codes.contiguous(), scales.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    y = torch.empty((x.shape[0], 2 * n), dtype=_F32)
+    _FN(x.data_ptr(), x.shape[0], m, codes.data_ptr(), P, n, kw, scales.data_ptr(), 1, 1, 0,
+        None if bias is None else bias.data_ptr(), y.data_ptr(), _FOLD_PATHS[path], torch.get_num_threads())
+    return y
 
 
 def cpu_kernel_library() -> Optional[pathlib.Path]:
