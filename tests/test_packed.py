@@ -153,7 +153,7 @@ needs_lut = pytest.mark.skipif(cpu_packed.cpu_lut_status() not in ("lut", "off")
 
 @needs_lut
 @pytest.mark.parametrize("stages", [1, 2, 3])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16])
 def test_cpu_lut_path_matches_reference_and_select_path(stages, tokens):
     """The table-lookup fold path against the torch reference and the select path, forced each
     way: row counts around its 16-row lanes and 64-row register blocks (1, 7, 16, 17, 48, 65, 100
@@ -170,7 +170,7 @@ def test_cpu_lut_path_matches_reference_and_select_path(stages, tokens):
 
 @needs_lut
 @settings(max_examples=25)
-@given(n=st.integers(1, 90), m=st.integers(1, 70), tokens=st.integers(1, 4), stages=st.integers(1, 3),
+@given(n=st.integers(1, 90), m=st.integers(1, 70), tokens=st.integers(1, 16), stages=st.integers(1, 3),
        seed=st.integers(0, 2**31))
 def test_cpu_lut_path_property_random_shapes(n, m, tokens, stages, seed):
     a, pk = packed_layer(2 * n, 2 * m, stages, "tensor", seed=seed)
@@ -196,9 +196,17 @@ def test_models_run_the_path_cpu_lut_status_names():
     """cpu_forward (what packed layers run) equals the forced path that cpu_lut_status reports."""
     a, pk = packed_layer(40, 64, 2, "tensor", seed=3)
     x = torch.randn(1, 64)
-    path = "lut" if cpu_packed.cpu_lut_status() == "lut" else "select"
+    lut = cpu_packed.cpu_lut_status() == "lut"
     torch.testing.assert_close(cpu_packed.cpu_forward(x, pk.codes, pk.scales, None, pk.m, 0),
-                               cpu_packed.fold_path_forward(x, pk.codes, pk.scales, None, pk.m, path), atol=0, rtol=0)
+                               cpu_packed.fold_path_forward(x, pk.codes, pk.scales, None, pk.m, "lut" if lut else "select"),
+                               atol=0, rtol=0)
+    # past the select path's FOLD_MAX_TOKENS, up to LUT_MAX_TOKENS: the LUT path, or the decode path without it
+    x = torch.randn(cpu_packed.LUT_MAX_TOKENS, 64)
+    got = cpu_packed.cpu_forward(x, pk.codes, pk.scales, None, pk.m, 0)
+    if lut:
+        torch.testing.assert_close(got, cpu_packed.fold_path_forward(x, pk.codes, pk.scales, None, pk.m, "lut"),
+                                   atol=0, rtol=0)
+    assert_fp32_close(got, packed_ops.packed_linear_reference(x, pk.codes, pk.scales, None, pk.m, 0))
 
 
 @needs_cpu_kernel

@@ -382,18 +382,21 @@ static void fold_vectors(const float* x, int64_t M, int64_t m, int64_t mp, const
 // for tensor and row scales and for groups of whole code words (group % 16 == 0); other
 // group sizes, and fold == 0, take the decode path. Within the fold path, tensor scales take
 // the LUT path when fold == 1 and lut_enabled(), or when fold == 3 and it is compiled in;
-// fold == 2 keeps the select path (the tests compare the two).
+// fold == 2 keeps the select path (the tests compare the two). fold == 4 (more tokens than
+// the select path serves, cpu_packed.fold_mode): the LUT path when fold == 1 would take it,
+// else the decode path.
 void fairy2i_packed_linear(const float* x, int64_t M, int64_t m, const int32_t* codes, int64_t P,
                            int64_t n, int64_t KW, const float* scales, int64_t n_s, int64_t G,
                            int64_t group, const float* bias, float* y, int fold, int nthreads) {
   const int64_t mp = KW * 16;
   const bool per_tensor = n_s == 1 && G == 1;
 #if FAIRY2I_HAVE_LUT
-  if (per_tensor && ((fold == 1 && lut_enabled()) || fold == 3)) {
+  if (per_tensor && (((fold == 1 || fold == 4) && lut_enabled()) || fold == 3)) {
     lut_linear(x, M, m, codes, P, n, KW, scales, bias, y, nthreads);
     return;
   }
 #endif
+  if (fold == 4) fold = 0;
   if (fold && (G == 1 || group % 16 == 0)) {
     std::vector<float> pq_buf(P * M * 4 * mp);
     const float* pq = pq_buf.data();

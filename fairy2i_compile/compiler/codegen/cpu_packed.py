@@ -30,7 +30,7 @@ op implementation (benchmarks/results/bench_cpu.md, bench_cpu_ptq_dense.md).
 `FAIRY2I_CPU_OP=0` skips that build; a failed build warns once and the ops run the ctypes
 path.
 
-Decode-sized batches (M <= FOLD_MAX_TOKENS) with tensor scales run the LUT path where the
+Batches of up to LUT_MAX_TOKENS tokens with tensor scales run the LUT path where the
 library was compiled with AVX-512 (cpu_lut_status; FAIRY2I_CPU_LUT=0 keeps the select path):
 16 output rows look up the joint contribution of two complex columns in a per-token table of
 16 entries with one register permute. Per layer shape, thread count and the select path's
@@ -62,6 +62,7 @@ from ...cache import atomic_write_text, file_sha256, kernel_cache_dir, make_priv
 __all__ = [
     "SOURCE",
     "FOLD_MAX_TOKENS",
+    "LUT_MAX_TOKENS",
     "cpu_kernel_available",
     "cpu_kernel_library",
     "packed_linear_cpu",
@@ -78,6 +79,7 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
 OP_SOURCE = pathlib.Path(__file__).with_name("cpu_packed_op.cpp")
 ABI_VERSION = 5
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
+LUT_MAX_TOKENS = 16          # tensor scales: the LUT path up to here (measured: beats 4-row decode to 16 tokens, not at 32)
 GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -203,6 +205,7 @@ def _op_flags() -> list:
         *_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-DFAIRY2I_FOLD_MAX_TOKENS={FOLD_MAX_TOKENS}", f"-DFAIRY2I_GEMM_MIN_TOKENS={GEMM_MIN_TOKENS}",
+        f"-DFAIRY2I_LUT_MAX_TOKENS={LUT_MAX_TOKENS}",
         f"-DFAIRY2I_BLOCK_BYTES={_BLOCK_BYTES}", f"-DFAIRY2I_TORCH_VERSION={torch.__version__!r}",
         f"-I{SOURCE.parent}", *(f"-I{d}" for d in cpp_extension.include_paths()),
     ]
@@ -326,6 +329,13 @@ def cpu_lut_status() -> str:
 _FOLD_PATHS = {"auto": 1, "select": 2, "lut": 3}
 
 
+def fold_mode(M: int) -> int:
+    """The kernel's `fold` argument for M tokens (cpu_packed.cpp, fairy2i_packed_linear): 1 = the
+    fold path (LUT for tensor scales where available, selects otherwise), 4 = LUT for tensor
+    scales where available, else the 4-row decode path, 0 = the decode path."""
+    return 1 if M <= FOLD_MAX_TOKENS else 4 if M <= LUT_MAX_TOKENS else 0
+
+
 def fold_path_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
                       path: str) -> Tensor:
     """The fold path for tensor scales, x [M, 2m] float32 (M >= 1), with the path forced:
@@ -405,7 +415,7 @@ def cpu_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor]
             bias = bias.float().contiguous()
         _FN(xf.data_ptr(), M, m, codes.data_ptr(), P, n, kw, scales.data_ptr(), n_s, G, group_size,
             None if bias is None else bias.data_ptr(), y.data_ptr(),
-            M <= FOLD_MAX_TOKENS, torch.get_num_threads())
+            fold_mode(M), torch.get_num_threads())
     return y if x.dtype is _F32 else y.to(x.dtype)
 
 

@@ -15,7 +15,8 @@
 // ctypes) live in ops/packed.py and ops/ptq_packed.py; this file only adds the CPU kernel. It computes exactly
 // what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
 //   M <  gemm_min_tokens: fairy2i_packed_linear (fold when M <= fold_max_tokens, for tensor,
-//                         row and word-aligned group scales; else 4-row decode + dot products);
+//                         row and word-aligned group scales; LUT for tensor scales up to
+//                         lut_max_tokens; else 4-row decode + dot products);
 //   M >= gemm_min_tokens: fairy2i_decode_rows in blocks of `block_rows` rows + at::mm.
 // The thresholds come from cpu_packed.py as -D definitions at build time, so that file stays
 // their one source of truth (they are part of the build's cache key).
@@ -36,11 +37,13 @@
 
 namespace {
 
-#if !defined(FAIRY2I_FOLD_MAX_TOKENS) || !defined(FAIRY2I_GEMM_MIN_TOKENS) || !defined(FAIRY2I_BLOCK_BYTES)
+#if !defined(FAIRY2I_FOLD_MAX_TOKENS) || !defined(FAIRY2I_GEMM_MIN_TOKENS) || !defined(FAIRY2I_BLOCK_BYTES) || \
+    !defined(FAIRY2I_LUT_MAX_TOKENS)
 #error "build through fairy2i_compile.codegen.cpu_packed, which defines the thresholds"
 #endif
 constexpr int64_t g_fold_max_tokens = FAIRY2I_FOLD_MAX_TOKENS;
 constexpr int64_t g_gemm_min_tokens = FAIRY2I_GEMM_MIN_TOKENS;
+constexpr int64_t g_lut_max_tokens = FAIRY2I_LUT_MAX_TOKENS;
 constexpr int64_t g_block_bytes = FAIRY2I_BLOCK_BYTES;
 
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, const at::Tensor& scales_in,
@@ -87,7 +90,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
       fairy2i_packed_linear(xf.data_ptr<float>(), M, m, codes.data_ptr<int32_t>(), P, n, KW,
                             scales.data_ptr<float>(), n_s, G, group_size,
                             bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(),
-                            M <= g_fold_max_tokens, nthreads);
+                            M <= g_fold_max_tokens ? 1 : M <= g_lut_max_tokens ? 4 : 0, nthreads);  // cpu_packed.fold_mode
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
