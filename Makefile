@@ -8,8 +8,9 @@ STAMP   := $(VENV)/.installed
 
 EVAL    := $(VENV)/.installed-eval
 PEERS   := $(VENV)/.installed-peers
+CPUPEERS := $(VENV)/.installed-cpu-peers
 
-.PHONY: setup setup-eval setup-peers test demo quickstart clean
+.PHONY: setup setup-eval setup-peers setup-cpu-peers bench-cpu-peers test demo quickstart clean
 
 # torch-mlir (MLIR dumps of the rewritten graph, mlir_export.py) goes in --no-deps: it must never pull another torch.
 $(STAMP): pyproject.toml constraints.txt
@@ -40,6 +41,25 @@ $(PEERS): $(EVAL)
 	touch $(PEERS)
 
 setup-peers: $(PEERS)
+
+# The CPU speed peer for benchmarks/bench_cpu_peers.py: llama.cpp through llama-cpp-python,
+# built from its sdist (PyPI has no CPU wheel for it: ~5-15 minutes on 2 cores, so it stays out
+# of `make test`). Compiled for this machine's ISA as our C++ kernel is (-march=native), except
+# AMX: on the 2-core VM (a Xeon that reports amx_tile/amx_int8) the native build's AMX matmul
+# crashes with SIGSEGV in ggml_backend_amx_mul_mat at the first decode, so the ISA flags are
+# spelled out from /proc/cpuinfo without AMX. --no-cache-dir: pip would otherwise reuse a wheel
+# built with other flags.
+LLAMA_ISA = $(shell for f in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+	avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do \
+	grep -qw "$${f%%:*}" /proc/cpuinfo 2>/dev/null && printf -- '-DGGML_%s=ON ' "$${f##*:}"; done)
+$(CPUPEERS): $(EVAL)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $(LLAMA_ISA)" $(PIP) --no-cache-dir llama-cpp-python diskcache
+	touch $(CPUPEERS)
+
+setup-cpu-peers: $(CPUPEERS)
+
+bench-cpu-peers: $(CPUPEERS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cpu_peers.py
 
 test: $(EVAL)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
