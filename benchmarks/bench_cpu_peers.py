@@ -50,6 +50,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+from bench_cpu import PROMPT  # noqa: E402  (the same prompt as bench_cpu.py's table)
 from results_io import write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu_peers"
@@ -57,8 +58,6 @@ GGUF_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama.cpp's LLAMA
 LLAMA_CONFIGS = ("llama-f16", "llama-q8_0", "llama-q4_0", "llama-q4_k_m", "llama-q4_1")
 OURS = ("w2", "w1", "fp32-eager")
 CONFIGS = OURS + LLAMA_CONFIGS
-PROMPT = ("The history of the Roman Empire spans more than a thousand years, from the founding of the city "
-          "to the fall of Constantinople. Historians usually divide it into")
 
 
 # --------------------------------------------------------------------------- the peer's files
@@ -120,15 +119,14 @@ def run_llama(kind: str, args, tok) -> Dict[str, Any]:
     import llama_cpp
 
     path = peer_gguf(kind, args.threads)
-    n_ctx = max(max(args.prefill_lengths), args.prompt_tokens + args.decode_tokens, args.seq_len) + 8
+    n_ctx = max(max(args.prefill_lengths), args.prompt_tokens + args.decode_tokens) + 8  # perplexity: its own context
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 2048), n_ubatch=512, n_threads=args.threads,
                           n_threads_batch=args.threads, logits_all=False, verbose=False)
     row: Dict[str, Any] = {"config": f"llama-{kind}", "engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
                            "file": path.name, "file_mib": path.stat().st_size / 2**20}
 
     def prefill(ids: List[int]) -> float:
-        llm.reset()
-        llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+        llm.reset()  # n_tokens = 0: eval first drops the KV cells from there on
         t0 = time.perf_counter()
         llm.eval(ids)
         return time.perf_counter() - t0
@@ -169,8 +167,6 @@ def run_llama(kind: str, args, tok) -> Dict[str, Any]:
         nll, count = 0.0, 0
         for w in windows.tolist():
             llm.reset()
-            if hasattr(llm._ctx, "memory_clear"):
-                llm._ctx.memory_clear(True)
             llm.eval(w)
             logits = torch.from_numpy(np.asarray(llm.scores[: len(w) - 1], dtype=np.float32))
             nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))

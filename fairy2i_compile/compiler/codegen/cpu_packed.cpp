@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <strings.h>
 #include <vector>
 #include <cstdlib>
 #include <omp.h>
@@ -330,13 +331,16 @@ static void lut_linear(const float* x, int64_t M, int64_t m, const int32_t* code
 #endif
 
 // Whether the fold path's tensor-scale tokens take the LUT path: compiled with AVX-512 and not
-// switched off with FAIRY2I_CPU_LUT=0 (read once per process).
+// switched off by FAIRY2I_CPU_LUT (read once per process) set to 0 / off / false / no, any case:
+// the values cpu_packed.py's FAIRY2I_CPU_KERNEL and FAIRY2I_CPU_OP switches read as off.
 static bool lut_enabled() {
 #if FAIRY2I_HAVE_LUT
   static const bool on = [] {
     const char* v = std::getenv("FAIRY2I_CPU_LUT");
-    return !(v && (v[0] == '0' || v[0] == 'n' || v[0] == 'N' || v[0] == 'f' || v[0] == 'F' ||
-                   ((v[0] == 'o' || v[0] == 'O') && (v[1] == 'f' || v[1] == 'F'))));
+    if (!v) return true;
+    for (const char* off : {"0", "off", "false", "no"})
+      if (strcasecmp(v, off) == 0) return false;
+    return true;
   }();
   return on;
 #else

@@ -340,7 +340,7 @@ def fold_path_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[T
                       path: str) -> Tensor:
     """The fold path for tensor scales, x [M, 2m] float32 (M >= 1), with the path forced:
     "select" (per-code selects and sign flips) or "lut" (table lookups; needs cpu_lut_status()
-    in ("lut", "off")), or "auto" (what cpu_forward runs). For the tests and benchmarks that
+    in ("lut", "off")), or "auto" (what cpu_forward runs for M <= FOLD_MAX_TOKENS). For the tests and benchmarks that
     compare the two; models go through cpu_forward."""
     if path not in _FOLD_PATHS:
         raise ValueError(f"fold_path_forward: path={path!r}; use one of {sorted(_FOLD_PATHS)}")
