@@ -373,13 +373,61 @@ def test_lm_loss_formula():
     assert lm_loss(s, ids, s.clone(), alpha=1.0)[2].item() == 0.0
 
 
+def _lm_loss_reference(s, ids, t, alpha, temperature):
+    """The unchunked formula of the module docstring, through autograd."""
+    z = s[:, :-1].float().flatten(0, 1)
+    ce = torch.nn.functional.cross_entropy(z, ids[:, 1:].flatten())
+    if t is None:
+        return ce, ce, None
+    zt = t[:, :-1].float().flatten(0, 1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(z / temperature, -1), torch.log_softmax(zt / temperature, -1),
+                                    log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl, ce, kl
+
+
+@pytest.mark.parametrize("alpha, temperature, teacher, dtype, chunk", [
+    (0.0, 1.0, False, torch.float32, 1 << 22), (0.0, 1.0, True, torch.float32, 16), (1.0, 1.0, True, torch.float32, 16),
+    (0.3, 2.0, True, torch.float32, 21), (1.0, 0.5, True, torch.float32, 7), (0.5, 1.0, True, torch.bfloat16, 16),
+])
+def test_lm_loss_chunks_equal_the_unchunked_formula_and_its_gradient(monkeypatch, alpha, temperature, teacher, dtype,
+                                                                     chunk):
+    """Values and gradient against autograd through the plain formula, chunk boundaries inside the batch."""
+    import fairy2i_compile.training.train as train_mod
+    monkeypatch.setattr(train_mod, "LOSS_CHUNK_LOGITS", chunk)  # 16 logits of a 7-word vocabulary: 2 rows a chunk
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(3, 6, 7, generator=g) * 3).to(dtype)
+    t = (torch.randn(3, 6, 7, generator=g) * 3).to(dtype) if teacher else None
+    ids = torch.randint(0, 7, (3, 6), generator=g)
+    mine_s = s.clone().requires_grad_(True)
+    loss, ce, kl = lm_loss(mine_s, ids, t, alpha, temperature)
+    loss.backward()
+    ref_s = s.clone().requires_grad_(True)
+    r_loss, r_ce, r_kl = _lm_loss_reference(ref_s, ids, t, alpha, temperature)
+    r_loss.backward()
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, r_loss.float(), **tol)
+    torch.testing.assert_close(ce, r_ce.detach(), **tol)
+    assert (kl is None) == (not teacher)
+    if teacher:
+        torch.testing.assert_close(kl, r_kl.detach(), **tol)
+    assert mine_s.grad.dtype == dtype
+    # bf16 gradients: both sides round the same float32 values to bf16 (8 significand bits)
+    gtol = tol if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(mine_s.grad.float(), ref_s.grad.float(), **gtol)
+
+
+def test_lm_loss_with_a_kl_weight_and_no_teacher_is_named():
+    with pytest.raises(ValueError, match="alpha=0.5 weights a KL term that needs teacher_logits"):
+        lm_loss(torch.randn(1, 4, 5), torch.zeros(1, 4, dtype=torch.long), None, 0.5)
+
+
 # ------------------------------------------------------------------ (f) validation
 @pytest.mark.parametrize("field, value", [
     ("steps", 0), ("steps", 2.0), ("steps", True), ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")),
     ("lr", float("inf")), ("warmup_steps", -1), ("warmup_steps", 11), ("min_lr_ratio", 1.5),
     ("betas", (0.9,)), ("betas", (0.9, 1.0)), ("betas", "0.9"), ("weight_decay", -0.1), ("grad_clip", 0.0),
     ("batch_size", 0), ("distill_alpha", 1.5), ("distill_temperature", 0.0), ("checkpoint_every", 0),
-    ("log_every", 0), ("seed", -1),
+    ("log_every", 0), ("seed", -1), ("autocast", "bf16"), ("autocast", torch.bfloat16),
 ])
 def test_train_config_validation_names_the_field(field, value):
     kwargs = {"steps": 10, field: value}

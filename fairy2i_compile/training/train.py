@@ -85,6 +85,7 @@ FORMAT_VERSION = 1
 # Fields that change nothing about the trajectory: a resumed run may change them.
 RESUMABLE_CHANGES = ("checkpoint_every", "log_every")  # TrainConfig fields a resumed run may change
 PathLike = Union[str, os.PathLike]
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # TrainConfig.autocast
 
 
 # ------------------------------------------------------------------ config
@@ -104,6 +105,11 @@ class TrainConfig:
     checkpoint_every:    save every this many steps (and at the end).
     log_every:           progress-bar update period in steps (history records every step).
     seed:                data order.
+    autocast:            None (float32 throughout) or "bfloat16" / "float16": the student's and the
+                         teacher's forward run under torch.autocast of that dtype on the parameters'
+                         device (matmuls in that dtype; master weights, optimizer and loss stay
+                         float32). On a CPU with AMX, bf16 matmuls run 4-14x faster than float32
+                         (SmolLM2's shapes at 1024 tokens, measured).
     """
 
     steps: int
@@ -119,6 +125,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
+    autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps, 1, "the number of optimizer updates, e.g. steps=1000")
@@ -147,6 +154,9 @@ class TrainConfig:
         _check_int("checkpoint_every", self.checkpoint_every, 1, "save period in steps, e.g. 50")
         _check_int("log_every", self.log_every, 1, "log period in steps, e.g. 10")
         _check_int("seed", self.seed, 0, "a non-negative int")
+        if not (self.autocast is None or (isinstance(self.autocast, str) and self.autocast in AUTOCAST_DTYPES)):
+            raise ValueError(f"TrainConfig.autocast must be one of {sorted(k for k in AUTOCAST_DTYPES if k)} or None "
+                             f"(float32), got {self.autocast!r}")
 
     def lr_factor(self, completed: int) -> float:
         """LR multiplier for the update that follows `completed` earlier updates (LambdaLR's argument)."""
@@ -211,21 +221,80 @@ def lm_loss(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(loss, ce, kl) for next-token prediction; kl is None without a teacher.
 
-    logits, teacher_logits: [B, L, V]; ids: [B, L]. Computed in float32.
+    logits, teacher_logits: [B, L, V] in any floating dtype (bf16 under autocast); the
+    arithmetic is float32. ``loss`` carries the gradient to ``logits``; ``ce`` and ``kl`` are
+    detached values for the record (``loss`` is ``ce`` when alpha == 0 and ``T^2 kl`` when
+    alpha == 1, as the module docstring's formula says).
+
+    Computed in row chunks of about 4M logits (:class:`_ChunkedLMLoss`): the gradient
+    (softmax(z) - onehot) / N and T (q - p) / N of each chunk is formed in the same pass as the
+    loss, so no [B·L, V] float32 temporaries are made (at SmolLM2's 49k vocabulary and 1024
+    tokens each such temporary is 200 MB and the unchunked formula made six of them: 3.7 s of
+    a 17 s distillation step on 2 cores, measured).
     """
-    student = logits[:, :-1].float().flatten(0, 1)  # [B*(L-1), V]
-    ce = F.cross_entropy(student, ids[:, 1:].flatten())
-    if teacher_logits is None:
-        return ce, ce, None
-    t = temperature
-    teacher = teacher_logits[:, :-1].float().flatten(0, 1)
-    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                  reduction="batchmean")
-    if alpha == 0.0:
-        return ce, ce, kl.detach()
-    if alpha == 1.0:
-        return kl * (t * t), ce.detach(), kl
-    return (1.0 - alpha) * ce + alpha * (t * t) * kl, ce, kl
+    if teacher_logits is None and alpha != 0.0:
+        raise ValueError(f"lm_loss alpha={alpha} weights a KL term that needs teacher_logits; pass them, or alpha=0")
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    student = logits[:, :-1].reshape(n, logits.shape[-1])
+    targets = ids[:, 1:].reshape(n)
+    teacher = None if teacher_logits is None else teacher_logits[:, :-1].reshape(n, teacher_logits.shape[-1])
+    loss, ce, kl = _ChunkedLMLoss.apply(student, targets, teacher, float(alpha), float(temperature))
+    return loss, ce, (None if teacher is None else kl)
+
+
+LOSS_CHUNK_LOGITS = 1 << 22  # logits per chunk of rows in lm_loss (16 MB of float32)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """(1 - alpha) CE + alpha T^2 KL of logits [N, V] against targets [N] and teacher [N, V], chunked.
+
+    Per chunk of rows, in float32: log q_1 = log_softmax(z), CE rows -log q_1[y];
+    with a teacher, log q = log_softmax(z / T), log p = log_softmax(z_t / T), KL rows
+    sum p (log p - log q). Gradient w.r.t. z (saved in z's dtype for the backward):
+    (1 - alpha) (q_1 - onehot(y)) / N + alpha T (q - p) / N. ``kl`` is a zero tensor
+    without a teacher.
+    """
+
+    @staticmethod
+    def forward(ctx, z, targets, teacher, alpha, temperature):
+        n, v = z.shape
+        rows = max(1, LOSS_CHUNK_LOGITS // max(1, v))
+        grad = torch.empty_like(z) if z.requires_grad else None
+        ce_sum = torch.zeros((), dtype=torch.float64, device=z.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=z.device)
+        t = temperature
+        with torch.no_grad():
+            for i in range(0, n, rows):
+                s = z[i:i + rows].float()
+                y = targets[i:i + rows]
+                log_q1 = torch.log_softmax(s, -1)
+                ce_sum += -log_q1.gather(1, y[:, None]).sum(dtype=torch.float64)
+                g = None
+                if grad is not None and alpha < 1.0:
+                    g = log_q1.exp_()
+                    g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+                    g *= (1.0 - alpha) / n
+                if teacher is not None:
+                    log_q = log_q1 if t == 1.0 and g is None else torch.log_softmax(s / t, -1)
+                    log_p = torch.log_softmax(teacher[i:i + rows].float() / t, -1)
+                    p = log_p.exp()
+                    kl_sum += (p * (log_p - log_q)).sum(dtype=torch.float64)
+                    if grad is not None and alpha > 0.0:
+                        d = (log_q.exp() - p) * (alpha * t / n)
+                        g = d if g is None else g.add_(d)
+                if grad is not None:
+                    grad[i:i + rows] = g if g is not None else 0.0
+        ce = (ce_sum / n).float()
+        kl = (kl_sum / n).float()
+        loss = ce if alpha == 0.0 else (kl * (t * t) if alpha == 1.0 else (1.0 - alpha) * ce + alpha * (t * t) * kl)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce, kl)
+        return loss.clone(), ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * g_loss.to(grad.dtype), None, None, None, None
 
 
 def model_logits(fn: Callable, ids: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
@@ -235,6 +304,13 @@ def model_logits(fn: Callable, ids: torch.Tensor, kwargs: Mapping[str, Any]) -> 
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model must return logits or an object with .logits, got {type(out).__name__}")
     return logits
+
+
+def autocast_context(dtype_name: Optional[str], device: torch.device):
+    """torch.autocast for TrainConfig.autocast on ``device`` (a no-op context for None)."""
+    if dtype_name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype_name])
 
 
 def forward_kwargs(module: Any) -> Dict[str, Any]:
@@ -319,10 +395,12 @@ def train_qat(
             optimizer.zero_grad(set_to_none=True)
             teacher_logits = None
             if teacher is not None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast_context(cfg.autocast, device):
                     teacher_logits = model_logits(teacher, ids, teacher_kwargs)
-            loss, ce, kl = lm_loss(model_logits(compiled, ids, student_kwargs), ids, teacher_logits,
-                                   cfg.distill_alpha, cfg.distill_temperature)
+            with autocast_context(cfg.autocast, device):
+                logits = model_logits(compiled, ids, student_kwargs)
+            loss, ce, kl = lm_loss(logits, ids, teacher_logits, cfg.distill_alpha, cfg.distill_temperature)
+            del logits, teacher_logits
             lr = optimizer.param_groups[0]["lr"]
             with _sigint_deferred():  # the update and its record are applied whole or not at all
                 grad_norm = qat_step(loss, optimizer, params, cfg.grad_clip, scheduler=scheduler, step=s,
