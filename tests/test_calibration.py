@@ -613,3 +613,41 @@ def test_real_smollm2_layers_calibrated_beat_round_to_nearest_and_outliers_fix_m
             assert 1229 in out.tolist()
             plain = gptq_round(a, h, 2, act_order=True, scale_search=True)
             assert output_error(a, r.a_hat, h) < 0.5 * output_error(a, plain.a_hat, h)
+
+
+@pytest.mark.parametrize("stages, gran, shape", [(2, "tensor", (24, 40)), (3, 8, (20, 44))])
+def test_compiled_straight_through_quantizer_equals_the_eager_one(monkeypatch, stages, gran, shape):
+    """Inductor's fused loops give Â bit for bit and the scale gradients to float32 rounding."""
+    from fairy2i_compile.quantization.calibration import repair
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(*shape, generator=g)
+    r = gptq_round(a, _spd(shape[1]), stages, gran, scale_search=True)
+    upstream = torch.randn(*shape, generator=g)
+    results = {}
+    for mode in ("eager", "inductor"):
+        monkeypatch.setenv("FAIRY2I_STE_COMPILE", "0" if mode == "eager" else "1")
+        monkeypatch.setattr(repair, "STE_COMPILE_MIN_NUMEL", 1)  # compile these small weights too
+        layer = repair.RepairLinear(nn.Linear(shape[1], shape[0]), r)
+        out = layer.quantized()
+        (out * upstream).sum().backward()
+        assert repair.ste_impl().startswith(mode)
+        results[mode] = (out.detach(), layer.latent.grad, [p.grad for p in layer.s])
+    eager, fused = results["eager"], results["inductor"]
+    assert torch.equal(fused[0], eager[0])
+    assert torch.equal(fused[1], eager[1])  # straight through: the incoming gradient itself
+    for mine, ref in zip(fused[2], eager[2]):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_phase_step_selects_what_phase_codes_and_stage_values_give():
+    g = torch.Generator().manual_seed(2)
+    re, im = torch.randn(50, 60, generator=g), torch.randn(50, 60, generator=g)
+    re[0, :4] = torch.tensor([0.0, 1.0, -1.0, 0.0])  # zero and the tie diagonals
+    im[0, :4] = torch.tensor([0.0, 1.0, 1.0, -0.0])
+    s_re, s_im = torch.rand(50, 1, generator=g), torch.rand(50, 1, generator=g)
+    c1, c2, c3, (q_re, q_im) = quant.phase_step(re, im, s_re, s_im)
+    codes = quant.phase_codes(re, im)
+    assert torch.equal(quant.mask_codes(c1, c2, c3), codes)
+    want_re, want_im = quant.stage_values(codes, s_re, s_im)
+    assert torch.equal(q_re, want_re) and torch.equal(q_im, want_im)

@@ -41,7 +41,9 @@ calibration window plus the T-stage rounding of its weights.
 from __future__ import annotations
 
 import math
+import os
 import random
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -51,7 +53,7 @@ from torch import Tensor
 
 from .. import quant
 from ...compiler.ops.widely import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
-from .rounding import RoundedLayer, round_at_scales
+from .rounding import RoundedLayer, round_at_scales, stages_at_scales
 
 __all__ = ["repair_block", "RepairLinear", "block_output"]
 
@@ -109,6 +111,82 @@ def _reduce_to(x: Tensor, like: Tensor, group_size: Optional[int]) -> Tensor:
     return x.sum(0, keepdim=True) if n_s == 1 else x
 
 
+def _ste_forward(latent: Tensor, su_re: Tensor, su_im: Tensor, sw_re: Tensor, sw_im: Tensor,
+                 group_size: Optional[int]) -> Tensor:
+    """Â [2n, 2m] of the latent weight at the stage scales (the codes are not kept: the backward
+    makes them again from the same latent, which costs less than storing and reading them)."""
+    u_re, u_im, w_re, w_im = _real_to_widely(latent)
+    m = u_re.shape[1]
+    _, qu_re, qu_im = round_at_scales(u_re, u_im, su_re, su_im, m, group_size)
+    _, qw_re, qw_im = round_at_scales(w_re, w_im, sw_re, sw_im, m, group_size)
+    return _widely_to_real(qu_re, qu_im, qw_re, qw_im)
+
+
+def _ste_scale_grads(g: Tensor, latent: Tensor, su_re: Tensor, su_im: Tensor, sw_re: Tensor, sw_im: Tensor,
+                     group_size: Optional[int]):
+    """The four stage-scale gradients [T, n_s, G] for the incoming gradient g [2n, 2m] of Â:
+    per stage, the sum of g's U (or W) component over the entries coded on that scale's axis,
+    signed (+1 / +i: +, -1 / -i: -)."""
+    u_re, u_im, w_re, w_im = _real_to_widely(latent)
+    n, m = u_re.shape
+    g11, g12, g21, g22 = g[:n, :m], g[:n, m:], g[n:, :m], g[n:, m:]
+    grads = []
+    for re, im, s_re, s_im, d_re, d_im in ((u_re, u_im, su_re, su_im, g11 + g22, g21 - g12),
+                                           (w_re, w_im, sw_re, sw_im, g11 - g22, g12 + g21)):
+        g_re, g_im = [], []
+        for t, (c1, c2, c3, _) in enumerate(stages_at_scales(re, im, s_re, s_im, m, group_size)):
+            on_re = (~(c1 | c2 | c3)).to(g.dtype) - c2.to(g.dtype)  # +1 / -1 coded: ±1, else 0
+            on_im = c1.to(g.dtype) - c3.to(g.dtype)
+            g_re.append(_reduce_to(d_re * on_re, s_re[t], group_size))
+            g_im.append(_reduce_to(d_im * on_im, s_re[t], group_size))
+        grads += [torch.stack(g_re), torch.stack(g_im)]
+    return tuple(grads)
+
+
+# The two bodies above, compiled by Inductor into fused loops (one per weight shape), unless
+# FAIRY2I_STE_COMPILE=0 or compiling failed once (then eager, with one warning). The forward is
+# bit for bit the eager one: every operation is a comparison, a select, an add/subtract or a
+# multiply by 0.5, none of which Inductor reorders (tested); the scale gradients are sums and may
+# differ from eager in the last bits.
+_COMPILED: Dict[str, Any] = {}
+_COMPILE_ERROR: Optional[str] = None
+
+
+def ste_impl() -> str:
+    """Which straight-through quantizer runs: "inductor" (fused, compiled) or "eager", and why not."""
+    if os.environ.get("FAIRY2I_STE_COMPILE", "1").lower() in ("0", "off", "false", "no"):
+        return "eager (FAIRY2I_STE_COMPILE=0)"
+    if _COMPILE_ERROR is not None:
+        return f"eager (compiling failed: {_COMPILE_ERROR})"
+    return "inductor"
+
+
+STE_COMPILE_MIN_NUMEL = 1 << 16  # smaller weights run eagerly: a compile (seconds) would not pay off
+
+
+def _run(name: str, fn, *args):
+    global _COMPILE_ERROR
+    big = args[0].numel() >= STE_COMPILE_MIN_NUMEL  # the latent weight, or its gradient
+    if not big or ste_impl() != "inductor" or any(isinstance(a, Tensor) and a.device.type not in ("cpu", "cuda")
+                                                  for a in args):
+        return fn(*args)
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    try:
+        # float32 arithmetic whatever autocast the training forward runs under (no matmul here, and the
+        # same autocast state for every call: Dynamo guards on it); one compiled loop per weight shape,
+        # so a model's few shapes, under a limit above Dynamo's default of 8
+        with torch.autocast(args[0].device.type, enabled=False), \
+                torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+            return _COMPILED[name](*args)
+    except Exception as e:  # no C++ compiler, an Inductor bug: the eager body is the same arithmetic
+        _COMPILE_ERROR = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        warnings.warn(f"fairy2i: compiling the straight-through quantizer failed ({_COMPILE_ERROR}); repair and "
+                      f"distillation run it eagerly (correct, slower). Set FAIRY2I_STE_COMPILE=0 to skip the attempt.",
+                      RuntimeWarning, stacklevel=3)
+        return fn(*args)
+
+
 class _PhaseSTE(torch.autograd.Function):
     """Â = widely_to_real(Q(U), Q(W)) of a latent real weight at stage scales [T, n_s, G].
 
@@ -116,33 +194,21 @@ class _PhaseSTE(torch.autograd.Function):
     Backward: identity for the latent weight (straight-through), and for each stage scale the
     sum of the incoming gradient over the entries whose stage-t code lies on that scale's axis,
     with its sign: Q is linear in the scales for fixed codes, and the codes are piecewise constant.
+    Both run as one fused compiled loop per weight shape where Inductor is available (``ste_impl``).
     """
 
     @staticmethod
     def forward(ctx, latent, su_re, su_im, sw_re, sw_im, group_size):
         with torch.no_grad():
-            u_re, u_im, w_re, w_im = _real_to_widely(latent)
-            m = u_re.shape[1]
-            cu, qu_re, qu_im = round_at_scales(u_re, u_im, su_re, su_im, m, group_size)
-            cw, qw_re, qw_im = round_at_scales(w_re, w_im, sw_re, sw_im, m, group_size)
-            out = _widely_to_real(qu_re, qu_im, qw_re, qw_im)
-        ctx.save_for_backward(cu, cw, su_re)
+            out = _run("forward", _ste_forward, latent, su_re, su_im, sw_re, sw_im, group_size)
+        ctx.save_for_backward(latent, su_re, su_im, sw_re, sw_im)
         ctx.group_size = group_size
         return out
 
     @staticmethod
     def backward(ctx, g):
-        cu, cw, like = ctx.saved_tensors
-        gs = ctx.group_size
-        n, m = cu.shape[1], cu.shape[2]
-        g11, g12, g21, g22 = g[:n, :m], g[:n, m:], g[n:, :m], g[n:, m:]
-        d_u_re, d_u_im, d_w_re, d_w_im = g11 + g22, g21 - g12, g11 - g22, g12 + g21
-        grads = []
-        for codes, d_re, d_im in ((cu, d_u_re, d_u_im), (cw, d_w_re, d_w_im)):
-            on_re = (codes == 0).to(g.dtype) - (codes == 2).to(g.dtype)   # [T, n, m]: ±1 on the real axis
-            on_im = (codes == 1).to(g.dtype) - (codes == 3).to(g.dtype)
-            grads.append(torch.stack([_reduce_to(d_re * on_re[t], like[t], gs) for t in range(codes.shape[0])]))
-            grads.append(torch.stack([_reduce_to(d_im * on_im[t], like[t], gs) for t in range(codes.shape[0])]))
+        with torch.no_grad():
+            grads = _run("backward", _ste_scale_grads, g.contiguous(), *ctx.saved_tensors, ctx.group_size)
         return (g, *grads, None)
 
 

@@ -265,22 +265,30 @@ def _column_scales(s: Tensor, j: int, group_size: Optional[int]) -> Tensor:
     return s[:, :, 0] if group_size is None else s[:, :, j // group_size]
 
 
+def stages_at_scales(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor, m: int, group_size: Optional[int]):
+    """The T-stage residual phase rule on w = re + i·im [n, m] at fixed scales [T, n_s, G], one stage
+    at a time: yields ``quant.phase_step``'s (c1, c2, c3, (q_re, q_im)) for stage 1, 2, ..., each
+    stage on the residual the earlier ones leave."""
+    e_re, e_im = re, im
+    for t in range(s_re.shape[0]):
+        c1, c2, c3, (q_re, q_im) = quant.phase_step(e_re, e_im, quant.expand_scales(s_re[t], m, group_size),
+                                                    quant.expand_scales(s_im[t], m, group_size))
+        yield c1, c2, c3, (q_re, q_im)
+        e_re, e_im = e_re - q_re, e_im - q_im
+
+
 def round_at_scales(re: Tensor, im: Tensor, s_re: Tensor, s_im: Tensor, m: int,
                     group_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """T-stage residual phase rule on w = re + i·im [n, m] at fixed scales [T, n_s, G].
 
     Returns codes uint8 [T, n, m] and the dequantized (re, im) [n, m]; differentiable
     with respect to the scales (the codes are decisions). With the scales PhaseQuant
-    chose for this same w, the codes are PhaseQuant's.
+    chose for this same w, the codes are PhaseQuant's. The stages are summed in
+    ``quant.dequant_phase``'s order, so (re, im) equal the dequantized codes bit for bit.
     """
     codes, acc_re, acc_im = [], None, None
-    e_re, e_im = re, im
-    for t in range(s_re.shape[0]):
-        c = quant.phase_codes(e_re, e_im)
-        q_re, q_im = quant.stage_values(c, quant.expand_scales(s_re[t], m, group_size),
-                                        quant.expand_scales(s_im[t], m, group_size))
-        e_re, e_im = e_re - q_re, e_im - q_im
-        codes.append(c)
+    for c1, c2, c3, (q_re, q_im) in stages_at_scales(re, im, s_re, s_im, m, group_size):
+        codes.append(quant.mask_codes(c1, c2, c3))
         acc_re = q_re if acc_re is None else acc_re + q_re
         acc_im = q_im if acc_im is None else acc_im + q_im
     return torch.stack(codes), acc_re, acc_im
