@@ -33,6 +33,7 @@ Configurations (``--configs``; names say what they are):
                             (``calibration.distill``; ``--distill-windows`` windows of ``--calib-seq-len``
                             tokens from the end of the sample, the last eighth held out; ``--distill-lr``,
                             ``--distill-batch`` windows per step)
+      -bf16                 the distillation's forwards under bf16 autocast (``distill(autocast="bfloat16")``)
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -69,7 +70,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|bf16))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -95,7 +96,8 @@ def parse_config(name: str) -> Dict[str, Any]:
             "act_order": "noact" not in opts, "true_sequential": "nts" not in opts, "refit_scales": "refit" in opts,
             "scale_search": "nosearch" not in opts, "outliers": "noout" not in opts and "refit" not in opts,
             "repair_steps": next((int(o[3:]) for o in opts if o.startswith("rep")), 0),
-            "distill_steps": next((int(o[4:]) for o in opts if o.startswith("dist")), 0)}
+            "distill_steps": next((int(o[4:]) for o in opts if o.startswith("dist")), 0),
+            "distill_autocast": "bfloat16" if "bf16" in opts else None}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -134,6 +136,8 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
     cfg = parse_config(name)
     if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
         raise SystemExit(f"{name}: -dist applies to calibrated Fairy2i rows (cal-w...)")
+    if cfg.get("distill_autocast") and not cfg.get("distill_steps"):
+        raise SystemExit(f"{name}: -bf16 sets the distillation's autocast; add -dist{{N}}")
     model, _ = load_smollm2(progress=False)
     teacher = model if cfg.get("distill_steps") else None  # calibration never changes the float model
     info: Dict[str, Any] = {"name": name, **{k: v for k, v in cfg.items() if k != "kind"}, "kind": cfg["kind"]}
@@ -190,7 +194,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
         from fairy2i_compile.quantization.calibration import distill
 
         d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,
-                    batch_size=distill_batch, progress=False)
+                    batch_size=distill_batch, progress=False, autocast=cfg["distill_autocast"])
         info["distill"] = {**d.summary(), "loss": d.history["loss"], "s_per_step": sum(d.history["time_s"]) /
                            max(1, len(d.history["time_s"]))}
         model = d.model
@@ -241,7 +245,8 @@ def markdown(payload: Dict[str, Any]) -> str:
         d = r["distill"]
         lines.append(f"- {r['name']}: {d['steps']} steps of {d['train_tokens_per_step']} tokens, lr {d['lr']:g}, "
                      f"{d['train_windows']} training / {d['holdout_windows']} held-out windows, "
-                     f"{d['s_per_step']:.1f} s/step; KL {d['holdout_kl_before']:.3f} -> {d['holdout_kl_after']:.3f}"
+                     f"{d['s_per_step']:.1f} s/step" + (f" ({d['autocast']} autocast)" if d.get("autocast") else "")
+                     + f"; KL {d['holdout_kl_before']:.3f} -> {d['holdout_kl_after']:.3f}"
                      + ("" if d["kept"] else " (not kept)"))
     return "\n".join(lines) + "\n"
 

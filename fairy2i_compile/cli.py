@@ -492,7 +492,8 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
         from .quantization.calibration import distill
 
         d = distill(result.model, model, train, steps=args.distill_steps, lr=args.distill_lr,
-                    batch_size=args.distill_batch, progress=args.progress)
+                    batch_size=args.distill_batch, progress=args.progress,
+                    autocast=None if args.distill_autocast == "none" else args.distill_autocast)
         print(f"distilled {d.steps} steps in {d.seconds:.0f} s: held-out KL to the float model {d.loss_before:.4f} -> "
               f"{d.loss_after:.4f}" + ("" if d.kept else " (not lower: the calibrated codes are kept)"))
         result.model = d.model
@@ -625,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation peak learning rate (default 1e-3, warmup + cosine)")
     g.add_argument("--distill-batch", type=_positive("--distill-batch"), default=1, metavar="B",
                    help="windows per distillation step (default 1)")
+    g.add_argument("--distill-autocast", choices=("none", "bfloat16", "float16"), default="none",
+                   help="run the distillation's forwards under torch.autocast of this dtype (bfloat16: about 2x "
+                        "faster steps on a CPU with AMX; the held-out loss is measured in float32; default none)")
     g.add_argument("--distill-windows", type=_positive("--distill-windows"), default=256, metavar="N",
                    help="distillation text: N windows of --calib-seq-len tokens from the end of the calibration "
                         "text, the last eighth held out (default 256)")

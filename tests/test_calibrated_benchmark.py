@@ -21,6 +21,7 @@ def test_configuration_names_combine_suffixes(bench):
     assert (cfg["kind"], cfg["method"], cfg["stages"], cfg["granularity"]) == ("cal", "phase", 2, "row")
     assert cfg["repair_steps"] == 50 and cfg["distill_steps"] == 80
     assert bench.parse_config("cal-w4")["distill_steps"] == 0
+    assert cfg["distill_autocast"] is None and bench.parse_config("cal-w2-dist80-bf16")["distill_autocast"] == "bfloat16"
     with pytest.raises(SystemExit, match="unknown configuration"):
         bench.parse_config("cal-w2-distill")
 
@@ -28,6 +29,8 @@ def test_configuration_names_combine_suffixes(bench):
 def test_distillation_is_for_calibrated_fairy2i_rows_only(bench):
     with pytest.raises(SystemExit, match="-dist applies to calibrated Fairy2i rows"):
         bench.build("cal-binary-t2-dist5", None)
+    with pytest.raises(SystemExit, match="-bf16 sets the distillation's autocast; add -dist"):
+        bench.build("cal-w2-bf16", None)
 
 
 def test_the_table_lists_each_distillation(bench):

@@ -130,6 +130,7 @@ def distill(
     checkpoint_path: Optional[Union[str, os.PathLike]] = None,
     time_budget_s: Optional[float] = None,
     progress: bool = True,
+    autocast: Optional[str] = None,
 ) -> DistillResult:
     """Distil a packed model (PackedLinear layers) to ``teacher`` on ``windows`` (module docstring).
 
@@ -143,6 +144,8 @@ def distill(
     holdout:  token ids [W', L'] for the before/after loss (default: the last eighth of
               ``windows``, at least one window, which then do not train).
     checkpoint_path, time_budget_s, progress: ``train_qat``'s (resumable; a budget stops early).
+    autocast: ``TrainConfig.autocast``: None (float32) or "bfloat16" / "float16" for the training
+              forwards (the held-out loss before and after is always measured in float32).
     """
     t0 = time.perf_counter()
     if hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
@@ -169,7 +172,7 @@ def distill(
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup, batch_size=batch_size, distill_alpha=alpha,
                       distill_temperature=temperature, grad_clip=grad_clip, seed=seed,
-                      checkpoint_every=max(1, min(50, steps)))  # validates every hyper-parameter, names the fix
+                      checkpoint_every=max(1, min(50, steps)), autocast=autocast)  # validates every hyper-parameter, names the fix
     device = next(model.parameters()).device
     windows, holdout = windows.to(device), holdout.to(device)
 
@@ -206,7 +209,7 @@ def distill(
     done = history["step"][-1] if history["step"] else 0
     kept = math.isfinite(after) and after < before
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "alpha": alpha, "temperature": temperature,
-                "warmup_steps": warmup, "grad_clip": grad_clip, "seed": seed, "train_windows": int(windows.shape[0]),
+                "warmup_steps": warmup, "grad_clip": grad_clip, "seed": seed, "autocast": autocast, "train_windows": int(windows.shape[0]),
                 "train_tokens_per_step": int(batch_size * windows.shape[1]), "holdout_windows": int(holdout.shape[0]),
                 "steps_done": done}
     return DistillResult(student if kept else model, kept, before, after, done, time.perf_counter() - t0,
