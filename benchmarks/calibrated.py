@@ -125,6 +125,21 @@ def _outlier_bits(columns: Dict[str, tuple], weights: int) -> float:
     return sum(8 * outlier_nbytes(k, out_f) for k, out_f in columns.values()) / weights
 
 
+def load_saved(path: Path, name: str, settings: Dict[str, Any]) -> tuple:
+    """(packed model, its row info) from a ``--save-models`` file of configuration ``name``."""
+    from fairy2i_compile.checkpoints.checkpoint import load_packed, packed_state_info
+
+    if not path.is_file():
+        raise SystemExit(f"--from-saved: {path} does not exist; run with --save-models first")
+    row = packed_state_info(path)["extra"].get("benchmark_row")
+    if not isinstance(row, dict) or row.get("name") != name:
+        raise SystemExit(f"--from-saved: {path} holds no benchmark row for {name!r} (got {row and row.get('name')!r})")
+    saved = row.get("settings")
+    if saved is not None and any(saved.get(k) != settings.get(k) for k in ("calib_samples", "calib_seq_len", "eval_end")):
+        raise SystemExit(f"--from-saved: {path} was made with other calibration settings ({saved}); use the same")
+    return load_packed(path), {**row, "loaded_from": str(path)}
+
+
 def _weights(model: nn.Module) -> int:
     return sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, nn.Linear))
 
@@ -261,6 +276,9 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--save-models", default=None, metavar="DIR",
                    help="also write each packed model as DIR/<configuration>.safetensors (save_packed; "
                         "e.g. for a later zero-shot run with `fairy2i eval`)")
+    p.add_argument("--from-saved", default=None, metavar="DIR",
+                   help="evaluate DIR/<configuration>.safetensors (written by an earlier --save-models run of the "
+                        "same settings) instead of building it again; the row keeps how it was built")
     p.add_argument("--distill-windows", type=int, default=256)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=1, help="windows per distillation step")
@@ -305,7 +323,10 @@ def main(argv: Optional[list] = None) -> int:
     zs = set(args.configs if args.zero_shot_configs is None else args.zero_shot_configs)
     examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
     for name in args.configs:
-        model, info = build(name, cal, train, args.distill_lr, args.distill_batch)
+        if args.from_saved:
+            model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
+        else:
+            model, info = build(name, cal, train, args.distill_lr, args.distill_batch)
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}
@@ -319,8 +340,8 @@ def main(argv: Optional[list] = None) -> int:
 
             Path(args.save_models).mkdir(parents=True, exist_ok=True)
             info["saved"] = str(Path(args.save_models) / f"{name}.safetensors")
-            save_packed(model, info["saved"], extra={"benchmark_row": {k: v for k, v in info.items()
-                                                                       if k not in ("layers", "tasks")}})
+            save_packed(model, info["saved"], extra={"benchmark_row": {
+                **{k: v for k, v in info.items() if k not in ("layers", "tasks")}, "settings": payload["settings"]}})
         print(f"{name}: bits {info['bits_per_weight']:.3f} ppl {info['ppl']:.4g} {info['tasks']} "
               f"(build {info['build_s']} s, eval {info['eval_s']} s)", flush=True)
         payload["rows"].append(info)

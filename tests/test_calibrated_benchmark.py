@@ -1,4 +1,4 @@
-"""benchmarks/calibrated.py's configuration names and results table (no model is loaded)."""
+"""benchmarks/calibrated.py's configuration names, results table and saved rows (tiny models only)."""
 
 import importlib.util
 from pathlib import Path
@@ -44,3 +44,24 @@ def test_the_table_lists_each_distillation(bench):
     assert "| cal-w2-dist80 | 2.046 | 131.4 | 6.184 |" in text
     assert "- cal-w2-dist80: 80 steps of 1024 tokens, lr 0.001, 224 training / 32 held-out windows, 31.2 s/step; " \
            "KL 2.181 -> 1.556" in text
+
+
+def test_saved_rows_load_with_how_they_were_built_and_mismatches_are_named(bench, tmp_path):
+    from fairy2i_compile import pack_model, save_packed
+
+    from helpers import tiny_llama
+
+    model = tiny_llama(seed=0, layers=1)
+    pack_model(model, stages=2)
+    settings = {"calib_samples": 16, "calib_seq_len": 512, "eval_end": 16384}
+    row = {"name": "cal-w2-dist5", "bits_per_weight": 2.05, "distill": {"steps": 5}, "settings": settings}
+    save_packed(model, tmp_path / "cal-w2-dist5.safetensors", extra={"benchmark_row": row})
+    loaded, info = bench.load_saved(tmp_path / "cal-w2-dist5.safetensors", "cal-w2-dist5", settings)
+    assert info["distill"] == {"steps": 5} and info["loaded_from"].endswith("cal-w2-dist5.safetensors")
+    assert sum(1 for _ in loaded.modules()) == sum(1 for _ in model.modules())
+    with pytest.raises(SystemExit, match="does not exist; run with --save-models first"):
+        bench.load_saved(tmp_path / "nope.safetensors", "nope", settings)
+    with pytest.raises(SystemExit, match="holds no benchmark row for 'cal-w4'"):
+        bench.load_saved(tmp_path / "cal-w2-dist5.safetensors", "cal-w4", settings)
+    with pytest.raises(SystemExit, match="other calibration settings"):
+        bench.load_saved(tmp_path / "cal-w2-dist5.safetensors", "cal-w2-dist5", {**settings, "eval_end": 1})
