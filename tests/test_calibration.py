@@ -618,6 +618,7 @@ def test_real_smollm2_layers_calibrated_beat_round_to_nearest_and_outliers_fix_m
 @pytest.mark.parametrize("stages, gran, shape", [(2, "tensor", (24, 40)), (3, 8, (20, 44))])
 def test_compiled_straight_through_quantizer_equals_the_eager_one(monkeypatch, stages, gran, shape):
     """Inductor's fused loops give Â bit for bit and the scale gradients to float32 rounding."""
+    from fairy2i_compile.quantization import fused
     from fairy2i_compile.quantization.calibration import repair
 
     g = torch.Generator().manual_seed(5)
@@ -627,16 +628,16 @@ def test_compiled_straight_through_quantizer_equals_the_eager_one(monkeypatch, s
     results = {}
     for mode in ("eager", "inductor"):
         monkeypatch.setenv("FAIRY2I_STE_COMPILE", "0" if mode == "eager" else "1")
-        monkeypatch.setattr(repair, "STE_COMPILE_MIN_NUMEL", 1)  # compile these small weights too
+        monkeypatch.setattr(fused, "MIN_NUMEL", 1)  # compile these small weights too
         layer = repair.RepairLinear(nn.Linear(shape[1], shape[0]), r)
         out = layer.quantized()
         (out * upstream).sum().backward()
-        assert repair.ste_impl().startswith(mode)
+        assert fused.fused_impl().startswith(mode)
         results[mode] = (out.detach(), layer.latent.grad, [p.grad for p in layer.s])
-    eager, fused = results["eager"], results["inductor"]
-    assert torch.equal(fused[0], eager[0])
-    assert torch.equal(fused[1], eager[1])  # straight through: the incoming gradient itself
-    for mine, ref in zip(fused[2], eager[2]):
+    eager, compiled = results["eager"], results["inductor"]
+    assert torch.equal(compiled[0], eager[0])
+    assert torch.equal(compiled[1], eager[1])  # straight through: the incoming gradient itself
+    for mine, ref in zip(compiled[2], eager[2]):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -358,6 +358,41 @@ def test_quantize_widely_is_two_independent_phase_quants():
         assert torch.equal(a, b)
 
 
+@HYP
+@given(w=complex_matrices(), granularity=granularities, T=st.integers(1, 4))
+def test_fused_body_run_eagerly_is_the_reference_bit_for_bit(w, granularity, T):
+    """quantize_widely(fused=True)'s body, eagerly: the reference's values exactly (every T, granularity)."""
+    from fairy2i_compile.quantization import quant
+
+    re, im = w
+    typed = validate_granularity(granularity, re.shape[1])
+    *out, finite = quant._widely_values(re, im, im.flip(0), re.flip(1), T, typed.option, typed.group_size)
+    ref = quantize_widely(re, im, im.flip(0), re.flip(1), T, granularity)
+    assert bool(finite)
+    for a, b in zip(out, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T, granularity, shape", [(2, "tensor", (40, 52)), (4, 16, (24, 70))])
+def test_fused_compiled_quantizer_equals_the_reference(monkeypatch, T, granularity, shape):
+    """Compiled by Inductor: the same values up to the float rounding of the scale sums (1e-6 relative)."""
+    from fairy2i_compile.quantization import fused
+
+    monkeypatch.setenv("FAIRY2I_STE_COMPILE", "1")
+    monkeypatch.setattr(fused, "MIN_NUMEL", 1)  # compile these small weights too
+    u_re, u_im = _gaussian(*shape, seed=21)
+    w_re, w_im = _gaussian(*shape, seed=22)
+    out = quantize_widely(u_re, u_im, w_re, w_im, T, granularity, fused=True)
+    assert fused.fused_impl() == "inductor"
+    ref = quantize_widely(u_re, u_im, w_re, w_im, T, granularity)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # a NaN weight takes the reference's path and its error, naming the layer
+    u_re[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.0\.q \(U\) \(real part\) has 1 NaN/Inf"):
+        quantize_widely(u_re, u_im, w_re, w_im, T, granularity, name="layers.0.q", fused=True)
+
+
 def test_no_grad_tracked():
     re, im = _gaussian(4, 6, seed=9)
     re.requires_grad_(True)

@@ -113,6 +113,8 @@ __all__ = [
     "phase_masks",
     "mask_codes",
     "phase_step",
+    "mask_values",
+    "phase_quant_values",
     "stage_values",
     "real_stage_params",
     "real_stage_apply",
@@ -358,20 +360,25 @@ def phase_step(e_re: Tensor, e_im: Tensor, s_re: Tensor, s_im: Tensor) -> tuple[
     uint8 code comparisons, measured).
     """
     c1, c2, c3 = phase_masks(e_re, e_im)
+    return c1, c2, c3, mask_values(c1, c2, c3, s_re, s_im)
+
+
+def mask_values(c1: Tensor, c2: Tensor, c3: Tensor, s_re: Tensor, s_im: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`stage_values` of the codes ``mask_codes(c1, c2, c3)``, selected from the masks."""
     zero = torch.zeros((), dtype=s_re.dtype, device=s_re.device)
     q_re = torch.where(c1 | c2 | c3, torch.where(c2, -s_re, zero), s_re)
     q_im = torch.where(c1, s_im, torch.where(c3, -s_im, zero))
-    return c1, c2, c3, (q_re, q_im)
+    return q_re, q_im
 
 
 def _phase_stage(
     e_re: Tensor, e_im: Tensor, granularity: Granularity
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One PhaseQuant stage on residual [n, m] -> codes [n, m], s_re, s_im [n_s, g_s]."""
-    codes = phase_codes(e_re, e_im)
-    on_re = ((codes == 0) | (codes == 2)).to(e_re.dtype)
-    on_im = ((codes == 1) | (codes == 3)).to(e_re.dtype)
-    return codes, _phase_scale(e_re.abs(), on_re, granularity), _phase_scale(e_im.abs(), on_im, granularity)
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """One PhaseQuant stage on residual [n, m] -> (phase masks), s_re, s_im [n_s, g_s]."""
+    c1, c2, c3 = phase_masks(e_re, e_im)
+    on_im_mask = c1 | c3  # coded +-i; the rest (+-1) lies on the real axis
+    on_re, on_im = (~on_im_mask).to(e_re.dtype), on_im_mask.to(e_re.dtype)
+    return (c1, c2, c3), _phase_scale(e_re.abs(), on_re, granularity), _phase_scale(e_im.abs(), on_im, granularity)
 
 
 def _phase_scale(mag: Tensor, on_axis: Tensor, granularity: Granularity) -> Tensor:
@@ -426,14 +433,8 @@ def phase_quant(
     codes, s_re, s_im = [], [], []
     if not (isinstance(first_scale, (int, float)) and math.isfinite(first_scale) and first_scale > 0):
         raise ValueError(f"first_scale must be a positive finite float (1.0 = the paper's rule), got {first_scale!r}")
-    for t in range(T):
-        c, sr, si = _phase_stage(e_re, e_im, granularity)
-        if t == 0 and first_scale != 1.0:
-            sr, si = sr * first_scale, si * first_scale
-        q_re, q_im = stage_values(c, expand_scales(sr, m, group_size), expand_scales(si, m, group_size))
-        e_re = e_re - q_re
-        e_im = e_im - q_im
-        codes.append(c)
+    for masks, sr, si, _ in phase_stages(e_re, e_im, T, granularity, group_size, first_scale):
+        codes.append(mask_codes(*masks))
         s_re.append(sr)
         s_im.append(si)
     codes_t = torch.stack(codes)
@@ -441,6 +442,35 @@ def phase_quant(
     s_im_t = torch.stack(s_im)
     w_re, w_im = dequant_phase(codes_t, s_re_t, s_im_t, m, group_size)
     return PhaseQuantized(codes_t, s_re_t, s_im_t, w_re, w_im, group_size)
+
+
+def phase_stages(e_re: Tensor, e_im: Tensor, stages: int, granularity: Granularity, group_size: Optional[int],
+                 first_scale: float = 1.0):
+    """PhaseQuant's recursion, unchecked, one stage at a time on the residual [n, m] (compute dtype):
+    yields ((c1, c2, c3) phase masks, s_re, s_im [n_s, g_s], (q_re, q_im) the stage's values)."""
+    m = e_re.shape[1]
+    for t in range(stages):
+        masks, sr, si = _phase_stage(e_re, e_im, granularity)
+        if t == 0 and first_scale != 1.0:
+            sr, si = sr * first_scale, si * first_scale
+        q_re, q_im = mask_values(*masks, expand_scales(sr, m, group_size), expand_scales(si, m, group_size))
+        yield masks, sr, si, (q_re, q_im)
+        e_re = e_re - q_re
+        e_im = e_im - q_im
+
+
+def phase_quant_values(re: Tensor, im: Tensor, stages: int, granularity: Granularity,
+                       group_size: Optional[int]) -> tuple[Tensor, Tensor]:
+    """``phase_quant(re, im, stages, granularity)``'s dequantized (re, im) [n, m] without its codes,
+    checks or copies: the body a compiler fuses for QAT (``fused.run_fused``). ``re``/``im`` in the
+    compute dtype, contiguous; ``granularity`` the option value ("tensor" | "row" | g), ``group_size``
+    its group size (None for "tensor" / "row"). The stages are summed in ``dequant_phase``'s order,
+    so eagerly this equals ``phase_quant``'s (re, im) bit for bit."""
+    acc_re = acc_im = None
+    for _, _, _, (q_re, q_im) in phase_stages(re, im, stages, granularity, group_size):
+        acc_re = q_re if acc_re is None else acc_re + q_re
+        acc_im = q_im if acc_im is None else acc_im + q_im
+    return acc_re, acc_im
 
 
 def dequant_phase(
@@ -589,11 +619,26 @@ def quantize_widely(
     granularity: Granularity = "tensor",
     *,
     name: str = "weight",
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Quantize U and W (each [n, m], independently) -> (uq_re, uq_im, wq_re, wq_im).
 
-    Each output has its input's dtype.
+    Each output has its input's dtype. ``fused=True`` (QAT's op) runs :func:`phase_quant_values`
+    through ``fused.run_fused``: the same stages and sums, compiled into fused loops for large
+    weights, equal to this function's own result up to the order its scale sums are reduced in
+    (``fused`` module docstring); a weight that is not finite falls back here and gets the
+    reference's error naming it.
     """
+    if fused and isinstance(u_re, Tensor) and u_re.dim() == 2 and not _is_tracing(u_re):
+        if all(isinstance(t, Tensor) and t.shape == u_re.shape for t in (u_im, w_re, w_im)) and u_re.numel():
+            from .fused import run_fused
+
+            T = _validate_stages(stages)
+            typed = validate_granularity(granularity, u_re.shape[1])
+            *out, finite = run_fused(_widely_values, u_re.numel(), u_re, u_im, w_re, w_im, T, typed.option,
+                                     typed.group_size)
+            if bool(finite):
+                return tuple(out)
     uq = phase_quant(u_re, u_im, stages, granularity, name=f"{name} (U)")
     wq = phase_quant(w_re, w_im, stages, granularity, name=f"{name} (W)")
     return (
@@ -602,6 +647,21 @@ def quantize_widely(
         wq.re.to(w_re.dtype),
         wq.im.to(w_im.dtype),
     )
+
+
+def _widely_values(u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor, stages: int, granularity: Granularity,
+                   group_size: Optional[int]):
+    """The body ``quantize_widely(fused=True)`` compiles: the four dequantized [n, m] in the input
+    dtypes, and whether every input entry is finite."""
+    out = []
+    for re, im in ((u_re, u_im), (w_re, w_im)):
+        dtype = compute_dtype(torch.promote_types(re.dtype, im.dtype))
+        q_re, q_im = phase_quant_values(re.to(dtype).contiguous(), im.to(dtype).contiguous(), stages, granularity,
+                                        group_size)
+        out += [q_re.to(re.dtype), q_im.to(im.dtype)]
+    finite = torch.isfinite(u_re).all() & torch.isfinite(u_im).all() & torch.isfinite(w_re).all() & \
+        torch.isfinite(w_im).all()
+    return (*out, finite)
 
 
 # ----------------------------------------------------------------------------

@@ -95,8 +95,13 @@ def pack_layer(a: Tensor, stages: int, granularity: Union[str, int], name: str =
 def phase_quant(
     u_re: Tensor, u_im: Tensor, w_re: Tensor, w_im: Tensor, stages: int, granularity: str, name: str
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """T-stage PhaseQuant of U and W (each [n, m], independently) -> dequantized, input dtypes."""
-    return quant.quantize_widely(u_re, u_im, w_re, w_im, stages, decode_granularity(granularity), name=name)
+    """T-stage PhaseQuant of U and W (each [n, m], independently) -> dequantized, input dtypes.
+
+    QAT re-quantizes every weight every step, so the body is the fused one
+    (``quant.quantize_widely(fused=True)``: compiled loops for large weights; the reference
+    body, ``BODIES["phase_quant"]``, is what it is tested against)."""
+    return quant.quantize_widely(u_re, u_im, w_re, w_im, stages, decode_granularity(granularity), name=name,
+                                 fused=True)
 
 
 @phase_quant.register_fake

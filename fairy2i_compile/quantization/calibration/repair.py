@@ -41,9 +41,7 @@ calibration window plus the T-stage rounding of its weights.
 from __future__ import annotations
 
 import math
-import os
 import random
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -52,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import quant
+from ..fused import run_fused
 from ...compiler.ops.widely import real_to_widely_reference as _real_to_widely, widely_to_real_reference as _widely_to_real
 from .rounding import RoundedLayer, round_at_scales, stages_at_scales
 
@@ -143,50 +142,6 @@ def _ste_scale_grads(g: Tensor, latent: Tensor, su_re: Tensor, su_im: Tensor, sw
     return tuple(grads)
 
 
-# The two bodies above, compiled by Inductor into fused loops (one per weight shape), unless
-# FAIRY2I_STE_COMPILE=0 or compiling failed once (then eager, with one warning). The forward is
-# bit for bit the eager one: every operation is a comparison, a select, an add/subtract or a
-# multiply by 0.5, none of which Inductor reorders (tested); the scale gradients are sums and may
-# differ from eager in the last bits.
-_COMPILED: Dict[str, Any] = {}
-_COMPILE_ERROR: Optional[str] = None
-
-
-def ste_impl() -> str:
-    """Which straight-through quantizer runs: "inductor" (fused, compiled) or "eager", and why not."""
-    if os.environ.get("FAIRY2I_STE_COMPILE", "1").lower() in ("0", "off", "false", "no"):
-        return "eager (FAIRY2I_STE_COMPILE=0)"
-    if _COMPILE_ERROR is not None:
-        return f"eager (compiling failed: {_COMPILE_ERROR})"
-    return "inductor"
-
-
-STE_COMPILE_MIN_NUMEL = 1 << 16  # smaller weights run eagerly: a compile (seconds) would not pay off
-
-
-def _run(name: str, fn, *args):
-    global _COMPILE_ERROR
-    big = args[0].numel() >= STE_COMPILE_MIN_NUMEL  # the latent weight, or its gradient
-    if not big or ste_impl() != "inductor" or any(isinstance(a, Tensor) and a.device.type not in ("cpu", "cuda")
-                                                  for a in args):
-        return fn(*args)
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
-    try:
-        # float32 arithmetic whatever autocast the training forward runs under (no matmul here, and the
-        # same autocast state for every call: Dynamo guards on it); one compiled loop per weight shape,
-        # so a model's few shapes, under a limit above Dynamo's default of 8
-        with torch.autocast(args[0].device.type, enabled=False), \
-                torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
-            return _COMPILED[name](*args)
-    except Exception as e:  # no C++ compiler, an Inductor bug: the eager body is the same arithmetic
-        _COMPILE_ERROR = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        warnings.warn(f"fairy2i: compiling the straight-through quantizer failed ({_COMPILE_ERROR}); repair and "
-                      f"distillation run it eagerly (correct, slower). Set FAIRY2I_STE_COMPILE=0 to skip the attempt.",
-                      RuntimeWarning, stacklevel=3)
-        return fn(*args)
-
-
 class _PhaseSTE(torch.autograd.Function):
     """Â = widely_to_real(Q(U), Q(W)) of a latent real weight at stage scales [T, n_s, G].
 
@@ -194,13 +149,13 @@ class _PhaseSTE(torch.autograd.Function):
     Backward: identity for the latent weight (straight-through), and for each stage scale the
     sum of the incoming gradient over the entries whose stage-t code lies on that scale's axis,
     with its sign: Q is linear in the scales for fixed codes, and the codes are piecewise constant.
-    Both run as one fused compiled loop per weight shape where Inductor is available (``ste_impl``).
+    Both run as fused compiled loops per weight shape where Inductor is available (``fused.run_fused``).
     """
 
     @staticmethod
     def forward(ctx, latent, su_re, su_im, sw_re, sw_im, group_size):
         with torch.no_grad():
-            out = _run("forward", _ste_forward, latent, su_re, su_im, sw_re, sw_im, group_size)
+            out = run_fused(_ste_forward, latent.numel(), latent, su_re, su_im, sw_re, sw_im, group_size)
         ctx.save_for_backward(latent, su_re, su_im, sw_re, sw_im)
         ctx.group_size = group_size
         return out
@@ -208,7 +163,7 @@ class _PhaseSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         with torch.no_grad():
-            grads = _run("backward", _ste_scale_grads, g.contiguous(), *ctx.saved_tensors, ctx.group_size)
+            grads = run_fused(_ste_scale_grads, g.numel(), g.contiguous(), *ctx.saved_tensors, ctx.group_size)
         return (g, *grads, None)
 
 
