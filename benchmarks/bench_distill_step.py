@@ -11,8 +11,13 @@ same loss (KL to the float model's logits):
     plain-fp32      the float model itself trains (no quantizer): the baseline
     plain-bf16      the same under bf16 autocast
     distill-fp32-eager     the packed W2 model, straight-through quantizer run op by op (before)
-    distill-fp32-fused     the same with the quantizer compiled into fused loops (ste_impl)
+    distill-fp32-fused     the same with the quantizer compiled into fused loops (fused.fused_impl)
     distill-bf16-fused     fused quantizer and bf16 autocast (what ``distill(autocast="bfloat16")`` runs)
+    qat-fp32-eager  QAT through the compiled graph (``mode="qat"``, W2, per-tensor scales recomputed from
+                    the float weights every step; ``fairy2i::phase_quant``'s body run op by op,
+                    FAIRY2I_STE_COMPILE=0)
+    qat-fp32-fused  the same body compiled (``quant.quantize_widely(fused=True)``)
+    qat-bf16-fused  and bf16 autocast
 
 Each row is the median over ``--steps`` timed steps after one untimed warm-up step (which
 compiles). Writes benchmarks/results/bench_distill_step.{json,md}. Timings assume nothing
@@ -42,11 +47,12 @@ from fairy2i_compile import load_packed  # noqa: E402
 from fairy2i_compile.calibration import calibration_windows, distill  # noqa: E402
 from fairy2i_compile.checkpoints.models import load_smollm2  # noqa: E402
 from fairy2i_compile.compiler.report import atomic_write_text  # noqa: E402
-from fairy2i_compile.quantization.calibration.repair import ste_impl  # noqa: E402
+from fairy2i_compile.quantization.fused import fused_impl  # noqa: E402
 from fairy2i_compile.training.train import TrainConfig, train_qat  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_distill_step"
-CONFIGS = ("plain-fp32", "plain-bf16", "distill-fp32-eager", "distill-fp32-fused", "distill-bf16-fused")
+CONFIGS = ("plain-fp32", "plain-bf16", "distill-fp32-eager", "distill-fp32-fused", "distill-bf16-fused",
+           "qat-fp32-eager", "qat-fp32-fused", "qat-bf16-fused")
 
 
 def parse_args(argv=None):
@@ -84,11 +90,25 @@ def time_plain(model, teacher, windows, steps, autocast):
     return h["time_s"][1:]
 
 
+def time_qat(model, teacher, windows, steps, autocast, fused):
+    from fairy2i_compile import Fairy2iBackend
+
+    os.environ["FAIRY2I_STE_COMPILE"] = "1" if fused else "0"
+    torch._dynamo.reset()
+    student = copy.deepcopy(model).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    compiled = torch.compile(student, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
+    cfg = TrainConfig(steps=steps + 1, lr=1e-5, batch_size=BATCH, distill_alpha=1.0, autocast=autocast)
+    h = train_qat(student, compiled, windows, cfg, teacher=teacher, progress=False)
+    return h["time_s"][1:], fused_impl()
+
+
 def time_distill(packed, teacher, windows, steps, autocast, fused):
     os.environ["FAIRY2I_STE_COMPILE"] = "1" if fused else "0"
     d = distill(packed, teacher, windows, holdout=windows[:1, :64], steps=steps + 1, batch_size=BATCH,
                 autocast=autocast, progress=False)
-    return d.history["time_s"][1:], ste_impl()
+    return d.history["time_s"][1:], fused_impl()
 
 
 BATCH = 2
@@ -111,6 +131,8 @@ def main(argv=None):
         autocast = None if dtype == "fp32" else "bfloat16"
         if kind == "plain":
             times, how = time_plain(model, model, windows, args.steps, autocast), "no quantizer"
+        elif kind == "qat":
+            times, how = time_qat(model, model, windows, args.steps, autocast, impl[0] == "fused")
         else:
             times, how = time_distill(packed, model, windows, args.steps, autocast, impl[0] == "fused")
         rows.append({"config": name, "step_s": statistics.median(times), "steps_s": times, "quantizer": how,
