@@ -2,7 +2,7 @@
 against a plain training step of the float model, on CPU, in one run.
 
     .venv/bin/python benchmarks/bench_distill_step.py            # SmolLM2-135M, calibrated W2 from the demo cache
-    .venv/bin/python benchmarks/bench_distill_step.py --steps 3 --tokens 512
+    .venv/bin/python benchmarks/bench_distill_step.py --steps 3 --seq 256
 
 Every configuration trains the same model on the same batches (``--batch`` windows of
 ``--seq`` tokens from the end of the enwiki sample) with ``train_qat``'s loop and the
@@ -81,43 +81,42 @@ def demo_w2(model, tok):
     return calibrated_model(model, tok, {"method": "phase", "stages": 2}, cal, progress=False)[0]
 
 
-def time_plain(model, teacher, windows, steps, autocast):
+def trainable_copy(model):
+    """A copy of the float model with every parameter trainable (the plain and QAT students)."""
     student = copy.deepcopy(model).train()
     for p in student.parameters():
         p.requires_grad_(True)
-    cfg = TrainConfig(steps=steps + 1, lr=1e-5, batch_size=BATCH, distill_alpha=1.0, autocast=autocast)
-    h = train_qat(student, student, windows, cfg, teacher=teacher, progress=False)
-    return h["time_s"][1:]
+    return student
 
 
-def time_qat(model, teacher, windows, steps, autocast, fused):
+def time_plain(model, windows, steps, batch, autocast):
+    student = trainable_copy(model)
+    cfg = TrainConfig(steps=steps + 1, lr=1e-5, batch_size=batch, distill_alpha=1.0, autocast=autocast)
+    h = train_qat(student, student, windows, cfg, teacher=model, progress=False)
+    return h["time_s"][1:], "no quantizer"
+
+
+def time_qat(model, windows, steps, batch, autocast, fused):
     from fairy2i_compile import Fairy2iBackend
 
     os.environ["FAIRY2I_STE_COMPILE"] = "1" if fused else "0"
     torch._dynamo.reset()
-    student = copy.deepcopy(model).train()
-    for p in student.parameters():
-        p.requires_grad_(True)
+    student = trainable_copy(model)
     compiled = torch.compile(student, backend=Fairy2iBackend({"mode": "qat", "stages": 2}))
-    cfg = TrainConfig(steps=steps + 1, lr=1e-5, batch_size=BATCH, distill_alpha=1.0, autocast=autocast)
-    h = train_qat(student, compiled, windows, cfg, teacher=teacher, progress=False)
+    cfg = TrainConfig(steps=steps + 1, lr=1e-5, batch_size=batch, distill_alpha=1.0, autocast=autocast)
+    h = train_qat(student, compiled, windows, cfg, teacher=model, progress=False)
     return h["time_s"][1:], fused_impl()
 
 
-def time_distill(packed, teacher, windows, steps, autocast, fused):
+def time_distill(packed, model, windows, steps, batch, autocast, fused):
     os.environ["FAIRY2I_STE_COMPILE"] = "1" if fused else "0"
-    d = distill(packed, teacher, windows, holdout=windows[:1, :64], steps=steps + 1, batch_size=BATCH,
+    d = distill(packed, model, windows, holdout=windows[:1, :64], steps=steps + 1, batch_size=batch,
                 autocast=autocast, progress=False)
     return d.history["time_s"][1:], fused_impl()
 
 
-BATCH = 2
-
-
 def main(argv=None):
-    global BATCH
     args = parse_args(argv)
-    BATCH = args.batch
     torch.manual_seed(0)
     model, tok = load_smollm2(torch.float32, progress=False)
     model.eval()
@@ -130,11 +129,11 @@ def main(argv=None):
         kind, dtype, *impl = name.split("-")
         autocast = None if dtype == "fp32" else "bfloat16"
         if kind == "plain":
-            times, how = time_plain(model, model, windows, args.steps, autocast), "no quantizer"
+            times, how = time_plain(model, windows, args.steps, args.batch, autocast)
         elif kind == "qat":
-            times, how = time_qat(model, model, windows, args.steps, autocast, impl[0] == "fused")
+            times, how = time_qat(model, windows, args.steps, args.batch, autocast, impl[0] == "fused")
         else:
-            times, how = time_distill(packed, model, windows, args.steps, autocast, impl[0] == "fused")
+            times, how = time_distill(packed, model, windows, args.steps, args.batch, autocast, impl[0] == "fused")
         rows.append({"config": name, "step_s": statistics.median(times), "steps_s": times, "quantizer": how,
                      "wall_s": time.perf_counter() - t0})
         print(f"{name}: median step {rows[-1]['step_s']:.2f} s ({how})", flush=True)

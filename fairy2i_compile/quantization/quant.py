@@ -624,10 +624,10 @@ def quantize_widely(
     """Quantize U and W (each [n, m], independently) -> (uq_re, uq_im, wq_re, wq_im).
 
     Each output has its input's dtype. ``fused=True`` (QAT's op) runs :func:`phase_quant_values`
-    through ``fused.run_fused`` for tensor and row scales (group scales: the reference below): the same stages and sums, compiled into fused loops for large
-    weights, equal to this function's own result up to the order its scale sums are reduced in
-    (``fused`` module docstring); a weight that is not finite falls back here and gets the
-    reference's error naming it.
+    through ``fused.run_fused`` for tensor and row scales (group scales: the reference below): the
+    same stages and sums, compiled into fused loops for large weights, equal to this function's own
+    result up to the order its scale sums are reduced in (``fused`` module docstring); a weight that
+    is not finite falls back here and gets the reference's error naming it.
     """
     if fused and isinstance(u_re, Tensor) and u_re.dim() == 2 and not _is_tracing(u_re):
         if all(isinstance(t, Tensor) and t.shape == u_re.shape for t in (u_im, w_re, w_im)) and u_re.numel():
