@@ -46,6 +46,7 @@ import gc
 import json
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -146,7 +147,8 @@ def _weights(model: nn.Module) -> int:
 
 @torch.no_grad()
 def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.Tensor] = None,
-          distill_lr: float = 1e-3, distill_batch: int = 1) -> tuple:
+          distill_lr: float = 1e-3, distill_batch: int = 1, distill_checkpoints: Optional[Path] = None,
+          distill_progress: bool = False) -> tuple:
     """(model ready to evaluate, row info) for one configuration."""
     cfg = parse_config(name)
     if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
@@ -208,10 +210,14 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
     if cfg.get("distill_steps"):
         from fairy2i_compile.quantization.calibration import distill
 
+        ckpt = None if distill_checkpoints is None else Path(distill_checkpoints) / f"{name}.pt"
         d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,
-                    batch_size=distill_batch, progress=False, autocast=cfg["distill_autocast"])
-        info["distill"] = {**d.summary(), "loss": d.history["loss"], "s_per_step": sum(d.history["time_s"]) /
-                           max(1, len(d.history["time_s"]))}
+                    batch_size=distill_batch, progress=distill_progress, autocast=cfg["distill_autocast"],
+                    checkpoint_path=ckpt)
+        times = d.history["time_s"]  # per step, so a slow stretch of a long run shows where it was
+        info["distill"] = {**d.summary(), "loss": d.history["loss"], "step_s": [round(x, 2) for x in times],
+                           "s_per_step": sum(times) / max(1, len(times)),
+                           "median_s_per_step": statistics.median(times) if times else None}
         model = d.model
         del teacher
     info["build_s"] = round(time.perf_counter() - t0, 1)
@@ -260,7 +266,8 @@ def markdown(payload: Dict[str, Any]) -> str:
         d = r["distill"]
         lines.append(f"- {r['name']}: {d['steps']} steps of {d['train_tokens_per_step']} tokens, lr {d['lr']:g}, "
                      f"{d['train_windows']} training / {d['holdout_windows']} held-out windows, "
-                     f"{d['s_per_step']:.1f} s/step" + (f" ({d['autocast']} autocast)" if d.get("autocast") else "")
+                     f"{d['s_per_step']:.1f} s/step" + (f" (median {d['median_s_per_step']:.1f})"
+                                                        if d.get("median_s_per_step") else "") + (f" ({d['autocast']} autocast)" if d.get("autocast") else "")
                      + f"; KL {d['holdout_kl_before']:.3f} -> {d['holdout_kl_after']:.3f}"
                      + ("" if d["kept"] else " (not kept)"))
     return "\n".join(lines) + "\n"
@@ -282,6 +289,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--distill-windows", type=int, default=256)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=1, help="windows per distillation step")
+    p.add_argument("--distill-checkpoints", default=None, metavar="DIR",
+                   help="train_qat checkpoints of each -dist row as DIR/<configuration>.pt: a killed run resumes "
+                        "from its last checkpoint when started again with the same arguments")
+    p.add_argument("--distill-progress", action="store_true", help="a progress bar for each distillation (stderr)")
     p.add_argument("--tasks", nargs="*", default=[])
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--zero-shot-configs", nargs="*", default=None,
@@ -326,7 +337,8 @@ def main(argv: Optional[list] = None) -> int:
         if args.from_saved:
             model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
         else:
-            model, info = build(name, cal, train, args.distill_lr, args.distill_batch)
+            model, info = build(name, cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
+                                args.distill_progress)
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}

@@ -484,8 +484,19 @@ def qat_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: I
 
 
 def qat_optimizer(params: Iterable[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
-    """The recipe's optimizer: AdamW with cfg's peak lr, betas and weight decay."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    """The recipe's optimizer: AdamW with cfg's peak lr, betas and weight decay.
+
+    Its fused implementation (one kernel over all parameters) when every parameter is a plain
+    floating tensor on the CPU or a CUDA device: on SmolLM2-135M's 211 weights on 2 CPU cores a
+    step (with the clipping) took 0.22 s against 0.65 s for the default per-parameter loop. Same
+    update rule and state (checkpoints resume either way); the rounding of the last bit may differ
+    between the two. Tensor subclasses (FSDP2's DTensor shards) keep the default implementation.
+    """
+    params = list(params)
+    fused = bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point()
+                                 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
