@@ -34,6 +34,9 @@ Configurations (``--configs``; names say what they are):
                             tokens from the end of the sample, the last eighth held out; ``--distill-lr``,
                             ``--distill-batch`` windows per step)
       -bf16                 the distillation's forwards under bf16 autocast (``distill(autocast="bfloat16")``)
+      -gen{N}               N more distillation windows that the float model writes itself
+                            (``training.generated.generate_windows``: first token drawn from the training
+                            text, 3 greedy tokens, then sampling; cached); the held-out eighth stays real text
     cal-binary-t{T}, cal-ternary-t{T}   the real baselines through the same calibration
     rtn-binary-t{T}, rtn-ternary-t{T}   and without it
     hqq-{b}                 HQQ b-bit, groups of 64 (``peers.hqq_dequantized``; ``make setup-peers``)
@@ -71,7 +74,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|bf16))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -90,7 +93,7 @@ def parse_config(name: str) -> Dict[str, Any]:
     for o in opts:
         if o == "row":
             gran = "row"
-        elif o.startswith("g"):
+        elif re.fullmatch(r"g\d+", o):
             gran = int(o[1:])
     return {"kind": kind, "method": {"w": "phase", "binary-t": "binary", "ternary-t": "ternary"}[meth],
             "stages": int(stages), "granularity": gran, "sequential": "par" not in opts,
@@ -98,7 +101,8 @@ def parse_config(name: str) -> Dict[str, Any]:
             "scale_search": "nosearch" not in opts, "outliers": "noout" not in opts and "refit" not in opts,
             "repair_steps": next((int(o[3:]) for o in opts if o.startswith("rep")), 0),
             "distill_steps": next((int(o[4:]) for o in opts if o.startswith("dist")), 0),
-            "distill_autocast": "bfloat16" if "bf16" in opts else None}
+            "distill_autocast": "bfloat16" if "bf16" in opts else None,
+            "distill_generated": next((int(o[3:]) for o in opts if o.startswith("gen")), 0)}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -148,13 +152,15 @@ def _weights(model: nn.Module) -> int:
 @torch.no_grad()
 def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.Tensor] = None,
           distill_lr: float = 1e-3, distill_batch: int = 1, distill_checkpoints: Optional[Path] = None,
-          distill_progress: bool = False) -> tuple:
+          distill_progress: bool = False, first_tokens: Optional[torch.Tensor] = None) -> tuple:
     """(model ready to evaluate, row info) for one configuration."""
     cfg = parse_config(name)
     if cfg.get("distill_steps") and (cfg["kind"] != "cal" or cfg["method"] != "phase"):
         raise SystemExit(f"{name}: -dist applies to calibrated Fairy2i rows (cal-w...)")
     if cfg.get("distill_autocast") and not cfg.get("distill_steps"):
         raise SystemExit(f"{name}: -bf16 sets the distillation's autocast; add -dist{{N}}")
+    if cfg.get("distill_generated") and not cfg.get("distill_steps"):
+        raise SystemExit(f"{name}: -gen{{N}} adds distillation text; add -dist{{N}}")
     model, _ = load_smollm2(progress=False)
     teacher = model if cfg.get("distill_steps") else None  # calibration never changes the float model
     info: Dict[str, Any] = {"name": name, **{k: v for k, v in cfg.items() if k != "kind"}, "kind": cfg["kind"]}
@@ -211,13 +217,25 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
         from fairy2i_compile.quantization.calibration import distill
 
         ckpt = None if distill_checkpoints is None else Path(distill_checkpoints) / f"{name}.pt"
+        holdout, gen_s = None, None
+        if cfg["distill_generated"]:
+            from fairy2i_compile.training.generated import generate_windows, mix_windows
+
+            cut = distill_windows.shape[0] - max(1, distill_windows.shape[0] // 8)  # held out: real text
+            distill_windows, holdout = distill_windows[:cut], distill_windows[cut:]
+            t_gen = time.perf_counter()
+            made = generate_windows(teacher, cfg["distill_generated"], distill_windows.shape[1],
+                                    first_tokens=first_tokens, batch_size=16, progress=distill_progress)
+            gen_s = round(time.perf_counter() - t_gen, 1)
+            distill_windows = mix_windows(distill_windows, made)
         d = distill(model, teacher.eval(), distill_windows, steps=cfg["distill_steps"], lr=distill_lr,
                     batch_size=distill_batch, progress=distill_progress, autocast=cfg["distill_autocast"],
-                    checkpoint_path=ckpt)
+                    checkpoint_path=ckpt, holdout=holdout)
         times = d.history["time_s"]  # per step, so a slow stretch of a long run shows where it was
         info["distill"] = {**d.summary(), "loss": d.history["loss"], "step_s": [round(x, 2) for x in times],
                            "s_per_step": sum(times) / max(1, len(times)),
-                           "median_s_per_step": statistics.median(times) if times else None}
+                           "median_s_per_step": statistics.median(times) if times else None,
+                           "generated_windows": cfg["distill_generated"], "generation_s": gen_s}
         model = d.model
         del teacher
     info["build_s"] = round(time.perf_counter() - t0, 1)
@@ -338,7 +356,7 @@ def main(argv: Optional[list] = None) -> int:
             model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
         else:
             model, info = build(name, cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
-                                args.distill_progress)
+                                args.distill_progress, first_tokens=ev.wiki_tokens(tokenizer)[eval_end:])
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}

@@ -404,6 +404,8 @@ def cmd_quantize(args) -> int:
     tuning = [f for f, v in (("--repair-steps", args.repair_steps), ("--distill-steps", args.distill_steps)) if v]
     if tuning and not args.calibrate:
         raise CLIError(f"{' and '.join(tuning)} tune calibrated codes; add --calibrate")
+    if args.distill_generated and not args.distill_steps:
+        raise CLIError(f"--distill-generated {args.distill_generated} adds distillation text; add --distill-steps N")
     if not (math.isfinite(args.distill_lr) and args.distill_lr > 0):
         raise CLIError(f"--distill-lr must be a positive number (e.g. 1e-3), got {args.distill_lr!r}")
     options: Dict[str, Any] = {"skip": list(args.skip or [])}
@@ -484,6 +486,15 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
     windows = calibration_windows(tokens, args.calib_samples, args.calib_seq_len, avoid=avoid)
     train = calibration_windows(tokens, args.distill_windows, args.calib_seq_len, avoid=avoid) \
         if args.distill_steps else None  # checked before the calibration's minutes are spent
+    holdout = None
+    if train is not None and args.distill_generated:
+        from .training.generated import generate_windows, mix_windows
+
+        cut = train.shape[0] - max(1, train.shape[0] // 8)  # the held-out eighth stays real text
+        holdout = train[cut:]
+        made = generate_windows(model, args.distill_generated, args.calib_seq_len, first_tokens=tokens[avoid:],
+                                progress=args.progress)
+        train = mix_windows(train[:cut], made)
     result = calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
                        skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
                        max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,
@@ -492,7 +503,7 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
         from .quantization.calibration import distill
 
         d = distill(result.model, model, train, steps=args.distill_steps, lr=args.distill_lr,
-                    batch_size=args.distill_batch, progress=args.progress,
+                    batch_size=args.distill_batch, progress=args.progress, holdout=holdout,
                     autocast=None if args.distill_autocast == "none" else args.distill_autocast)
         print(f"distilled {d.steps} steps in {d.seconds:.0f} s: held-out KL to the float model {d.loss_before:.4f} -> "
               f"{d.loss_after:.4f}" + ("" if d.kept else " (not lower: the calibrated codes are kept)"))
@@ -632,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill-windows", type=_positive("--distill-windows"), default=256, metavar="N",
                    help="distillation text: N windows of --calib-seq-len tokens from the end of the calibration "
                         "text, the last eighth held out (default 256)")
+    g.add_argument("--distill-generated", type=_nonnegative("--distill-generated"), default=0, metavar="N",
+                   help="add N windows of --calib-seq-len tokens that the float model writes itself (LLM-QAT's "
+                        "data-free recipe: a first token drawn from the calibration text, 3 greedy tokens, then "
+                        "sampling; cached) to the distillation text; the held-out eighth stays real text")
     p.set_defaults(func=cmd_quantize)
     return parser
 

@@ -22,6 +22,9 @@ def test_configuration_names_combine_suffixes(bench):
     assert cfg["repair_steps"] == 50 and cfg["distill_steps"] == 80
     assert bench.parse_config("cal-w4")["distill_steps"] == 0
     assert cfg["distill_autocast"] is None and bench.parse_config("cal-w2-dist80-bf16")["distill_autocast"] == "bfloat16"
+    gen = bench.parse_config("cal-w2-g64-dist600-gen256-bf16")
+    assert (gen["granularity"], gen["distill_steps"], gen["distill_generated"]) == (64, 600, 256)
+    assert cfg["distill_generated"] == 0
     with pytest.raises(SystemExit, match="unknown configuration"):
         bench.parse_config("cal-w2-distill")
 
@@ -31,6 +34,8 @@ def test_distillation_is_for_calibrated_fairy2i_rows_only(bench):
         bench.build("cal-binary-t2-dist5", None)
     with pytest.raises(SystemExit, match="-bf16 sets the distillation's autocast; add -dist"):
         bench.build("cal-w2-bf16", None)
+    with pytest.raises(SystemExit, match=r"-gen\{N\} adds distillation text; add -dist"):
+        bench.build("cal-w2-gen64", None)
 
 
 def test_the_table_lists_each_distillation(bench):

@@ -169,7 +169,7 @@ def test_bad_distill_input_is_named_and_nothing_changes(call, match):
 
 
 # ------------------------------------------------------------------ the CLI
-def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, capsys):
+def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, capsys, monkeypatch):
     import json
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -187,9 +187,10 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Which is the answer? " * 120, encoding="utf-8")
     out = tmp_path / "w2.safetensors"
+    monkeypatch.setenv("FAIRY2I_CACHE", str(tmp_path / "cache"))  # the generated windows' cache
     rc = cli.main(["quantize", "--model", str(folder), "--calibrate", "--calib-text", str(text), "--calib-samples",
                    "8", "--calib-seq-len", "32", "--distill-steps", "3", "--distill-windows", "8", "--out", str(out),
-                   "--distill-autocast", "bfloat16", "--no-progress"])
+                   "--distill-autocast", "bfloat16", "--distill-generated", "4", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert "distilled 3 steps" in capsys.readouterr().out
     from safetensors import safe_open
@@ -197,7 +198,10 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     calibration = json.loads(meta["extra"])["calibration"]
-    assert calibration["distill"]["steps"] == 3 and calibration["distill"]["train_windows"] == 7
+    # 7 real + 4 generated windows train; the held-out eighth of the real ones stays real text
+    assert calibration["distill"]["steps"] == 3 and calibration["distill"]["train_windows"] == 11
+    assert calibration["distill"]["holdout_windows"] == 1
+    assert len(list((tmp_path / "cache" / "generated").iterdir())) == 1
     assert calibration["distill"]["autocast"] == "bfloat16"
     assert sum(1 for m in load_packed(out).modules() if isinstance(m, PackedLinear)) == 8  # 7 + lm_head
 
@@ -206,6 +210,7 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
     (["--distill-steps", "3"], "--distill-steps tune calibrated codes; add --calibrate"),
     (["--repair-steps", "3"], "--repair-steps tune calibrated codes; add --calibrate"),
     (["--calibrate", "--distill-steps", "3", "--distill-lr", "0"], "--distill-lr must be a positive number"),
+    (["--calibrate", "--distill-generated", "4"], "--distill-generated 4 adds distillation text; add --distill-steps"),
 ])
 def test_cli_distill_options_are_checked_before_any_work(tmp_path, capsys, argv, match):
     from fairy2i_compile import cli
