@@ -373,9 +373,10 @@ def test_fused_body_run_eagerly_is_the_reference_bit_for_bit(w, granularity, T):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("T, granularity, shape", [(2, "tensor", (40, 52))])
+@pytest.mark.parametrize("T, granularity, shape", [(2, "tensor", (40, 52)), (4, 16, (35, 70))])
 def test_fused_compiled_quantizer_equals_the_reference(monkeypatch, T, granularity, shape):
-    """Compiled by Inductor: the same values up to the float rounding of the scale sums (1e-6 relative)."""
+    """Compiled by Inductor: the same values up to the float rounding of the scale sums (1e-6 relative).
+    (35, 70) with groups of 16: a ragged last group of 6 columns, the case Inductor once miscompiled."""
     from fairy2i_compile.quantization import fused
 
     monkeypatch.setenv("FAIRY2I_STE_COMPILE", "1")
@@ -386,15 +387,28 @@ def test_fused_compiled_quantizer_equals_the_reference(monkeypatch, T, granulari
     assert fused.fused_impl() == "inductor"
     ref = quantize_widely(u_re, u_im, w_re, w_im, T, granularity)
     for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    # group scales take the reference (a compiled ragged last group came out wrong): equal bit for bit
-    grouped = quantize_widely(u_re, u_im, w_re, w_im, 4, 16, fused=True)
-    for a, b in zip(grouped, quantize_widely(u_re, u_im, w_re, w_im, 4, 16)):
-        assert torch.equal(a, b)
+        # each entry is a sum of T stage scales, each within 1e-6 relative: so within 1e-6 of the
+        # largest entry in absolute terms (a small entry is a difference of large scales)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
     # a NaN weight takes the reference's path and its error, naming the layer
     u_re[3, 4] = float("nan")
     with pytest.raises(ValueError, match=r"layers\.0\.q \(U\) \(real part\) has 1 NaN/Inf"):
         quantize_widely(u_re, u_im, w_re, w_im, T, granularity, name="layers.0.q", fused=True)
+
+
+def test_expand_scales_compiled_equals_eager_with_a_ragged_last_group():
+    """Each column takes its group's scale; compiled with a pointwise op after it, the ragged last
+    group (m = 70, g = 16: columns 64..69) keeps its scale (repeat_interleave + slice did not)."""
+    from fairy2i_compile.quantization.quant import expand_scales
+
+    s = torch.rand(3, 35, 5, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    def f(s):
+        return expand_scales(s, 70, 16) * 2.0
+
+    want = torch.stack([s[..., c // 16] for c in range(70)], dim=-1) * 2.0
+    assert torch.equal(f(s), want)
+    assert torch.equal(torch.compile(f, dynamic=False, fullgraph=True)(s), want)
 
 
 def test_no_grad_tracked():

@@ -19,8 +19,9 @@ Exactness: the bodies are comparisons, selects, adds, subtracts, multiplies by 0
 The elementwise part is reproduced bit for bit (tested); sums (scales, scale gradients) may be
 reduced in another order, so they agree with the eager body to float rounding (tested at 1e-6
 relative), and a later stage's code can differ only where a residual ties a decision boundary.
-QAT's quantizer with group scales is not sent here (``quant.quantize_widely``): compiled, a ragged
-last group's scale came out wrong (T = 4, g = 16, m = 70), a failure not yet understood.
+Group scales are expanded to columns by an index gather (``quant.expand_scales``): compiled,
+``repeat_interleave`` + slice gave garbage in a ragged last group (an Inductor CPU miscompile,
+torch 2.13; tested).
 """
 
 from __future__ import annotations

@@ -268,11 +268,18 @@ def tensor_sum(rows: Tensor) -> Tensor:
 
 
 def expand_scales(s: Tensor, m: int, group_size: Optional[int]) -> Tensor:
-    """Scales [n_s, g_s] -> broadcastable against [n, m] (no arithmetic)."""
+    """Scales [n_s, g_s] -> broadcastable against [n, m] (no arithmetic).
+
+    Column c takes its group's scale, ``s[..., c // group_size]``, by an index gather. Not
+    ``repeat_interleave(...)[..., :m]`` (nor expand + reshape + slice), which are the same values
+    eagerly, but which Inductor on CPU (torch 2.13) compiled wrongly when the last group is ragged
+    and a pointwise op follows: the ragged group's columns came out as garbage (m = 70, g = 16;
+    tests/test_quant.py keeps the case).
+    """
     if s.shape[-1] == 1:
         return s
     assert group_size is not None
-    return s.repeat_interleave(group_size, dim=-1)[..., :m]
+    return s.index_select(-1, torch.arange(m, device=s.device) // group_size)
 
 
 def _group_mean(values: Tensor, mask: Tensor, granularity: Granularity) -> tuple[Tensor, Tensor]:
@@ -624,7 +631,7 @@ def quantize_widely(
     """Quantize U and W (each [n, m], independently) -> (uq_re, uq_im, wq_re, wq_im).
 
     Each output has its input's dtype. ``fused=True`` (QAT's op) runs :func:`phase_quant_values`
-    through ``fused.run_fused`` for tensor and row scales (group scales: the reference below): the
+    through ``fused.run_fused``: the
     same stages and sums, compiled into fused loops for large weights, equal to this function's own
     result up to the order its scale sums are reduced in (``fused`` module docstring); a weight that
     is not finite falls back here and gets the reference's error naming it.
@@ -635,13 +642,10 @@ def quantize_widely(
 
             T = _validate_stages(stages)
             typed = validate_granularity(granularity, u_re.shape[1])
-            # group scales run the reference: compiled, a ragged last group's scale came out as garbage
-            # (T = 4, g = 16, m = 70; not yet understood), so only tensor and row scales are fused
-            if typed.group_size is None:
-                *out, finite = run_fused(_widely_values, u_re.numel(), u_re, u_im, w_re, w_im, T, typed.option,
-                                         typed.group_size)
-                if bool(finite):
-                    return tuple(out)
+            *out, finite = run_fused(_widely_values, u_re.numel(), u_re, u_im, w_re, w_im, T, typed.option,
+                                     typed.group_size)
+            if bool(finite):
+                return tuple(out)
     uq = phase_quant(u_re, u_im, stages, granularity, name=f"{name} (U)")
     wq = phase_quant(w_re, w_im, stages, granularity, name=f"{name} (W)")
     return (
