@@ -373,7 +373,8 @@ def test_fused_body_run_eagerly_is_the_reference_bit_for_bit(w, granularity, T):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("T, granularity, shape", [(2, "tensor", (40, 52)), (4, 16, (35, 70))])
+@pytest.mark.parametrize("T, granularity, shape", [(1, "row", (12, 30)), (2, "tensor", (40, 52)), (3, 5, (9, 33)),
+                                                    (4, 16, (35, 70))])
 def test_fused_compiled_quantizer_equals_the_reference(monkeypatch, T, granularity, shape):
     """Compiled by Inductor: the same values up to the float rounding of the scale sums (1e-6 relative).
     (35, 70) with groups of 16: a ragged last group of 6 columns, the case Inductor once miscompiled."""
