@@ -15,7 +15,7 @@ CPUPEERS := $(VENV)/.installed-cpu-peers
 # torch-mlir (MLIR dumps of the rewritten graph, mlir_export.py) goes in --no-deps: it must never pull another torch.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) setuptools torch triton numpy sympy transformers hypothesis pytest safetensors tqdm
+	$(PIP) setuptools torch triton numpy sympy transformers hypothesis pytest pytest-xdist safetensors tqdm
 	$(PIP) --no-deps torch-mlir
 	$(PIP) --no-build-isolation -e .
 	touch $(STAMP)
@@ -61,8 +61,10 @@ setup-cpu-peers: $(CPUPEERS)
 bench-cpu-peers: $(CPUPEERS)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cpu_peers.py
 
+# Two pytest-xdist workers, whole files each (a module's fixtures are built once), one thread each
+# (tests/conftest.py): the CI machine has 2 cores.
 test: $(EVAL)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile
 
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py

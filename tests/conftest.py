@@ -21,6 +21,13 @@ settings.register_profile(
 settings.load_profile("fairy2i")
 torch.manual_seed(0)
 
+# `make test` runs the suite in 2 pytest-xdist workers (one per core of the CI machine): each
+# worker computes on one thread, as two workers with two OpenMP threads each would spin-wait
+# against each other (measured on this machine: 10-40x slower steps whenever another process was
+# busy). Tests that need several threads set them themselves (test_packed's row-split test).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

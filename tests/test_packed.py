@@ -147,6 +147,28 @@ def test_cpu_fold_path_with_row_and_group_scales(granularity, tokens):
             assert_fp32_close(got, want)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_kernel_splits_rows_over_threads(threads):
+    """Each path (fold/select, the LUT, decode, blocked GEMM) with its rows split over 2 and 3
+    OpenMP threads gives the reference's output: the suite's workers run with one thread each
+    (conftest), so the partition is checked here on purpose, at row counts that leave every
+    thread a ragged share."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for granularity in ("tensor", "row", 16):
+            for out_f, in_f in ((200, 80), (130, 150)):
+                a, pk = packed_layer(out_f, in_f, 2, granularity, seed=threads)
+                for tokens in (1, 3, 17, 70):
+                    x, b = torch.randn(tokens, in_f), torch.randn(out_f)
+                    want = packed_ops.packed_linear_reference(x, *args_of(pk)[:2], b, pk.m, pk.group_size or 0)
+                    got = cpu_packed.packed_linear_cpu(x, *args_of(pk)[:2], b, pk.m, pk.group_size or 0)
+                    assert_fp32_close(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
 needs_lut = pytest.mark.skipif(cpu_packed.cpu_lut_status() not in ("lut", "off"),
                                reason=f"the LUT path is not compiled in here ({cpu_packed.cpu_lut_status()})")
 
