@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--granularity", type=_granularity, default="tensor")
     p.add_argument("--keep-lm-head-real", action="store_true", help="ablation: skip lm_head (the paper converts it)")
+    p.add_argument("--generated", type=int, default=0, metavar="N",
+                   help="add N training windows the FP model writes itself (training.generated.generate_windows: "
+                        "LLM-QAT's recipe, first tokens drawn from the training split; cached); held-out windows "
+                        "stay real text")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--eval-windows", type=int, default=4)
@@ -73,7 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="default: <cache>/runs/qat_<tag>.safetensors")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.generated < 0:
+        p.error(f"--generated must be >= 0 (windows the FP model writes; 0 = none), got {args.generated}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -86,6 +93,13 @@ def main(argv=None) -> int:
     model, tokenizer = load_smollm2(torch.float32, progress=progress)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     train_windows, eval_windows = split_windows(ev.wiki_tokens(tokenizer), args.seq_len, args.eval_windows)
+    real_windows = len(train_windows)
+    if args.generated:
+        from fairy2i_compile.training.generated import generate_windows, mix_windows
+
+        made = generate_windows(teacher, args.generated, args.seq_len, first_tokens=train_windows.flatten(),
+                                batch_size=16, progress=progress)
+        train_windows = mix_windows(train_windows, made)
 
     options = {"mode": "qat", "stages": args.stages, "scale_granularity": args.granularity}
     if args.keep_lm_head_real:
@@ -122,6 +136,7 @@ def main(argv=None) -> int:
         "options": options,
         "train": {"lr": args.lr, "warmup": args.warmup, "schedule_steps": args.steps, "steps_done": steps_done,
                   "batch_size": args.batch_size, "seq_len": args.seq_len,
+                  "real_windows": real_windows, "generated_windows": args.generated,
                   "tokens_seen": steps_done * args.batch_size * args.seq_len,
                   "distill_alpha": args.distill_alpha, "temperature": args.temperature,
                   "train_seconds_this_call": wall, "resumed_from_step": resumed_from,

@@ -52,6 +52,9 @@ def test_qat_script_holds_out_the_last_windows():
     assert set(train.flatten().tolist()).isdisjoint(held.flatten().tolist())
     with pytest.raises(ValueError, match="leaves none to train on"):
         mod.split_windows(tokens, 10, 10)
+    assert mod.parse_args(["--tag", "x", "--generated", "64"]).generated == 64
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--tag", "x", "--generated", "-1"])
 
 
 def test_demo_writes_outside_the_tracked_results_by_default():
