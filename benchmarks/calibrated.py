@@ -219,10 +219,10 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
         ckpt = None if distill_checkpoints is None else Path(distill_checkpoints) / f"{name}.pt"
         holdout, gen_s = None, None
         if cfg["distill_generated"]:
+            from fairy2i_compile.quantization.calibration import split_holdout
             from fairy2i_compile.training.generated import generate_windows, mix_windows
 
-            cut = distill_windows.shape[0] - max(1, distill_windows.shape[0] // 8)  # held out: real text
-            distill_windows, holdout = distill_windows[:cut], distill_windows[cut:]
+            distill_windows, holdout = split_holdout(distill_windows)  # held out: real text
             t_gen = time.perf_counter()
             made = generate_windows(teacher, cfg["distill_generated"], distill_windows.shape[1],
                                     first_tokens=first_tokens, batch_size=16, progress=distill_progress)

@@ -488,13 +488,13 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
         if args.distill_steps else None  # checked before the calibration's minutes are spent
     holdout = None
     if train is not None and args.distill_generated:
+        from .quantization.calibration import split_holdout
         from .training.generated import generate_windows, mix_windows
 
-        cut = train.shape[0] - max(1, train.shape[0] // 8)  # the held-out eighth stays real text
-        holdout = train[cut:]
+        train, holdout = split_holdout(train)  # the held-out eighth stays real text
         made = generate_windows(model, args.distill_generated, args.calib_seq_len, first_tokens=tokens[avoid:],
                                 progress=args.progress)
-        train = mix_windows(train[:cut], made)
+        train = mix_windows(train, made)
     result = calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
                        skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
                        max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,

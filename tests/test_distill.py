@@ -218,3 +218,14 @@ def test_cli_distill_options_are_checked_before_any_work(tmp_path, capsys, argv,
     out = tmp_path / "x.safetensors"
     assert cli.main(["quantize", "--model", "tiny-llama", "--out", str(out), "--no-progress", *argv]) == 2
     assert match in capsys.readouterr().err and not out.exists()
+
+
+def test_split_holdout_keeps_the_last_eighth_and_names_too_few_windows():
+    from fairy2i_compile.quantization.calibration import split_holdout
+
+    for n, held in ((2, 1), (8, 1), (16, 2), (17, 2)):
+        w = torch.arange(n * 3).reshape(n, 3)
+        train, hold = split_holdout(w)
+        assert hold.shape[0] == held and torch.equal(torch.cat([train, hold]), w)
+    with pytest.raises(ValueError, match=r"at least 2 windows to hold one out \(got 1\)"):
+        split_holdout(torch.zeros(1, 3, dtype=torch.long))

@@ -109,7 +109,8 @@ def test_use_cache_false_writes_nothing(model, tmp_path):
     ({"temperature": 0.0}, r"temperature must be a finite number > 0"),
     ({"top_k": 0}, r"top_k must be an int >= 1"),
     ({"batch_size": 2.5}, r"batch_size must be an int >= 1"),
-    ({"first_tokens": torch.tensor([3, 96])}, r"ids in \[3, 96\], outside the model's vocabulary \[0, 96\)"),
+    ({"first_tokens": torch.tensor([3, 96])}, r"first_tokens has token ids in \[3, 96\], outside the model's "
+                                               r"vocabulary \[0, 96\)"),
     ({"first_tokens": torch.tensor([[3]])}, r"first_tokens must be a non-empty 1-D integer tensor"),
     ({"first_tokens": torch.tensor([1.0])}, r"first_tokens must be a non-empty 1-D integer tensor"),
 ])
@@ -132,7 +133,7 @@ def test_mix_windows_joins_same_length_sources_and_names_a_mismatch():
     assert mixed.dtype == torch.long and torch.equal(mixed, torch.cat([a, b.long()]))
     with pytest.raises(ValueError, match=r"window lengths \[5, 4\]; cut them to one length"):
         mix_windows(a, torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"source 1 must be a non-empty integer \[W, L\] tensor"):
+    with pytest.raises(ValueError, match=r"source 1 must be an integer tensor \[W, L\] of token ids"):
         mix_windows(a, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="at least one"):
         mix_windows()

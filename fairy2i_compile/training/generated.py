@@ -45,6 +45,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..quantization.calibration.driver import check_token_range, model_vocab_size
+from .train import check_token_windows
+
 __all__ = ["generate_windows", "mix_windows", "model_fingerprint"]
 
 PathLike = Union[str, os.PathLike]
@@ -66,14 +69,10 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def _vocab_size(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    vocab = getattr(cfg, "vocab_size", None)
-    if not isinstance(vocab, int) or vocab < 1:
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        vocab = getattr(emb, "num_embeddings", None)
-    if not isinstance(vocab, int) or vocab < 1:
-        raise ValueError(f"{type(model).__name__} names no vocabulary size (config.vocab_size or input "
-                         f"embeddings): generate_windows needs a transformers causal LM")
+    vocab = model_vocab_size(model)
+    if vocab is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Embedding input (get_input_embeddings): "
+                         f"generate_windows needs a transformers causal LM")
     return vocab
 
 
@@ -105,10 +104,7 @@ def _first_token_pool(model: nn.Module, first_tokens: Optional[Tensor], vocab: i
             raise ValueError(f"generate_windows: first_tokens must be a non-empty 1-D integer tensor of token ids "
                              f"(e.g. a training token stream), got {got}")
         pool = first_tokens.detach().cpu().long()
-        lo, hi = int(pool.min()), int(pool.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"generate_windows: first_tokens holds ids in [{lo}, {hi}], outside the model's "
-                             f"vocabulary [0, {vocab}); pass ids from this model's tokenizer")
+        check_token_range(pool, "generate_windows: first_tokens", vocab)
     if pool.numel() == 0:
         raise ValueError(f"generate_windows: every one of the {vocab} token ids is special; pass first_tokens")
     return pool
@@ -262,15 +258,13 @@ def _write_cached(path: pathlib.Path, windows: Tensor, key: Dict[str, Any]) -> N
 def mix_windows(*sources: Tensor) -> Tensor:
     """Real and generated training windows joined into one [W, L] tensor (``train_qat`` shuffles them).
 
-    Every source must be an integer [W_i, L] tensor of the same L; a mismatch names the lengths.
+    Every source must be an integer [W_i, L] tensor (``train.check_token_windows``) of the same L; a
+    mismatch names the lengths.
     """
     if not sources:
         raise ValueError("mix_windows needs at least one [W, L] tensor of token ids")
     for i, s in enumerate(sources):
-        if not isinstance(s, Tensor) or s.dim() != 2 or s.is_floating_point() or s.is_complex() \
-                or s.dtype == torch.bool or s.shape[0] == 0:
-            got = f"{s.dtype} tensor of shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"mix_windows: source {i} must be a non-empty integer [W, L] tensor of token ids, got {got}")
+        check_token_windows(s, f"mix_windows: source {i}")
     lengths = [int(s.shape[1]) for s in sources]
     if len(set(lengths)) != 1:
         raise ValueError(f"mix_windows: the sources have window lengths {lengths}; cut them to one length "

@@ -11,7 +11,7 @@
 ``distill.py``   end-to-end distillation of a packed model to the float model
 """
 
-from .distill import DistillResult, distill, rounded_from_packed
+from .distill import DistillResult, distill, rounded_from_packed, split_holdout
 from .driver import (CalibrationResult, LayerCalibration, calibrate, calibration_windows, find_blocks,
                      packed_from_rounded)
 from .observer import HessianAccumulator, Observations, hook_inputs, observing
@@ -23,6 +23,7 @@ __all__ = [
     "distill",
     "DistillResult",
     "rounded_from_packed",
+    "split_holdout",
     "packed_from_rounded",
     "CalibrationResult",
     "LayerCalibration",

@@ -58,7 +58,7 @@ from .driver import check_token_range, model_vocab_size, packed_from_rounded
 from .repair import RepairLinear
 from .rounding import RoundedLayer
 
-__all__ = ["distill", "DistillResult", "rounded_from_packed"]
+__all__ = ["distill", "DistillResult", "rounded_from_packed", "split_holdout"]
 
 
 @dataclass
@@ -91,6 +91,19 @@ def rounded_from_packed(layer: PackedLinear) -> RoundedLayer:
     if layer.outliers:
         index, weight = layer.outlier_index.detach().clone(), layer.outlier_weight.detach().clone()
     return RoundedLayer(layer.dequantized_weight(), qu, qw, 0.0, {}, index, weight)
+
+
+def split_holdout(windows: Tensor) -> tuple:
+    """(training, held-out) windows: the last eighth (at least one window) is held out.
+
+    ``distill``'s default split; callers that add training-only text (generated windows) split
+    the real windows with it first, so the held-out part stays real text.
+    """
+    if windows.shape[0] < 2:
+        raise ValueError(f"distill needs at least 2 windows to hold one out (got {windows.shape[0]}); "
+                         f"pass more windows or holdout=...")
+    cut = windows.shape[0] - max(1, windows.shape[0] // 8)
+    return windows[:cut], windows[cut:]
 
 
 def _check_windows(name: str, windows: Any, vocab: Optional[int]) -> Tensor:
@@ -162,11 +175,7 @@ def distill(
     vocab = model_vocab_size(model)
     windows = _check_windows("windows", windows, vocab)
     if holdout is None:
-        if windows.shape[0] < 2:
-            raise ValueError(f"distill needs at least 2 windows to hold one out (got {windows.shape[0]}); "
-                             f"pass more windows or holdout=...")
-        cut = windows.shape[0] - max(1, windows.shape[0] // 8)
-        windows, holdout = windows[:cut], windows[cut:]
+        windows, holdout = split_holdout(windows)
     else:
         holdout = _check_windows("holdout", holdout, vocab)
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
