@@ -28,6 +28,8 @@ Configurations (``--configs``; names say what they are):
       -refit                least-squares scale refit after rounding
       -nosearch             stage-1 scales by the paper's rule, no per-layer search (ablation)
       -noout                no outlier-column correction (``max_outliers=0``; ablation)
+      -rot                  rotate the residual stream and value heads first (``calibrate(rotate=True)``:
+                            random Hadamard matrices folded into the weights, same float function)
       -rep{N}               per-block repair, N steps per block (``repair_steps=N``)
       -dist{N}              then N steps of end-to-end distillation to the float model
                             (``calibration.distill``; ``--distill-windows`` windows of ``--calib-seq-len``
@@ -74,7 +76,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16|rot))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -102,7 +104,8 @@ def parse_config(name: str) -> Dict[str, Any]:
             "repair_steps": next((int(o[3:]) for o in opts if o.startswith("rep")), 0),
             "distill_steps": next((int(o[4:]) for o in opts if o.startswith("dist")), 0),
             "distill_autocast": "bfloat16" if "bf16" in opts else None,
-            "distill_generated": next((int(o[3:]) for o in opts if o.startswith("gen")), 0)}
+            "distill_generated": next((int(o[3:]) for o in opts if o.startswith("gen")), 0),
+            "rotate": "rot" in opts}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -172,6 +175,10 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
         info.update(bits_per_weight=out["bits_per_weight"], hqq_version=out["hqq_version"], rel_err=out["rel_err"])
     elif cfg["kind"] == "rtn":
         info["bits_per_weight"] = _bits(model, cfg["method"], cfg["stages"], cfg["granularity"])
+        if cfg["rotate"]:
+            from fairy2i_compile.quantization.calibration.rotation import rotate_decoder
+
+            info["rotation"] = rotate_decoder(model).summary()
         _untie_all(model)
         for mod in model.modules():
             if isinstance(mod, nn.Linear):
@@ -180,7 +187,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
                                           .to(a.dtype), requires_grad=False)
     elif (cfg["method"] == "phase" and cfg["granularity"] == "tensor" and cfg["sequential"] and cfg["act_order"]
           and cfg["true_sequential"] and not cfg["refit_scales"] and cfg["scale_search"] and cfg["outliers"]
-          and not cfg["repair_steps"]
+          and not cfg["repair_steps"] and not cfg["rotate"]
           and cal_windows.shape == (16, 512)):
         # exactly the demo's calibrated rows: calibrate through the demo's cache, so `make demo` reuses them
         from fairy2i_compile.demo import calibrated_model
@@ -202,7 +209,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
                         method=cfg["method"], sequential=cfg["sequential"], act_order=cfg["act_order"],
                         true_sequential=cfg["true_sequential"], refit_scales=cfg["refit_scales"],
                         scale_search=cfg["scale_search"], max_outliers=MAX_OUTLIERS if cfg["outliers"] else 0,
-                        repair_steps=cfg["repair_steps"],
+                        repair_steps=cfg["repair_steps"], rotate=cfg["rotate"],
                         pack=bool(cfg["distill_steps"]), progress=False, min_tokens=1)
         s = res.summary()
         info["bits_per_weight"] += _outlier_bits({n: (lc.outliers, lc.shape[0]) for n, lc in res.layers.items()},
@@ -210,6 +217,7 @@ def build(name: str, cal_windows: torch.Tensor, distill_windows: Optional[torch.
         info.update(calibration_s=round(res.seconds, 1), mean_rtn_output_error=s["mean_rtn_error"],
                     mean_calibrated_output_error=s["mean_calibrated_error"],
                     outlier_columns=s["outlier_columns"], repair=res.repair,
+                    rotation=res.settings.get("rotation"),
                     layers={n: [lc.rtn_error, lc.calibrated_error] for n, lc in res.layers.items()})
         del model
         model = res.model

@@ -190,7 +190,7 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
     monkeypatch.setenv("FAIRY2I_CACHE", str(tmp_path / "cache"))  # the generated windows' cache
     rc = cli.main(["quantize", "--model", str(folder), "--calibrate", "--calib-text", str(text), "--calib-samples",
                    "8", "--calib-seq-len", "32", "--distill-steps", "3", "--distill-windows", "8", "--out", str(out),
-                   "--distill-autocast", "bfloat16", "--distill-generated", "4", "--no-progress"])
+                   "--distill-autocast", "bfloat16", "--distill-generated", "4", "--rotate", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert "distilled 3 steps" in capsys.readouterr().out
     from safetensors import safe_open
@@ -203,12 +203,14 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
     assert calibration["distill"]["holdout_windows"] == 1
     assert len(list((tmp_path / "cache" / "generated").iterdir())) == 1
     assert calibration["distill"]["autocast"] == "bfloat16"
+    assert calibration["rotation"]["hidden"] == 32  # rotated first; the teacher is the unrotated float model
     assert sum(1 for m in load_packed(out).modules() if isinstance(m, PackedLinear)) == 8  # 7 + lm_head
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--distill-steps", "3"], "--distill-steps tune calibrated codes; add --calibrate"),
     (["--repair-steps", "3"], "--repair-steps tune calibrated codes; add --calibrate"),
+    (["--rotate"], "--rotate rotates the model before calibration; add --calibrate"),
     (["--calibrate", "--distill-steps", "3", "--distill-lr", "0"], "--distill-lr must be a positive number"),
     (["--calibrate", "--distill-generated", "4"], "--distill-generated 4 adds distillation text; add --distill-steps"),
 ])

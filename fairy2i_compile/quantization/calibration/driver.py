@@ -46,6 +46,7 @@ from ..packed_model import PackedLinear, select_layers, set_submodule
 from ..packing import pack_phase
 from .observer import Observations, hook_inputs, observing
 from .repair import block_output, repair_block
+from .rotation import rotate_decoder
 from .rounding import (MAX_OUTLIERS, OUTLIER_RATIO, RoundedLayer, check_outlier_options, gptq_round, output_error,
                        rtn_round, select_outliers)
 
@@ -239,6 +240,8 @@ def calibrate(
     repair_steps: int = 0,
     repair_lr: float = 1e-3,
     pack: Optional[bool] = None,
+    rotate: bool = False,
+    rotation_seed: int = 0,
     kernel: str = "auto",
     min_tokens: int = 256,
     progress: bool = True,
@@ -265,6 +268,10 @@ def calibrate(
     pack:     replace each layer by a PackedLinear holding the calibrated codes (default for
               "phase"); False keeps nn.Linear layers holding the dequantized weights (the
               real baselines always do: the packed kernels hold phase codes only).
+    rotate, rotation_seed: first rotate the copy's residual stream and value heads by random
+              Hadamard matrices folded into the weights (``rotation.rotate_decoder``: the same
+              function, checked on random tokens; Llama-style decoders only, others are refused),
+              so every layer the rounding sees has no outlier input channel of the residual stream.
     """
     from ...compiler.backend import Fairy2iBackend
 
@@ -298,6 +305,8 @@ def calibrate(
     if not (isinstance(repair_lr, (int, float)) and not isinstance(repair_lr, bool) and math.isfinite(repair_lr)
             and repair_lr > 0):
         raise ValueError(f"repair_lr must be a positive float (e.g. 1e-3), got {repair_lr!r}")
+    if not isinstance(rotate, bool):
+        raise ValueError(f"rotate must be True or False, got {rotate!r}")
     data = _as_batches(batches, model_vocab_size(model), min_tokens)
     targets, kept, matched = _targets(model, config)
     if not targets:
@@ -312,6 +321,7 @@ def calibrate(
             break
 
     work = copy.deepcopy(model).eval()
+    rotation = rotate_decoder(work, seed=rotation_seed) if rotate else None
     work_targets, _, _ = _targets(work, config)
     rounded: Dict[str, RoundedLayer] = {}
     report: Dict[str, LayerCalibration] = {}
@@ -354,7 +364,11 @@ def calibrate(
         prefix = f"{block_name}." if block_name else ""
         inputs = _capture_block_inputs(work, block_list[0], data)
         if repair_steps:  # the float model's blocks and their inputs give the repair its targets
-            fp_blocks = find_blocks(model, _targets(model, config)[0])[1]
+            fp = model
+            if rotate:  # in the rotated basis the work model computes in
+                fp = copy.deepcopy(model).eval()
+                rotate_decoder(fp, seed=rotation_seed)
+            fp_blocks = find_blocks(fp, _targets(fp, config)[0])[1]
             inputs_fp = list(inputs)
         done = set()
         for k in _bar(range(len(block_list)), progress, "calibrating blocks"):
@@ -412,6 +426,7 @@ def calibrate(
         "max_outliers": max_outliers, "outlier_ratio": outlier_ratio,
         "outlier_columns": sum(lc.outliers for lc in report.values()),
         "repair_steps": repair_steps, "repair_lr": repair_lr if repair_steps else None,
+        "rotation": None if rotation is None else rotation.summary(),
         "calibration_tokens": int(sum(b.numel() for b in data)), "batches": len(data),
         "bits_per_weight": quant.bits_per_real_weight(config.method, config.stages),
     }
