@@ -7,6 +7,8 @@
                  ``observe`` pass inserts in calibrate mode, and eager hooks)
 ``rounding.py``  GPTQ/OBS-style rounding of one layer onto {±1, ±i} with T stages
 ``driver.py``    the block-by-block walk over a model, packing, the result object
+``rotation.py``   random Hadamard rotations folded into a Llama-style decoder before rounding
+                 (same float function, no outlier channels in the residual stream; ``rotate=True``)
 ``repair.py``    per-block reconstruction after rounding (optional, ``repair_steps``)
 ``distill.py``   end-to-end distillation of a packed model to the float model
 """
@@ -15,6 +17,7 @@ from .distill import DistillResult, distill, rounded_from_packed, split_holdout
 from .driver import (CalibrationResult, LayerCalibration, calibrate, calibration_windows, find_blocks,
                      packed_from_rounded)
 from .observer import HessianAccumulator, Observations, hook_inputs, observing
+from .rotation import RotationInfo, rotate_decoder
 from .rounding import RoundedLayer, gptq_round, output_error, rtn_round, select_outliers
 
 __all__ = [
@@ -37,4 +40,6 @@ __all__ = [
     "output_error",
     "RoundedLayer",
     "select_outliers",
+    "rotate_decoder",
+    "RotationInfo",
 ]
