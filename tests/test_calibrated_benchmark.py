@@ -24,7 +24,9 @@ def test_configuration_names_combine_suffixes(bench):
     assert cfg["distill_autocast"] is None and bench.parse_config("cal-w2-dist80-bf16")["distill_autocast"] == "bfloat16"
     gen = bench.parse_config("cal-w2-g64-dist600-gen256-bf16")
     assert (gen["granularity"], gen["distill_steps"], gen["distill_generated"]) == (64, 600, 256)
-    assert cfg["distill_generated"] == 0
+    assert cfg["distill_generated"] == 0 and cfg["rotate"] is False
+    rot = bench.parse_config("cal-w2-rot-dist600-bf16")
+    assert rot["rotate"] is True and rot["distill_steps"] == 600 and bench.parse_config("rtn-w4-rot")["rotate"]
     with pytest.raises(SystemExit, match="unknown configuration"):
         bench.parse_config("cal-w2-distill")
 
