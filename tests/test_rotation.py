@@ -90,10 +90,13 @@ def test_rotation_spreads_a_massive_residual_channel():
 def test_architectures_it_does_not_fit_are_refused_by_name():
     with pytest.raises(ValueError, match="rotate=False"):
         rotate_decoder(tiny_gpt2())  # LayerNorm with a mean, Conv1D, no embed_tokens
-    model = tiny_llama(seed=0, layers=1)
-    model.model.layers[0].input_layernorm = nn.LayerNorm(32)
+    model = tiny_llama(seed=0, layers=2)
+    model.model.layers[1].input_layernorm = nn.LayerNorm(32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="needs RMSNorm layers.*LayerNorm.*rotate=False"):
         rotate_decoder(model)
+    # refused before any weight changed, block 0 included
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_norm_that_does_not_fold_is_caught_by_the_logit_check():

@@ -322,6 +322,8 @@ def calibrate(
 
     work = copy.deepcopy(model).eval()
     rotation = rotate_decoder(work, seed=rotation_seed) if rotate else None
+    # the repair's targets: the float model in the basis the work model computes in
+    fp = copy.deepcopy(work) if (rotate and repair_steps) else model
     work_targets, _, _ = _targets(work, config)
     rounded: Dict[str, RoundedLayer] = {}
     report: Dict[str, LayerCalibration] = {}
@@ -364,10 +366,6 @@ def calibrate(
         prefix = f"{block_name}." if block_name else ""
         inputs = _capture_block_inputs(work, block_list[0], data)
         if repair_steps:  # the float model's blocks and their inputs give the repair its targets
-            fp = model
-            if rotate:  # in the rotated basis the work model computes in
-                fp = copy.deepcopy(model).eval()
-                rotate_decoder(fp, seed=rotation_seed)
             fp_blocks = find_blocks(fp, _targets(fp, config)[0])[1]
             inputs_fp = list(inputs)
         done = set()

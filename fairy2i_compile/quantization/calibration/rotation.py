@@ -36,11 +36,13 @@ its reason instead of silently changing the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from ...training.train import forward_kwargs, model_logits
 
 __all__ = ["hadamard_order", "random_hadamard", "rotate_decoder", "RotationInfo", "RTOL"]
 
@@ -146,9 +148,7 @@ def _set(linear: nn.Module, weight: Tensor, bias: Optional[Tensor] = None) -> No
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    out = model(ids)
-    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
-    return logits.detach().double()
+    return model_logits(model, ids, forward_kwargs(model)).detach().double()
 
 
 @torch.no_grad()
@@ -158,7 +158,9 @@ def rotate_decoder(model: nn.Module, *, seed: int = 0, heads: bool = True, check
     seed:          the random signs (and a random orthogonal fallback) come from it.
     heads:         also rotate each value head and the o_proj columns it feeds.
     check_tokens:  the function check runs this many random tokens (0: no check).
-    Raises ValueError (model left half rotated: call it on a copy) for an architecture it does not fit.
+    Raises ValueError for an architecture it does not fit: on a missing or non-RMSNorm module or
+    mismatched head sizes before any weight changes; when the logit check fails, after (call it on
+    a copy, as ``calibrate`` does).
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -180,26 +182,32 @@ def rotate_decoder(model: nn.Module, *, seed: int = 0, heads: bool = True, check
         ids = torch.randint(0, embed.weight.shape[0], (1, check_tokens), generator=gen).to(embed.weight.device)
         before = _logits(model, ids)
 
+    # every module and norm is found and checked before any weight changes
+    plan = []  # per block: ((norm, γ, readers) for both norms, the linears writing the residual stream)
+    for i, block in enumerate(blocks):
+        attn, mlp = _need(block, "self_attn", f"layers[{i}]"), _need(block, "mlp", f"layers[{i}]")
+        reads = {"input_layernorm": [_need(attn, n, f"layers[{i}].self_attn") for n in ("q_proj", "k_proj", "v_proj")],
+                 "post_attention_layernorm": [_need(mlp, n, f"layers[{i}].mlp") for n in ("gate_proj", "up_proj")]}
+        norms = []
+        for name, readers in reads.items():
+            norm = _need(block, name, f"layers[{i}]")
+            norms.append((norm, _rms_weight(norm, f"layers[{i}].{name}"), readers))
+        writes = [_need(attn, "o_proj", f"layers[{i}].self_attn"), _need(mlp, "down_proj", f"layers[{i}].mlp")]
+        plan.append((norms, writes))
+    final_gamma = _rms_weight(final_norm, "model.norm")
+    head_sizes = _head_sizes(blocks, config) if heads else None
+
     gen = torch.Generator().manual_seed(seed)
     q, hidden_kind = random_hadamard(d, gen)
     q = q.to(embed.weight.device)
-    layers: List[Tuple[str, nn.Module]] = []
-    for i, block in enumerate(blocks):
-        attn, mlp = _need(block, "self_attn", f"layers[{i}]"), _need(block, "mlp", f"layers[{i}]")
-        reads_attn = [_need(attn, n, f"layers[{i}].self_attn") for n in ("q_proj", "k_proj", "v_proj")]
-        reads_mlp = [_need(mlp, n, f"layers[{i}].mlp") for n in ("gate_proj", "up_proj")]
-        writes = [_need(attn, "o_proj", f"layers[{i}].self_attn"), _need(mlp, "down_proj", f"layers[{i}].mlp")]
-        for norm_name, readers in (("input_layernorm", reads_attn), ("post_attention_layernorm", reads_mlp)):
-            norm = _need(block, norm_name, f"layers[{i}]")
-            gamma = _rms_weight(norm, f"layers[{i}].{norm_name}").double()
+    for norms, writes in plan:
+        for norm, gamma, readers in norms:
             for lin in readers:
-                _set(lin, (lin.weight.double() * gamma[None, :]) @ q)
+                _set(lin, (lin.weight.double() * gamma.double()[None, :]) @ q)
             norm.weight.fill_(1.0)
         for lin in writes:
             _set(lin, q.T @ lin.weight.double(), None if lin.bias is None else lin.bias.double() @ q)
-        layers.append((f"layers[{i}]", block))
-    gamma = _rms_weight(final_norm, "model.norm").double()
-    head_w = (lm_head.weight.double() * gamma[None, :]) @ q
+    head_w = (lm_head.weight.double() * final_gamma.double()[None, :]) @ q
     final_norm.weight.fill_(1.0)
     embed.weight = nn.Parameter((embed.weight.double() @ q).to(embed.weight.dtype),
                                 requires_grad=embed.weight.requires_grad)
@@ -208,8 +216,8 @@ def rotate_decoder(model: nn.Module, *, seed: int = 0, heads: bool = True, check
         config.tie_word_embeddings = False  # lm_head now differs from the embedding
 
     head_dim, head_kind = None, None
-    if heads:
-        head_dim, head_kind = _rotate_heads(blocks, config, gen, q.device)
+    if head_sizes is not None:
+        head_dim, head_kind = _rotate_heads(blocks, *head_sizes, gen, q.device)
 
     err = 0.0
     if ids is not None:
@@ -222,20 +230,28 @@ def rotate_decoder(model: nn.Module, *, seed: int = 0, heads: bool = True, check
     return RotationInfo(d, head_dim, hidden_kind, head_kind, seed, err)
 
 
-def _rotate_heads(blocks: nn.ModuleList, config, gen: torch.Generator, device) -> Tuple[int, str]:
+def _head_sizes(blocks: nn.ModuleList, config) -> Tuple[int, int, int]:
+    """(attention heads, key/value heads, head size), checked against every block's v_proj and o_proj."""
     n_heads = getattr(config, "num_attention_heads", None)
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     if not isinstance(n_heads, int) or not isinstance(n_kv, int) or n_heads % n_kv:
         raise ValueError(f"rotating heads needs config.num_attention_heads and num_key_value_heads (dividing it), "
                          f"got {n_heads!r} and {n_kv!r}; pass heads=False")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    r, kind = random_hadamard(head_dim, gen)
-    r = r.to(device)
     for i, block in enumerate(blocks):
         v, o = block.self_attn.v_proj, block.self_attn.o_proj
         if v.weight.shape[0] != n_kv * head_dim or o.weight.shape[1] != n_heads * head_dim:
             raise ValueError(f"layers[{i}]: v_proj has {v.weight.shape[0]} outputs and o_proj {o.weight.shape[1]} "
                              f"inputs, expected {n_kv}·{head_dim} and {n_heads}·{head_dim}; pass heads=False")
+    return n_heads, n_kv, head_dim
+
+
+def _rotate_heads(blocks: nn.ModuleList, n_heads: int, n_kv: int, head_dim: int, gen: torch.Generator,
+                  device) -> Tuple[int, str]:
+    r, kind = random_hadamard(head_dim, gen)
+    r = r.to(device)
+    for block in blocks:
+        v, o = block.self_attn.v_proj, block.self_attn.o_proj
         wv = v.weight.double().reshape(n_kv, head_dim, -1)
         wv = torch.einsum("ji,gjc->gic", r, wv).reshape(n_kv * head_dim, -1)  # Rᵀ W_g per kv head
         bv = None if v.bias is None else (v.bias.double().reshape(n_kv, head_dim) @ r).reshape(-1)
