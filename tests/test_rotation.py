@@ -48,9 +48,21 @@ def test_hadamard_order_prefers_sylvester_and_names_bad_sizes():
             hadamard_order(bad)
 
 
+def _small_norm_weights(model, seed):
+    """Norm weights like SmolLM2's (0.02–0.6), not the ones of a fresh init, so folding them matters."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if "RMSNorm" in type(m).__name__]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.copy_(0.02 + 0.58 * torch.rand(m.weight.shape, generator=gen))
+    return norms
+
+
 @pytest.mark.parametrize("heads", [True, False])
 def test_rotated_llama_computes_the_same_function(heads):
     model = tiny_llama(seed=3, layers=2)
+    norms = _small_norm_weights(model, seed=4)
+    rms = [float(m.weight.detach().double().pow(2).mean().sqrt()) for m in norms]
     x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(x).logits
@@ -61,11 +73,29 @@ def test_rotated_llama_computes_the_same_function(heads):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert info.logit_rel_error < 1e-5
     assert (info.head_dim == 8) is heads
-    # the weights did change: norms folded to ones, lm_head untied from the rotated embedding
+    # the weights did change: each norm keeps only the constant rms(γ), lm_head untied from the rotated embedding
     assert not torch.allclose(model.get_input_embeddings().weight, emb_before)
-    assert torch.equal(model.model.norm.weight, torch.ones(32))
+    for m, c in zip(norms, rms):
+        torch.testing.assert_close(m.weight, torch.full((32,), c), rtol=1e-6, atol=0)
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     assert model.config.tie_word_embeddings is False
+
+
+def test_rotation_keeps_the_magnitude_of_the_weights_it_folds_a_norm_into():
+    # with a constant γ = c the folded readers are W Q: every row keeps its norm exactly, however
+    # small c is (folding all of γ would scale them by c, and Adam's steps would grow relative to them)
+    model = tiny_llama(seed=5, layers=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__:
+                m.weight.fill_(0.05)
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in
+             ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")] + ["lm_head"]
+    before = {n: model.get_submodule(n).weight.detach().norm(dim=1).clone() for n in names}
+    rotate_decoder(model, seed=1)
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight.norm(dim=1), before[n], rtol=1e-5, atol=0)
+    assert torch.equal(model.model.norm.weight, torch.full((32,), 0.05))
 
 
 def test_rotation_spreads_a_massive_residual_channel():
@@ -141,7 +171,7 @@ def test_calibrate_with_rotation_packs_saves_and_leaves_the_model_alone(tmp_path
     info = res.save(path)
     assert info["extra"]["calibration"]["rotation"]["hidden_kind"].startswith("Hadamard")
     loaded = load_packed(path)
-    with torch.no_grad():  # the rotated embedding and the ones-norms travel with the checkpoint
+    with torch.no_grad():  # the rotated embedding and the constant norms travel with the checkpoint
         torch.testing.assert_close(loaded(x).logits, eager, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rotate must be True or False"):
         calibrate(model, ids, rotate="yes", progress=False)

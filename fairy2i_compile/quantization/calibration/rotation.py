@@ -9,7 +9,8 @@ model computes exactly the same function, with no extra op at run time:
 
     hidden state (row vector) h -> h' = h Q, Q orthogonal [d, d]
     RMSNorm(h') = RMSNorm(h) Q    once each norm's weight γ is folded into the linears after it
-    reads h   (q/k/v, gate/up, lm_head):  W -> W diag(γ) Q
+                                  (all but a constant c = rms(γ), which commutes with Q)
+    reads h   (q/k/v, gate/up, lm_head):  W -> W diag(γ / c) Q,  the norm's weight -> c · 1
     writes h  (o_proj, down_proj):        W -> Qᵀ W,  b -> b Q
     embedding rows:                       E -> E Q
 
@@ -17,6 +18,13 @@ and per attention head (value rows and the o_proj columns they feed; attention m
 tokens, not the channels of a head, so any orthogonal R per key/value head commutes):
 
     v_proj rows of kv head g:  W_g -> Rᵀ W_g,   o_proj columns of every head reading g: W_h -> W_h R
+
+Why the constant c stays in the norm: SmolLM2's γ are small (rms 0.04 in block 0, 0.2–0.4 in
+the others), so folding all of γ shrank the weights of q/k/v/gate/up 4–28×. The rounding does not
+care (it is scale-equivariant), but training does: Adam moves every latent weight by about its
+learning rate per step whatever the weight's size, so end-to-end distillation from the rotated
+codes flipped codes 4–28× more often than from the unrotated ones and its loss rose at first.
+Keeping rms(γ) in the norm leaves every folded weight at its original magnitude on average.
 
 The inputs of down_proj (after the SwiGLU product) would need a rotation at run time and are
 left as they are; their massive activations keep the outlier columns of the rounding.
@@ -147,6 +155,12 @@ def _set(linear: nn.Module, weight: Tensor, bias: Optional[Tensor] = None) -> No
         linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=linear.bias.requires_grad)
 
 
+def _norm_constant(gamma: Tensor) -> float:
+    """The part c = rms(γ) of a norm's weight that stays in the norm (module docstring); 1 for γ = 0."""
+    c = float(gamma.detach().double().pow(2).mean().sqrt())
+    return c if c > 0.0 else 1.0
+
+
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
     return model_logits(model, ids, forward_kwargs(model)).detach().double()
 
@@ -202,13 +216,15 @@ def rotate_decoder(model: nn.Module, *, seed: int = 0, heads: bool = True, check
     q = q.to(embed.weight.device)
     for norms, writes in plan:
         for norm, gamma, readers in norms:
+            c = _norm_constant(gamma)
             for lin in readers:
-                _set(lin, (lin.weight.double() * gamma.double()[None, :]) @ q)
-            norm.weight.fill_(1.0)
+                _set(lin, (lin.weight.double() * (gamma.double() / c)[None, :]) @ q)
+            norm.weight.fill_(c)
         for lin in writes:
             _set(lin, q.T @ lin.weight.double(), None if lin.bias is None else lin.bias.double() @ q)
-    head_w = (lm_head.weight.double() * final_gamma.double()[None, :]) @ q
-    final_norm.weight.fill_(1.0)
+    c = _norm_constant(final_gamma)
+    head_w = (lm_head.weight.double() * (final_gamma.double() / c)[None, :]) @ q
+    final_norm.weight.fill_(c)
     embed.weight = nn.Parameter((embed.weight.double() @ q).to(embed.weight.dtype),
                                 requires_grad=embed.weight.requires_grad)
     _set(lm_head, head_w)
