@@ -30,6 +30,8 @@ Configurations (``--configs``; names say what they are):
       -noout                no outlier-column correction (``max_outliers=0``; ablation)
       -rot                  rotate the residual stream and value heads first (``calibrate(rotate=True)``:
                             random Hadamard matrices folded into the weights, same float function)
+      -c{N}                 N calibration windows instead of ``--calib-samples`` (same length, also the last
+                            windows of the sample: more windows are a superset of fewer)
       -rep{N}               per-block repair, N steps per block (``repair_steps=N``)
       -dist{N}              then N steps of end-to-end distillation to the float model
                             (``calibration.distill``; ``--distill-windows`` windows of ``--calib-seq-len``
@@ -76,7 +78,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16|rot))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16|rot|c\d+))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -105,7 +107,8 @@ def parse_config(name: str) -> Dict[str, Any]:
             "distill_steps": next((int(o[4:]) for o in opts if o.startswith("dist")), 0),
             "distill_autocast": "bfloat16" if "bf16" in opts else None,
             "distill_generated": next((int(o[3:]) for o in opts if o.startswith("gen")), 0),
-            "rotate": "rot" in opts}
+            "rotate": "rot" in opts,
+            "calib_samples": next((int(o[1:]) for o in opts if re.fullmatch(r"c\d+", o)), None)}
 
 
 def _untie_all(model: nn.Module) -> None:
@@ -266,7 +269,7 @@ def markdown(payload: Dict[str, Any]) -> str:
         f"Perplexity: first {s['windows']} windows of {s['seq_len']} tokens of the enwiki sample "
         f"(prepended: {s['prepended']}). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens from the "
         f"end of the same sample (token {s['calib_start']} on; evaluation text ends at {s['eval_end']}). All linear "
-        f"layers incl. lm_head quantized; embedding float." + (f" Zero-shot: first {s['limit']} records per task."
+        f"layers incl. lm_head quantized; embedding float. Rows named -c{{N}}: N such windows instead." + (f" Zero-shot: first {s['limit']} records per task."
                                                                 if tasks else ""), "",
         head, "|---|---|---|---|" + "---|" * len(tasks)]
     for r in payload["rows"]:
@@ -360,10 +363,13 @@ def main(argv: Optional[list] = None) -> int:
     zs = set(args.configs if args.zero_shot_configs is None else args.zero_shot_configs)
     examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
     for name in args.configs:
+        n_cal = parse_config(name).get("calib_samples")
+        row_cal = cal if n_cal is None else calibration_windows(ev.wiki_tokens(tokenizer), n_cal, args.calib_seq_len,
+                                                                avoid=eval_end)
         if args.from_saved:
             model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
         else:
-            model, info = build(name, cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
+            model, info = build(name, row_cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
                                 args.distill_progress, first_tokens=ev.wiki_tokens(tokenizer)[eval_end:])
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]

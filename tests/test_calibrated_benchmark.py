@@ -27,8 +27,11 @@ def test_configuration_names_combine_suffixes(bench):
     assert cfg["distill_generated"] == 0 and cfg["rotate"] is False
     rot = bench.parse_config("cal-w2-rot-dist600-bf16")
     assert rot["rotate"] is True and rot["distill_steps"] == 600 and bench.parse_config("rtn-w4-rot")["rotate"]
+    assert rot["calib_samples"] is None and bench.parse_config("cal-w4-row-rot-c64")["calib_samples"] == 64
     with pytest.raises(SystemExit, match="unknown configuration"):
         bench.parse_config("cal-w2-distill")
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        bench.parse_config("cal-w2-cx")
 
 
 def test_distillation_is_for_calibrated_fairy2i_rows_only(bench):
