@@ -269,8 +269,8 @@ def markdown(payload: Dict[str, Any]) -> str:
         f"Perplexity: first {s['windows']} windows of {s['seq_len']} tokens of the enwiki sample "
         f"(prepended: {s['prepended']}). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens from the "
         f"end of the same sample (token {s['calib_start']} on; evaluation text ends at {s['eval_end']}). All linear "
-        f"layers incl. lm_head quantized; embedding float. Rows named -c{{N}}: N such windows instead." + (f" Zero-shot: first {s['limit']} records per task."
-                                                                if tasks else ""), "",
+        f"layers incl. lm_head quantized; embedding float. Rows named -c{{N}}: N such windows instead."
+        + (f" Zero-shot: first {s['limit']} records per task." if tasks else ""), "",
         head, "|---|---|---|---|" + "---|" * len(tasks)]
     for r in payload["rows"]:
         ratio = r["ppl"] / fp if fp else None
@@ -348,14 +348,15 @@ def main(argv: Optional[list] = None) -> int:
     _, tokenizer = load_smollm2(progress=False)
     windows = eval_windows(tokenizer, args.seq_len, args.windows)
     eval_end = int(windows.numel())
-    cal = calibration_windows(ev.wiki_tokens(tokenizer), args.calib_samples, args.calib_seq_len, avoid=eval_end)
-    train = calibration_windows(ev.wiki_tokens(tokenizer), args.distill_windows, args.calib_seq_len, avoid=eval_end)
+    text = ev.wiki_tokens(tokenizer)  # tokenizes the whole sample: once
+    cal = calibration_windows(text, args.calib_samples, args.calib_seq_len, avoid=eval_end)
+    train = calibration_windows(text, args.distill_windows, args.calib_seq_len, avoid=eval_end)
     payload: Dict[str, Any] = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "settings": {"windows": args.windows, "seq_len": args.seq_len, "calib_samples": args.calib_samples,
                      "calib_seq_len": args.calib_seq_len, "eval_end": eval_end,
-                     "calib_start": int(ev.wiki_tokens(tokenizer).numel() - cal.numel()),
+                     "calib_start": int(text.numel() - cal.numel()),
                      "prepended": ev.prefix_text(tokenizer, ev.special_prefix(tokenizer)),
                      "tasks": args.tasks, "limit": args.limit},
         "rows": [],
@@ -364,13 +365,12 @@ def main(argv: Optional[list] = None) -> int:
     examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
     for name in args.configs:
         n_cal = parse_config(name).get("calib_samples")
-        row_cal = cal if n_cal is None else calibration_windows(ev.wiki_tokens(tokenizer), n_cal, args.calib_seq_len,
-                                                                avoid=eval_end)
+        row_cal = cal if n_cal is None else calibration_windows(text, n_cal, args.calib_seq_len, avoid=eval_end)
         if args.from_saved:
             model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
         else:
             model, info = build(name, row_cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
-                                args.distill_progress, first_tokens=ev.wiki_tokens(tokenizer)[eval_end:])
+                                args.distill_progress, first_tokens=text[eval_end:])
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}

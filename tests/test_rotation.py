@@ -48,10 +48,14 @@ def test_hadamard_order_prefers_sylvester_and_names_bad_sizes():
             hadamard_order(bad)
 
 
+def _norms(model):
+    return [m for m in model.modules() if "RMSNorm" in type(m).__name__]
+
+
 def _small_norm_weights(model, seed):
     """Norm weights like SmolLM2's (0.02–0.6), not the ones of a fresh init, so folding them matters."""
     gen = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if "RMSNorm" in type(m).__name__]
+    norms = _norms(model)
     with torch.no_grad():
         for m in norms:
             m.weight.copy_(0.02 + 0.58 * torch.rand(m.weight.shape, generator=gen))
@@ -86,9 +90,8 @@ def test_rotation_keeps_the_magnitude_of_the_weights_it_folds_a_norm_into():
     # small c is (folding all of γ would scale them by c, and Adam's steps would grow relative to them)
     model = tiny_llama(seed=5, layers=2)
     with torch.no_grad():
-        for m in model.modules():
-            if "RMSNorm" in type(m).__name__:
-                m.weight.fill_(0.05)
+        for m in _norms(model):
+            m.weight.fill_(0.05)
     names = [f"model.layers.{i}.{n}" for i in range(2) for n in
              ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")] + ["lm_head"]
     before = {n: model.get_submodule(n).weight.detach().norm(dim=1).clone() for n in names}
