@@ -404,8 +404,9 @@ def cmd_quantize(args) -> int:
     tuning = [f for f, v in (("--repair-steps", args.repair_steps), ("--distill-steps", args.distill_steps)) if v]
     if tuning and not args.calibrate:
         raise CLIError(f"{' and '.join(tuning)} tune calibrated codes; add --calibrate")
-    if args.rotate and not args.calibrate:
-        raise CLIError("--rotate rotates the model before calibration; add --calibrate")
+    if args.rotate is not None and not args.calibrate:
+        flag = "--rotate" if args.rotate else "--no-rotate"
+        raise CLIError(f"{flag} chooses whether the model is rotated before calibration; add --calibrate")
     if args.distill_generated and not args.distill_steps:
         raise CLIError(f"--distill-generated {args.distill_generated} adds distillation text; add --distill-steps N")
     if not (math.isfinite(args.distill_lr) and args.distill_lr > 0):
@@ -500,8 +501,11 @@ def _calibrated(model: Any, tokenizer: Any, config: Any, args: Any) -> Any:
     result = calibrate(model, windows, stages=config.stages, scale_granularity=config.scale_granularity,
                        skip=config.skip, sequential=not args.calib_parallel, act_order=args.act_order,
                        max_outliers=args.max_outliers, outlier_ratio=args.outlier_ratio,
-                       repair_steps=args.repair_steps, repair_lr=args.repair_lr, rotate=args.rotate,
-                       progress=args.progress)
+                       repair_steps=args.repair_steps, repair_lr=args.repair_lr,
+                       rotate="auto" if args.rotate is None else args.rotate, progress=args.progress)
+    rotation = result.settings["rotation"]
+    print(f"rotated first: {rotation['hidden_kind']} on the residual stream" if rotation else
+          f"not rotated: {result.settings['rotation_skipped'] or '--no-rotate'}")
     if train is not None:
         from .quantization.calibration import distill
 
@@ -628,9 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO, metavar="R",
                    help=f"an input column is an outlier when its mean square is >= R times the median "
                         f"column's (default {OUTLIER_RATIO:g})")
-    g.add_argument("--rotate", action="store_true",
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="first rotate the residual stream and value heads by random Hadamard matrices folded into "
-                        "the weights (same float function, no outlier channels left; Llama-style decoders)")
+                        "the weights (same float function, no outlier channels left). Default: rotate a "
+                        "Llama-style decoder, calibrate any other model unrotated; --rotate fails on a model it "
+                        "does not fit, --no-rotate never rotates")
     g.add_argument("--repair-steps", type=_nonnegative("--repair-steps"), default=0, metavar="N",
                    help="after each block is rounded, N Adam steps tuning it to the float block's outputs "
                         "(latent weights, stage scales, norms; default 0 = no repair)")

@@ -94,8 +94,10 @@ def calibrated_model(model, tokenizer, options: Dict[str, Any], cal_windows: tor
             return cached, {"cached": str(path)}
         except (OSError, ValueError) as e:  # a broken cache entry is rebuilt, never trusted
             print(f"  ignoring the cached calibration {path}: {e}", flush=True)
+    # rotate=False: the cache keeps the baselines' linear weights only, which a rotated model's embedding
+    # and norms would have to travel with; and these rows are the paper's plain setting
     result = calibration.calibrate(model, cal_windows, stages=options["stages"], method=options["method"],
-                                   progress=progress, min_tokens=1)
+                                   rotate=False, progress=progress, min_tokens=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     if options["method"] == "phase":
         result.save(path)

@@ -162,8 +162,8 @@ def test_calibrate_tiny_llama_packed_equals_fake_quant(sequential):
     model = tiny_llama(seed=0, layers=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = _ids()
-    res = calibrate(model, ids, stages=2, sequential=sequential, progress=False, kernel="torch")
-    dense = calibrate(model, ids, stages=2, sequential=sequential, progress=False, pack=False)
+    res = calibrate(model, ids, stages=2, sequential=sequential, rotate=False, progress=False, kernel="torch")
+    dense = calibrate(model, ids, stages=2, sequential=sequential, rotate=False, progress=False, pack=False)
     # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = {f"model.layers.{i}.{n}" for i in range(2) for n in LLAMA_LINEARS} | {"lm_head"}
@@ -499,15 +499,16 @@ def test_round_at_scales_with_phasequants_own_scales_is_phasequant():
 def test_repair_lowers_the_block_loss_and_packs_exactly():
     model = tiny_llama(seed=0, layers=2)
     ids = _ids(8, 64)
-    res = calibrate(model, ids, stages=2, progress=False, repair_steps=100, repair_lr=1e-3, kernel="torch")
-    dense = calibrate(model, ids, stages=2, progress=False, repair_steps=100, repair_lr=1e-3, pack=False)
+    res = calibrate(model, ids, stages=2, rotate=False, progress=False, repair_steps=100, repair_lr=1e-3,
+                    kernel="torch")
+    dense = calibrate(model, ids, stages=2, rotate=False, progress=False, repair_steps=100, repair_lr=1e-3, pack=False)
     assert [r["block"] for r in res.repair] == [0, 1]
     assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in res.repair)
     assert res.settings["repair_steps"] == 100
     for name in res.layers:
         torch.testing.assert_close(res.model.get_submodule(name).dequantized_weight(),
                                    dense.model.get_submodule(name).weight, rtol=0, atol=1e-6)
-    plain = calibrate(model, ids, stages=2, progress=False, pack=False)
+    plain = calibrate(model, ids, stages=2, rotate=False, progress=False, pack=False)
     x = _ids(1, 16, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(res.model(x).logits, dense.model(x).logits, rtol=1e-5, atol=1e-5)

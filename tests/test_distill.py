@@ -35,7 +35,8 @@ def _same_state(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def calibrated_w1():
     teacher = _teacher()
-    return teacher, calibrate(teacher, _ids(8), stages=1, min_tokens=1, progress=False, kernel="torch")
+    return teacher, calibrate(teacher, _ids(8), stages=1, min_tokens=1, rotate=False, progress=False,
+                                kernel="torch")
 
 
 def test_distillation_lowers_the_holdout_kl_and_leaves_both_inputs_untouched(calibrated_w1):
@@ -210,7 +211,8 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
 @pytest.mark.parametrize("argv,match", [
     (["--distill-steps", "3"], "--distill-steps tune calibrated codes; add --calibrate"),
     (["--repair-steps", "3"], "--repair-steps tune calibrated codes; add --calibrate"),
-    (["--rotate"], "--rotate rotates the model before calibration; add --calibrate"),
+    (["--rotate"], "--rotate chooses whether the model is rotated before calibration; add --calibrate"),
+    (["--no-rotate"], "--no-rotate chooses whether the model is rotated before calibration; add --calibrate"),
     (["--calibrate", "--distill-steps", "3", "--distill-lr", "0"], "--distill-lr must be a positive number"),
     (["--calibrate", "--distill-generated", "4"], "--distill-generated 4 adds distillation text; add --distill-steps"),
 ])

@@ -176,8 +176,70 @@ def test_calibrate_with_rotation_packs_saves_and_leaves_the_model_alone(tmp_path
     loaded = load_packed(path)
     with torch.no_grad():  # the rotated embedding and the constant norms travel with the checkpoint
         torch.testing.assert_close(loaded(x).logits, eager, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="rotate must be True or False"):
+    with pytest.raises(ValueError, match="rotate must be True, False or 'auto', got 'yes'"):
         calibrate(model, ids, rotate="yes", progress=False)
+    with pytest.raises(ValueError, match="rotation_seed must be an int, got '1'"):  # not swallowed by "auto"
+        calibrate(model, ids, rotation_seed="1", progress=False)
+
+
+def _offset_norm_llama() -> nn.Module:
+    """A one-block Llama whose second norm scales by 1 + weight (Gemma-style): rotation does not fold it."""
+    model = tiny_llama(seed=0, layers=1)
+
+    class OffsetRMSNorm(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.weight, self.eps = inner.weight, inner.variance_epsilon
+
+        def forward(self, h):
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return h * (1.0 + self.weight)
+
+    model.model.layers[0].post_attention_layernorm = OffsetRMSNorm(model.model.layers[0].post_attention_layernorm)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.normal_()
+    return model
+
+
+def test_rotation_is_on_by_default_where_the_model_fits():
+    model = tiny_llama(seed=1, layers=1)
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(2))
+    auto = calibrate(model, ids, stages=2, progress=False, pack=False)
+    on = calibrate(model, ids, stages=2, rotate=True, progress=False, pack=False)
+    off = calibrate(model, ids, stages=2, rotate=False, progress=False, pack=False)
+    assert auto.settings["rotation"] == on.settings["rotation"] and auto.settings["rotation_skipped"] is None
+    assert off.settings["rotation"] is None and off.settings["rotation_skipped"] is None
+    for name in auto.layers:  # the default is rotate=True, code for code
+        torch.testing.assert_close(auto.model.get_submodule(name).weight, on.model.get_submodule(name).weight,
+                                   rtol=0, atol=0)
+    assert not torch.equal(auto.model.model.layers[0].mlp.up_proj.weight, off.model.model.layers[0].mlp.up_proj.weight)
+
+
+def _layernorm_llama() -> nn.Module:
+    """A two-block Llama with a LayerNorm (it has a mean): rotation refuses it before any weight changes."""
+    model = tiny_llama(seed=0, layers=2)
+    model.model.layers[1].input_layernorm = nn.LayerNorm(32)
+    return model
+
+
+@pytest.mark.parametrize("make", [_layernorm_llama, _offset_norm_llama], ids=["refused-before", "logit-check-after"])
+def test_auto_rotation_falls_back_to_the_unrotated_model_with_a_warning(make):
+    # refused before any weight changes (a LayerNorm) or only after the copy was rotated (the logit check):
+    # either way the result is exactly the unrotated calibration, and the user's model is untouched
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match=r"calibrates .* without rotation: .*rotate=False silences this"):
+        auto = calibrate(model, ids, stages=2, progress=False, pack=False)
+    assert auto.settings["rotation"] is None and "rotate=False" in auto.settings["rotation_skipped"]
+    off = calibrate(model, ids, stages=2, rotate=False, progress=False, pack=False)
+    for name in off.layers:
+        torch.testing.assert_close(auto.model.get_submodule(name).weight, off.model.get_submodule(name).weight,
+                                   rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="rotate=False"):  # rotate=True keeps refusing
+        calibrate(model, ids, stages=2, rotate=True, progress=False, pack=False)
 
 
 def test_rotated_repair_targets_the_rotated_float_blocks():
@@ -185,7 +247,7 @@ def test_rotated_repair_targets_the_rotated_float_blocks():
     # must come from a rotated float copy, else the loss would start far above the unrotated one
     model = tiny_llama(seed=2, layers=1)
     ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(3))
-    plain = calibrate(model, ids, stages=2, repair_steps=3, progress=False, pack=False)
+    plain = calibrate(model, ids, stages=2, repair_steps=3, rotate=False, progress=False, pack=False)
     rot = calibrate(model, ids, stages=2, repair_steps=3, rotate=True, progress=False, pack=False)
     lb_plain, lb_rot = plain.repair[0]["loss_before"], rot.repair[0]["loss_before"]
     assert lb_rot < 4 * lb_plain, (lb_plain, lb_rot)

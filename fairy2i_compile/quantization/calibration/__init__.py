@@ -7,8 +7,9 @@
                  ``observe`` pass inserts in calibrate mode, and eager hooks)
 ``rounding.py``  GPTQ/OBS-style rounding of one layer onto {±1, ±i} with T stages
 ``driver.py``    the block-by-block walk over a model, packing, the result object
-``rotation.py``   random Hadamard rotations folded into a Llama-style decoder before rounding
-                 (same float function, no outlier channels in the residual stream; ``rotate=True``)
+``rotation.py``  random Hadamard rotations folded into a Llama-style decoder before rounding
+                 (same float function, no outlier channels in the residual stream; on by default
+                 where the model fits, ``rotate="auto"``)
 ``repair.py``    per-block reconstruction after rounding (optional, ``repair_steps``)
 ``distill.py``   end-to-end distillation of a packed model to the float model
 """
