@@ -46,7 +46,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..quantization.calibration.driver import check_token_range, model_vocab_size
-from .train import check_token_windows
+from .train import check_int, check_token_windows
 
 __all__ = ["generate_windows", "mix_windows", "model_fingerprint"]
 
@@ -85,11 +85,6 @@ def _special_ids(model: nn.Module) -> set:
                 if isinstance(i, int):
                     ids.add(i)
     return ids
-
-
-def _check_int(name: str, value: Any, minimum: int, example: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"generate_windows: {name} must be an int >= {minimum} (e.g. {example}), got {value!r}")
 
 
 def _first_token_pool(model: nn.Module, first_tokens: Optional[Tensor], vocab: int) -> Tensor:
@@ -173,11 +168,11 @@ def generate_windows(
     if not isinstance(model, nn.Module) or not callable(getattr(model, "generate", None)):
         raise TypeError(f"generate_windows needs a transformers causal LM with .generate(), got "
                         f"{type(model).__name__}; pass the float model (e.g. load_smollm2()[0])")
-    _check_int("n_windows", n_windows, 1, "256")
-    _check_int("seq_len", seq_len, 2, "512")
-    _check_int("greedy_tokens", greedy_tokens, 0, "3")
-    _check_int("batch_size", batch_size, 1, "8")
-    _check_int("seed", seed, 0, "0")
+    check_int("n_windows", n_windows, 1, "e.g. 256", owner="generate_windows: ")
+    check_int("seq_len", seq_len, 2, "e.g. 512", owner="generate_windows: ")
+    check_int("greedy_tokens", greedy_tokens, 0, "e.g. 3", owner="generate_windows: ")
+    check_int("batch_size", batch_size, 1, "e.g. 8", owner="generate_windows: ")
+    check_int("seed", seed, 0, "e.g. 0", owner="generate_windows: ")
     if greedy_tokens > seq_len - 1:
         raise ValueError(f"generate_windows: greedy_tokens={greedy_tokens} leaves no sampled token in a window of "
                          f"{seq_len}; use greedy_tokens <= {seq_len - 1}")
@@ -185,7 +180,7 @@ def generate_windows(
             or temperature == float("inf"):
         raise ValueError(f"generate_windows: temperature must be a finite number > 0 (e.g. 1.0), got {temperature!r}")
     if top_k is not None:
-        _check_int("top_k", top_k, 1, "50, or None for the whole softmax")
+        check_int("top_k", top_k, 1, "e.g. 50, or None for the whole softmax", owner="generate_windows: ")
     vocab = _vocab_size(model)
     pool = _first_token_pool(model, first_tokens, vocab)
     key = {"format": CACHE_FORMAT, "model": model_fingerprint(model), "vocab_size": vocab, "n_windows": n_windows,

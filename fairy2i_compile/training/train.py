@@ -128,9 +128,9 @@ class TrainConfig:
     autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _check_int("steps", self.steps, 1, "the number of optimizer updates, e.g. steps=1000")
+        check_int("steps", self.steps, 1, "the number of optimizer updates, e.g. steps=1000")
         _check_float("lr", self.lr, 0.0, math.inf, "the peak learning rate, e.g. lr=3e-5", open_low=True)
-        _check_int("warmup_steps", self.warmup_steps, 0, "0 for no warmup")
+        check_int("warmup_steps", self.warmup_steps, 0, "0 for no warmup")
         if self.warmup_steps > self.steps:
             raise ValueError(
                 f"TrainConfig.warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
@@ -147,13 +147,13 @@ class TrainConfig:
         _check_float("weight_decay", self.weight_decay, 0.0, math.inf, "weight_decay >= 0 (the paper uses 0)")
         _check_float("grad_clip", self.grad_clip, 0.0, math.inf, "a max norm > 0 (2.0), or math.inf for none",
                      open_low=True, allow_inf=True)
-        _check_int("batch_size", self.batch_size, 1, "windows per step, e.g. batch_size=1")
+        check_int("batch_size", self.batch_size, 1, "windows per step, e.g. batch_size=1")
         _check_float("distill_alpha", self.distill_alpha, 0.0, 1.0, "0 (CE only) .. 1 (KL only)")
         _check_float("distill_temperature", self.distill_temperature, 0.0, math.inf, "T > 0, e.g. 1.0",
                      open_low=True)
-        _check_int("checkpoint_every", self.checkpoint_every, 1, "save period in steps, e.g. 50")
-        _check_int("log_every", self.log_every, 1, "log period in steps, e.g. 10")
-        _check_int("seed", self.seed, 0, "a non-negative int")
+        check_int("checkpoint_every", self.checkpoint_every, 1, "save period in steps, e.g. 50")
+        check_int("log_every", self.log_every, 1, "log period in steps, e.g. 10")
+        check_int("seed", self.seed, 0, "a non-negative int")
         if not (self.autocast is None or (isinstance(self.autocast, str) and self.autocast in AUTOCAST_DTYPES)):
             raise ValueError(f"TrainConfig.autocast must be one of {sorted(k for k in AUTOCAST_DTYPES if k)} or None "
                              f"(float32), got {self.autocast!r}")
@@ -179,9 +179,10 @@ class TrainConfig:
         return cls(**d)
 
 
-def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
+def check_int(name: str, value: Any, minimum: int, fix: str, owner: str = "TrainConfig.") -> None:
+    """Raise ValueError naming ``owner + name``, the value and ``fix`` unless value is an int >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}; {fix}")
+        raise ValueError(f"{owner}{name} must be an int >= {minimum}, got {value!r}; {fix}")
 
 
 def _check_float(name: str, value: Any, low: float, high: float, fix: str, open_low: bool = False,
