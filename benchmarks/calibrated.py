@@ -259,6 +259,33 @@ def _fmt(x: Optional[float]) -> str:
     return f"{x:.4g}" if x < 1e4 else f"{x:.3g}"
 
 
+def machine() -> str:
+    """'x86_64 AMD EPYC ..., 2 threads': the CPU model too, since this project's VMs change between runs."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}{' ' + model if model else ''}, {torch.get_num_threads()} threads"
+
+
+def merge_parts(parts: list, files: list) -> Dict[str, Any]:
+    """One payload from earlier runs' payloads (same settings, checked by the caller), rows in order.
+
+    Each row keeps the machine it ran on; the payload's machine lists them all, and its parts name
+    every file the rows came from (a part that was itself merged contributes its own parts)."""
+    rows, sources, machines = [], [], []
+    for part, f in zip(parts, files):
+        for r in part["rows"]:
+            rows.append({**r, "machine": r.get("machine", part["machine"])})
+        sources += part.get("parts") or [str(f)]
+    for r in rows:
+        if r["machine"] not in machines:
+            machines.append(r["machine"])
+    return {**parts[0], "rows": rows, "parts": sources, "machine": "; ".join(machines)}
+
+
 def markdown(payload: Dict[str, Any]) -> str:
     s = payload["settings"]
     fp = next((r["ppl"] for r in payload["rows"] if r["name"] == "fp"), None)
@@ -336,8 +363,7 @@ def main(argv: Optional[list] = None) -> int:
         for part in parts[1:]:
             if any(part["settings"][k] != parts[0]["settings"][k] for k in keys):
                 raise SystemExit(f"--merge: the parts were measured with different settings ({keys})")
-        merged = {**parts[0], "rows": [r for part in parts for r in part["rows"]],
-                  "parts": [str(f) for f in args.merge]}
+        merged = merge_parts(parts, args.merge)
         write_results(args.out, merged, markdown(merged))
         return 0
     for name in args.configs:
@@ -352,7 +378,7 @@ def main(argv: Optional[list] = None) -> int:
     cal = calibration_windows(text, args.calib_samples, args.calib_seq_len, avoid=eval_end)
     train = calibration_windows(text, args.distill_windows, args.calib_seq_len, avoid=eval_end)
     payload: Dict[str, Any] = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "torch": torch.__version__,
         "settings": {"windows": args.windows, "seq_len": args.seq_len, "calib_samples": args.calib_samples,
                      "calib_seq_len": args.calib_seq_len, "eval_end": eval_end,

@@ -75,3 +75,22 @@ def test_saved_rows_load_with_how_they_were_built_and_mismatches_are_named(bench
         bench.load_saved(tmp_path / "cal-w2-dist5.safetensors", "cal-w4", settings)
     with pytest.raises(SystemExit, match="other calibration settings"):
         bench.load_saved(tmp_path / "cal-w2-dist5.safetensors", "cal-w2-dist5", {**settings, "eval_end": 1})
+
+
+def test_merged_results_keep_each_rows_machine_and_every_source(bench, tmp_path):
+    settings = {"windows": 8, "seq_len": 2048, "calib_samples": 16, "calib_seq_len": 512, "eval_end": 16384,
+                "calib_start": 613693, "prepended": None, "tasks": [], "limit": 500}
+    base = {"machine": "x86_64 Xeon, 1 threads", "torch": "2.13.0+cpu", "settings": settings,
+            "parts": ["old_base.json", "p1.json"],
+            "rows": [{"name": "fp", "ppl": 21.25, "bits_per_weight": 32.0},
+                     {"name": "cal-w4", "ppl": 35.4, "bits_per_weight": 4.04, "machine": "x86_64 EPYC, 1 threads"}]}
+    new = {"machine": "x86_64 EPYC, 2 threads", "torch": "2.13.0+cpu", "settings": settings,
+           "rows": [{"name": "cal-w4-row-rot-c128", "ppl": 25.5, "bits_per_weight": 4.39}]}
+    merged = bench.merge_parts([base, new], ["calibrated.json", "w4c128.json"])
+    assert [r["name"] for r in merged["rows"]] == ["fp", "cal-w4", "cal-w4-row-rot-c128"]
+    assert [r["machine"] for r in merged["rows"]] == ["x86_64 Xeon, 1 threads", "x86_64 EPYC, 1 threads",
+                                                     "x86_64 EPYC, 2 threads"]
+    assert merged["machine"] == "x86_64 Xeon, 1 threads; x86_64 EPYC, 1 threads; x86_64 EPYC, 2 threads"
+    assert merged["parts"] == ["old_base.json", "p1.json", "w4c128.json"]  # the merged base's own sources
+    assert "x86_64 EPYC, 2 threads" in bench.markdown(merged)
+    assert bench.machine().endswith(" threads")
