@@ -651,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows per distillation step (default 1)")
     g.add_argument("--distill-autocast", choices=("none", "bfloat16", "float16"), default="none",
                    help="run the distillation's forwards under torch.autocast of this dtype (bfloat16: about 2x "
-                        "faster steps on a CPU with AMX; the held-out loss is measured in float32; default none)")
+                        "faster steps on a CPU with AMX, many times slower on one without AVX512-BF16 or AMX, which "
+                        "warns; the held-out loss is measured in float32; default none)")
     g.add_argument("--distill-windows", type=_positive("--distill-windows"), default=256, metavar="N",
                    help="distillation text: N windows of --calib-seq-len tokens from the end of the calibration "
                         "text, the last eighth held out (default 256)")

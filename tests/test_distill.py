@@ -1,5 +1,7 @@
 """End-to-end distillation of a packed model (calibration/distill.py)."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from fairy2i_compile import Fairy2iBackend, calibrate, distill, load_packed, pack_model, save_packed
 from fairy2i_compile.quantization.calibration import packed_from_rounded, rounded_from_packed
 from fairy2i_compile.quantization.packed_model import PackedLinear
+from fairy2i_compile.training.train import cpu_autocast_warning
 
 from helpers import tiny_llama
 
@@ -104,10 +107,13 @@ def test_distillation_resumes_from_its_checkpoint_bit_for_bit(calibrated_w1, tmp
     assert _same_state(_state(resumed.model), _state(whole.model))
 
 
-def test_bf16_autocast_distillation_lowers_the_float32_holdout_kl(calibrated_w1):
+def test_bf16_autocast_distillation_lowers_the_float32_holdout_kl(calibrated_w1, monkeypatch):
     teacher, res = calibrated_w1
-    d = distill(res.model, teacher, _ids(16), holdout=_ids(4, seed=11), steps=40, lr=1e-2, progress=False,
-                autocast="bfloat16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # no slow-CPU warning here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        d = distill(res.model, teacher, _ids(16), holdout=_ids(4, seed=11), steps=40, lr=1e-2, progress=False,
+                    autocast="bfloat16")
     # the hold-out is measured in float32 before and after; bf16 forwards only steer the training
     assert d.kept and d.loss_after < 0.5 * d.loss_before
     assert d.settings["autocast"] == "bfloat16"
@@ -233,3 +239,18 @@ def test_split_holdout_keeps_the_last_eighth_and_names_too_few_windows():
         assert hold.shape[0] == held and torch.equal(torch.cat([train, hold]), w)
     with pytest.raises(ValueError, match=r"at least 2 windows to hold one out \(got 1\)"):
         split_holdout(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_half_precision_autocast_on_a_cpu_without_its_matmul_units_warns(calibrated_w1, monkeypatch):
+    # emulated bf16 / fp16 matmuls were 28-30x float32 on an AVX2 EPYC: say so before the steps run
+    teacher, res = calibrated_w1
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"autocast='bfloat16' on a CPU without bfloat16 matmul units "
+                                            r"\(AVX512_BF16 / AMX_TILE absent\).*pass autocast=None"):
+        distill(res.model, teacher, _ids(4), steps=1, lr=1e-2, progress=False, autocast="bfloat16")
+    assert "AMX_FP16 absent" in cpu_autocast_warning("float16", torch.device("cpu"))
+    assert cpu_autocast_warning(None, torch.device("cpu")) is None
+    assert cpu_autocast_warning("bfloat16", torch.device("meta")) is None  # not a CPU
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_autocast_warning("bfloat16", torch.device("cpu")) is None
