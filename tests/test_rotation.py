@@ -132,10 +132,11 @@ def test_architectures_it_does_not_fit_are_refused_by_name():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_norm_that_does_not_fold_is_caught_by_the_logit_check():
+def _offset_norm_llama() -> nn.Module:
+    """A one-block Llama whose second norm scales by 1 + weight (Gemma-style): rotation does not fold it."""
     model = tiny_llama(seed=0, layers=1)
 
-    class OffsetRMSNorm(nn.Module):  # Gemma-style: scales by 1 + weight, so folding the weight alone is wrong
+    class OffsetRMSNorm(nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.weight, self.eps = inner.weight, inner.variance_epsilon
@@ -147,6 +148,11 @@ def test_a_norm_that_does_not_fold_is_caught_by_the_logit_check():
     model.model.layers[0].post_attention_layernorm = OffsetRMSNorm(model.model.layers[0].post_attention_layernorm)
     with torch.no_grad():
         model.model.layers[0].post_attention_layernorm.weight.normal_()
+    return model
+
+
+def test_a_norm_that_does_not_fold_is_caught_by_the_logit_check():
+    model = _offset_norm_llama()
     with pytest.raises(ValueError, match=rf"changed its logits by .* below {RTOL:g}.*rotate=False"):
         rotate_decoder(model)
     with pytest.raises(ValueError, match="seed must be an int"):
@@ -180,25 +186,6 @@ def test_calibrate_with_rotation_packs_saves_and_leaves_the_model_alone(tmp_path
         calibrate(model, ids, rotate="yes", progress=False)
     with pytest.raises(ValueError, match="rotation_seed must be an int, got '1'"):  # not swallowed by "auto"
         calibrate(model, ids, rotation_seed="1", progress=False)
-
-
-def _offset_norm_llama() -> nn.Module:
-    """A one-block Llama whose second norm scales by 1 + weight (Gemma-style): rotation does not fold it."""
-    model = tiny_llama(seed=0, layers=1)
-
-    class OffsetRMSNorm(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.weight, self.eps = inner.weight, inner.variance_epsilon
-
-        def forward(self, h):
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-            return h * (1.0 + self.weight)
-
-    model.model.layers[0].post_attention_layernorm = OffsetRMSNorm(model.model.layers[0].post_attention_layernorm)
-    with torch.no_grad():
-        model.model.layers[0].post_attention_layernorm.weight.normal_()
-    return model
 
 
 def test_rotation_is_on_by_default_where_the_model_fits():
