@@ -176,12 +176,9 @@ def test_bad_distill_input_is_named_and_nothing_changes(call, match):
 
 
 # ------------------------------------------------------------------ the CLI
-def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, capsys, monkeypatch):
-    import json
-
+def _hf_llama_folder(tmp_path):
+    """(a one-block Llama saved as a Hugging Face folder with its tokenizer, a calibration text file)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fairy2i_compile import cli
 
     from helpers import hf_tokenizer
 
@@ -193,6 +190,35 @@ def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, cap
     hf_tokenizer(add_bos_token=False).save_pretrained(folder)
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Which is the answer? " * 120, encoding="utf-8")
+    return folder, text
+
+
+@pytest.mark.parametrize("flag,said,rotated", [([], "rotated first: Hadamard", True),
+                                               (["--no-rotate"], "not rotated: --no-rotate", False)])
+def test_cli_quantize_calibrate_rotates_by_default_and_says_so(tmp_path, capsys, flag, said, rotated):
+    import json
+
+    from safetensors import safe_open
+
+    from fairy2i_compile import cli
+
+    folder, text = _hf_llama_folder(tmp_path)
+    out = tmp_path / "w2.safetensors"
+    rc = cli.main(["quantize", "--model", str(folder), "--calibrate", "--calib-text", str(text), "--calib-samples",
+                   "8", "--calib-seq-len", "32", "--out", str(out), "--no-progress", *flag])
+    assert rc == 0, capsys.readouterr().err
+    assert said in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        calibration = json.loads(f.metadata()["extra"])["calibration"]
+    assert (calibration["rotation"] is not None) is rotated and calibration["rotation_skipped"] is None
+
+
+def test_cli_quantize_calibrate_and_distill_writes_how_it_was_made(tmp_path, capsys, monkeypatch):
+    import json
+
+    from fairy2i_compile import cli
+
+    folder, text = _hf_llama_folder(tmp_path)
     out = tmp_path / "w2.safetensors"
     monkeypatch.setenv("FAIRY2I_CACHE", str(tmp_path / "cache"))  # the generated windows' cache
     rc = cli.main(["quantize", "--model", str(folder), "--calibrate", "--calib-text", str(text), "--calib-samples",
