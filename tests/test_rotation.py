@@ -120,11 +120,17 @@ def test_rotation_spreads_a_massive_residual_channel():
     assert ratio_before > 20 and ratio_after < 3
 
 
+def _layernorm_llama() -> nn.Module:
+    """A two-block Llama with a LayerNorm (it has a mean): rotation refuses it before any weight changes."""
+    model = tiny_llama(seed=0, layers=2)
+    model.model.layers[1].input_layernorm = nn.LayerNorm(32)
+    return model
+
+
 def test_architectures_it_does_not_fit_are_refused_by_name():
     with pytest.raises(ValueError, match="rotate=False"):
         rotate_decoder(tiny_gpt2())  # LayerNorm with a mean, Conv1D, no embed_tokens
-    model = tiny_llama(seed=0, layers=2)
-    model.model.layers[1].input_layernorm = nn.LayerNorm(32)
+    model = _layernorm_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="needs RMSNorm layers.*LayerNorm.*rotate=False"):
         rotate_decoder(model)
@@ -200,13 +206,6 @@ def test_rotation_is_on_by_default_where_the_model_fits():
         torch.testing.assert_close(auto.model.get_submodule(name).weight, on.model.get_submodule(name).weight,
                                    rtol=0, atol=0)
     assert not torch.equal(auto.model.model.layers[0].mlp.up_proj.weight, off.model.model.layers[0].mlp.up_proj.weight)
-
-
-def _layernorm_llama() -> nn.Module:
-    """A two-block Llama with a LayerNorm (it has a mean): rotation refuses it before any weight changes."""
-    model = tiny_llama(seed=0, layers=2)
-    model.model.layers[1].input_layernorm = nn.LayerNorm(32)
-    return model
 
 
 @pytest.mark.parametrize("make", [_layernorm_llama, _offset_norm_llama], ids=["refused-before", "logit-check-after"])

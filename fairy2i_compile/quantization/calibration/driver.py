@@ -329,12 +329,12 @@ def calibrate(
 
     work = copy.deepcopy(model).eval()
     rotation, rotation_skipped = None, None
-    if rotate is True:
-        rotation = rotate_decoder(work, seed=rotation_seed)
-    elif rotate == "auto":
+    if rotate:  # True or "auto"
         try:
             rotation = rotate_decoder(work, seed=rotation_seed)
         except ValueError as err:  # not a Llama-style decoder: its copy may be half rotated, start again
+            if rotate is True:
+                raise
             rotation_skipped = str(err)
             work = copy.deepcopy(model).eval()
             warnings.warn(f"calibrate(rotate='auto') calibrates {type(model).__name__} without rotation: "
