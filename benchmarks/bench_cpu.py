@@ -29,6 +29,9 @@ a 135M model, see DESIGN.md).
                     the rest of the graph op by op, packed ops called directly)
     w2-torch        (not in the default set) as w2 but kernel="torch", the reference that
                     rebuilds the dense weight per call: what the kernel is worth
+    w1-lut8,        (not in the default set) as w1 / w2 with FAIRY2I_CPU_LUT8=1 in the worker's
+    w2-lut8         environment: decode-sized batches run the int8-table path (activations
+                    rounded to 8 bits per token; codegen/cpu_packed.cpp, "lut8")
 
 `--kernels` adds a per-layer table at batch 1 (SmolLM2's shapes): fp32 F.linear, the
 C++ kernel, and the best Inductor decomposition of the same op (the engine the issue
@@ -62,7 +65,7 @@ from results_io import write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu"
 CONFIGS = ("fp32-eager", "fp32-inductor", "w1", "w2", "w2-dense", "w1-decomposed", "w2-decomposed", "w2-eager",
-           "w2-torch")
+           "w2-torch", "w1-lut8", "w2-lut8")
 DEFAULT_CONFIGS = ("fp32-eager", "fp32-inductor", "w1", "w2", "w2-dense", "w1-decomposed", "w2-decomposed",
                    "w2-eager")
 PROMPT = ("The history of the Roman Empire spans more than a thousand years, from the founding of the city "
@@ -116,6 +119,12 @@ def run_config(name: str, args) -> dict:
 
         stages = int(name[1])
         kernel = {"torch": "torch", "decomposed": "inductor"}.get(name.split("-")[-1], "auto")
+        if name.endswith("-lut8"):
+            from fairy2i_compile.compiler.codegen.cpu_packed import cpu_lut8_status
+
+            if cpu_lut8_status() != "on":
+                raise SystemExit(f"{name}: the lut8 path is {cpu_lut8_status()!r} in this worker")
+            row["cpu_path"] = "lut8"
         compiler = "eager" if name.endswith("-eager") else args.ours_compiler
         if not name.endswith("-dense"):  # -dense: packed by the backend at compile time instead
             t0 = time.perf_counter()
@@ -273,6 +282,9 @@ def main(argv=None) -> int:
         cold = tempfile.mkdtemp(prefix=f"bench_cpu_{name}_")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(cold, "inductor"),
                    FAIRY2I_KERNEL_CACHE=os.path.join(cold, "fairy2i"))
+        env.pop("FAIRY2I_CPU_LUT8", None)  # only the -lut8 rows run it
+        if name.endswith("-lut8"):
+            env["FAIRY2I_CPU_LUT8"] = "1"
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         shutil.rmtree(cold, ignore_errors=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/bench_cpu_lut.py                  # ~2 min on 2 cores
 
 Per SmolLM2-135M layer shape, stage count T (1, 2) and thread count (1, 2): the time of one
-call of each path (`cpu_packed.fold_path_forward`, forced to "select" or "lut"; the same
-Python and ctypes overhead on both), the median of 7 repeats of a timed loop, with the layer's
-codes hot in cache. Beside it the bytes floor: the layer's code bytes / the read bandwidth
+call of each path the CPU has (`cpu_packed.fold_path_forward` forced to "select" or, with
+AVX-512, "lut"; with AVX2, `cpu_packed.lut8_forward` on its prebuilt transposed codes, "lut8":
+int8 tables, activations rounded to 8 bits; the same Python and ctypes overhead on all), the
+median of 7 repeats of a timed loop, with the layer's codes hot in cache. The lut8 column's
+error: its relative rms deviation from the select path on that layer's random activations. Beside it the bytes floor: the layer's code bytes / the read bandwidth
 measured in the same run (torch.sum over 256 MiB, same threads). Then a whole decode step's
 worth of layers (SmolLM2's 211 linears, each its own codes, 32 MiB at T = 2: not all hot)
 called in order, both paths interleaved, 12 passes each.
@@ -73,9 +75,18 @@ def main(argv=None) -> int:
     p.add_argument("--notes", default="")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if cpu_packed.cpu_lut_status() not in ("lut", "off"):
-        raise SystemExit(f"the LUT path is not available here ({cpu_packed.cpu_lut_status()}): it needs AVX-512")
-    fwd = cpu_packed.fold_path_forward
+    paths = ["select"] + (["lut"] if cpu_packed.cpu_lut_status() in ("lut", "off") else []) \
+        + (["lut8"] if cpu_packed.cpu_lut8_status() in ("on", "off") else [])
+    if len(paths) == 1:
+        raise SystemExit(f"no table-lookup path here (lut: {cpu_packed.cpu_lut_status()}, "
+                         f"lut8: {cpu_packed.cpu_lut8_status()}): they need AVX-512 / AVX2")
+
+    def caller(path, x, codes, scales, m):
+        if path == "lut8":
+            layout = cpu_packed.lut8_layout(codes)
+            return lambda: cpu_packed.lut8_forward(x, codes, scales, None, m, layout)
+        return lambda: cpu_packed.fold_path_forward(x, codes, scales, None, m, path)
+
     rows, passes, bw = [], [], {}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -85,12 +96,15 @@ def main(argv=None) -> int:
                 pk = packed(out_f, in_f, stages)
                 x = torch.randn(1, in_f)
                 reps = 20 if out_f > 10000 else 300
-                t = {path: per_call_s(lambda: fwd(x, pk.codes, pk.scales, None, pk.m, path), reps)
-                     for path in ("select", "lut")}
+                t = {path: per_call_s(caller(path, x, pk.codes, pk.scales, pk.m), reps) for path in paths}
                 code_bytes = out_f * in_f * stages / 8  # 2 bits per complex code, 2T planes, n*m = out*in/4 codes
                 floor = code_bytes / (bw[threads] * 1e9)
                 rows.append({"threads": threads, "shape": [out_f, in_f], "stages": stages, "code_bytes": code_bytes,
-                             "select_us": t["select"] * 1e6, "lut_us": t["lut"] * 1e6, "floor_us": floor * 1e6})
+                             **{f"{path}_us": t[path] * 1e6 for path in paths}, "floor_us": floor * 1e6})
+                if "lut8" in paths:
+                    want = caller("select", x, pk.codes, pk.scales, pk.m)()
+                    rows[-1]["lut8_rel_rms"] = float((caller("lut8", x, pk.codes, pk.scales, pk.m)() - want).norm()
+                                                     / want.norm())
                 print(rows[-1], flush=True)
         for stages in (1, 2):
             cache, layers = {}, []
@@ -100,12 +114,14 @@ def main(argv=None) -> int:
                 pk = cache[s]
                 layers.append((pk.codes.clone(), pk.scales.clone(), pk.m, s[1]))
             xs = {576: torch.randn(1, 576), 1536: torch.randn(1, 1536)}
-            res = {"select": [], "lut": []}
+            calls = {path: [caller(path, xs[in_f], codes, scales, m) for codes, scales, m, in_f in layers]
+                     for path in paths}
+            res = {path: [] for path in paths}
             for i in range(14):
                 for path in res:
                     t0 = time.perf_counter()
-                    for codes, scales, m, in_f in layers:
-                        fwd(xs[in_f], codes, scales, None, m, path)
+                    for call in calls[path]:
+                        call()
                     if i >= 2:
                         res[path].append(time.perf_counter() - t0)
             nbytes = sum(c.numel() * 4 for c, *_ in layers)
@@ -116,21 +132,29 @@ def main(argv=None) -> int:
     result = {"command": "python benchmarks/bench_cpu_lut.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})",
               "torch": torch.__version__, "bandwidth_gbs": bw, "layers": rows, "passes": passes, "notes": args.notes}
-    md = ["# Packed CPU kernel at batch 1: LUT against selects, SmolLM2-135M shapes", "",
+    fast = paths[1:]
+    md = ["# Packed CPU kernel at batch 1: table lookups against selects, SmolLM2-135M shapes", "",
           f"Command: `{result['command']}`  ", f"Machine: {result['machine']}, torch {result['torch']}. "
           "Read bandwidth (torch.sum over 256 MiB): " + ", ".join(f"{t} threads {g:.1f} GB/s" for t, g in bw.items())
           + ". One run; times are medians of 7 timed loops, one call each through the same Python/ctypes path.", "",
-          "| threads | layer (out x in) | T | code KiB | select us | LUT us | LUT speed-up | bytes floor us | LUT / floor |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| threads | layer (out x in) | T | code KiB | select us | "
+          + " | ".join(f"{p} us | {p} speed-up" for p in fast) + " | bytes floor us | "
+          + " | ".join(f"{p} / floor" for p in fast) + (" | lut8 rel. rms error" if "lut8" in fast else "") + " |",
+          "|---|---|---|---|---|" + "---|---|" * len(fast) + "---|" + "---|" * len(fast) + ("---|" if "lut8" in fast else "")]
     for r in rows:
         md.append(f"| {r['threads']} | {r['shape'][0]} x {r['shape'][1]} | {r['stages']} | {r['code_bytes'] / 1024:.0f} | "
-                  f"{r['select_us']:.1f} | {r['lut_us']:.1f} | {r['select_us'] / r['lut_us']:.2f}x | "
-                  f"{r['floor_us']:.1f} | {r['lut_us'] / r['floor_us']:.1f}x |")
+                  f"{r['select_us']:.1f} | "
+                  + " | ".join(f"{r[p + '_us']:.1f} | {r['select_us'] / r[p + '_us']:.2f}x" for p in fast)
+                  + f" | {r['floor_us']:.1f} | " + " | ".join(f"{r[p + '_us'] / r['floor_us']:.1f}x" for p in fast)
+                  + (f" | {r['lut8_rel_rms']:.2e}" if "lut8" in fast else "") + " |")
     md += ["", "## A decode step's layers (211 calls, each layer its own codes)", "",
-           "| threads | T | codes | select ms | LUT ms | speed-up | bytes floor ms | LUT / floor |", "|---|---|---|---|---|---|---|---|"]
+           "| threads | T | codes | select ms | " + " | ".join(f"{p} ms | speed-up" for p in fast)
+           + " | bytes floor ms | " + " | ".join(f"{p} / floor" for p in fast) + " |",
+           "|---|---|---|---|" + "---|---|" * len(fast) + "---|" + "---|" * len(fast)]
     for r in passes:
-        md.append(f"| {r['threads']} | {r['stages']} | {r['code_mib']:.1f} MiB | {r['select_ms']:.2f} | {r['lut_ms']:.2f} | "
-                  f"{r['select_ms'] / r['lut_ms']:.2f}x | {r['floor_ms']:.2f} | {r['lut_ms'] / r['floor_ms']:.1f}x |")
+        md.append(f"| {r['threads']} | {r['stages']} | {r['code_mib']:.1f} MiB | {r['select_ms']:.2f} | "
+                  + " | ".join(f"{r[p + '_ms']:.2f} | {r['select_ms'] / r[p + '_ms']:.2f}x" for p in fast)
+                  + f" | {r['floor_ms']:.2f} | " + " | ".join(f"{r[p + '_ms'] / r['floor_ms']:.1f}x" for p in fast) + " |")
     if args.notes:
         md += ["", "## Notes", "", args.notes]
     write_results(args.out, result, "\n".join(md) + "\n", indent=2)

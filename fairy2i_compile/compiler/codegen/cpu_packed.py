@@ -36,6 +36,17 @@ library was compiled with AVX-512 (cpu_lut_status; FAIRY2I_CPU_LUT=0 keeps the s
 16 entries with one register permute. Per layer shape, thread count and the select path's
 times: benchmarks/results/bench_cpu_lut.md.
 
+`FAIRY2I_CPU_LUT8=1` (opt-in; CPUs with AVX2; cpu_lut8_status) sends batches of up to
+LUT8_MAX_TOKENS tokens with tensor or row scales through the C++ op to the int8-table path
+(T-MAC style): per token and plane the scaled activations are rounded to 8 bits, two complex
+columns' 16 possible sums become byte tables, and 32 output rows look theirs up with one byte
+shuffle (vpshufb) per table, summed in int16; the codes are read from a transposed copy that
+the op makes on first use and keeps while the codes live (as many bytes again as the codes).
+It is off by default because it is not exact: |y - y_exact| <= lut8_error_bound (worst case),
+about 0.5-1% of |y| in relative rms on Gaussian activations. Only the C++ op takes it (the
+ctypes path has nowhere to keep the transposed copy); lut8_forward runs it for tests and
+benchmarks.
+
 Activations in bf16/fp16 are converted to float32 for the kernel and the result
 converted back (the kernel accumulates in float32 either way).
 """
@@ -72,14 +83,19 @@ __all__ = [
     "build_cpu_op",
     "cpu_op_available",
     "cpu_lut_status",
+    "cpu_lut8_status",
+    "lut8_forward",
+    "lut8_layout",
+    "lut8_error_bound",
     "fold_path_forward",
 ]
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
 OP_SOURCE = pathlib.Path(__file__).with_name("cpu_packed_op.cpp")
-ABI_VERSION = 5
+ABI_VERSION = 6
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
 LUT_MAX_TOKENS = 16          # tensor scales: the LUT path up to here (measured: beats 4-row decode to 16 tokens, not at 32)
+LUT8_MAX_TOKENS = 4          # the opt-in int8-table path (FAIRY2I_CPU_LUT8=1) up to here: the fold path's batches
 GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -205,7 +221,7 @@ def _op_flags() -> list:
         *_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-DFAIRY2I_FOLD_MAX_TOKENS={FOLD_MAX_TOKENS}", f"-DFAIRY2I_GEMM_MIN_TOKENS={GEMM_MIN_TOKENS}",
-        f"-DFAIRY2I_LUT_MAX_TOKENS={LUT_MAX_TOKENS}",
+        f"-DFAIRY2I_LUT_MAX_TOKENS={LUT_MAX_TOKENS}", f"-DFAIRY2I_LUT8_MAX_TOKENS={LUT8_MAX_TOKENS}",
         f"-DFAIRY2I_BLOCK_BYTES={_BLOCK_BYTES}", f"-DFAIRY2I_TORCH_VERSION={torch.__version__!r}",
         f"-I{SOURCE.parent}", *(f"-I{d}" for d in cpp_extension.include_paths()),
     ]
@@ -259,6 +275,13 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
             dec.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
             dec.restype = None
             lib.fairy2i_cpu_lut.restype = ctypes.c_int
+            lib.fairy2i_cpu_lut8.restype = ctypes.c_int
+            lib.fairy2i_lut8_layout_bytes.argtypes = [i64, i64, i64]
+            lib.fairy2i_lut8_layout_bytes.restype = i64
+            lib.fairy2i_lut8_layout.argtypes = [ptr, i64, i64, i64, ptr]
+            lib.fairy2i_lut8_layout.restype = None
+            lib.fairy2i_lut8_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+            lib.fairy2i_lut8_linear.restype = ctypes.c_int
             _LIB, _LIB_PATH, _FN, _DECODE_ROWS = lib, path, fn, dec
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             _ERROR = str(e)
@@ -324,6 +347,75 @@ def cpu_lut_status() -> str:
     if lib is None:
         return "unavailable"
     return {0: "absent", 1: "off", 2: "lut"}[lib.fairy2i_cpu_lut()]
+
+
+def cpu_lut8_status() -> str:
+    """Whether the int8-table path runs decode-sized batches with tensor scales: "on"
+    (FAIRY2I_CPU_LUT8=1 and the CPU has AVX2; compiled graphs and PackedLinear's eager calls
+    through the C++ op take it), "off" (compiled in, not switched on: the default, since it
+    rounds the activations to 8 bits), "absent" (no AVX2) or "unavailable" (no C++ kernel)."""
+    lib, _ = _load()
+    if lib is None:
+        return "unavailable"
+    return {0: "absent", 1: "off", 2: "on"}[lib.fairy2i_cpu_lut8()]
+
+
+def lut8_layout(codes: Tensor) -> Tensor:
+    """The lut8 path's transposed copy of codes [P, n, KW] (uint8, the same bytes rounded up to
+    32-row blocks; cpu_packed.cpp, fairy2i_lut8_layout)."""
+    if cpu_lut8_status() not in ("on", "off"):
+        raise RuntimeError(f"the lut8 path is not compiled into this CPU kernel ({cpu_lut8_status()}): it needs AVX2")
+    if codes.dim() != 3 or codes.dtype != torch.int32:
+        raise ValueError(f"lut8_layout: codes must be int32 [P, n, KW], got {codes.dtype} {tuple(codes.shape)}")
+    codes = codes.contiguous()
+    P, n, kw = codes.shape
+    layout = torch.empty(_LIB.fairy2i_lut8_layout_bytes(P, n, kw), dtype=torch.uint8)
+    _LIB.fairy2i_lut8_layout(codes.data_ptr(), P, n, kw, layout.data_ptr())
+    return layout
+
+
+def lut8_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor], m: int,
+                 layout: Optional[Tensor] = None) -> Tensor:
+    """The int8-table (lut8) path, whether switched on or not, for tensor or row scales: x [M, 2m]
+    float32, contiguous -> y [M, 2n] float32. For the tests and benchmarks; models reach it through
+    the C++ op with FAIRY2I_CPU_LUT8=1, which keeps each layer's transposed codes between calls;
+    here they are `layout` (from :func:`lut8_layout` of these codes) or built in this call.
+
+    Activations are rounded per token and plane to multiples of sigma = max(|s_re|, |s_im|) *
+    max|x| / 127 (the row's scales for row scales), so |y - y_exact| <= m / 2 * (sum of the
+    planes' sigma) per output (:func:`lut8_error_bound`; cpu_packed.cpp). ValueError for NaN/Inf
+    activations (the integer tables cannot carry them)."""
+    if cpu_lut8_status() not in ("on", "off"):
+        raise RuntimeError(f"the lut8 path is not compiled into this CPU kernel ({cpu_lut8_status()}): it needs AVX2")
+    if x.dim() != 2 or x.dtype is not _F32 or not x.is_contiguous() or x.shape[1] != 2 * m:
+        raise ValueError(f"lut8_forward: x must be contiguous float32 [M, 2m = {2 * m}], got {x.dtype} {tuple(x.shape)}")
+    P, n, kw = codes.shape
+    if scales.shape[3] != 1 or scales.shape[2] not in (1, n):
+        raise ValueError(f"lut8_forward: tensor or row scales only, got scales of shape {tuple(scales.shape)}")
+    if layout is None:
+        layout = lut8_layout(codes)
+    elif layout.dtype != torch.uint8 or layout.numel() != _LIB.fairy2i_lut8_layout_bytes(P, n, kw):
+        raise ValueError(f"lut8_forward: layout must be lut8_layout(codes) (uint8, "
+                         f"{_LIB.fairy2i_lut8_layout_bytes(P, n, kw)} bytes), got {layout.dtype} {layout.numel()}")
+    scales = scales.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    y = torch.zeros((x.shape[0], 2 * n), dtype=_F32)
+    if x.shape[0] and not _LIB.fairy2i_lut8_linear(x.data_ptr(), x.shape[0], m, layout.data_ptr(), P, n, kw,
+                                                   scales.data_ptr(), scales.shape[2],
+                                                   None if bias is None else bias.data_ptr(),
+                                                   y.data_ptr(), torch.get_num_threads()):
+        raise ValueError("lut8_forward: the activations hold NaN or Inf; the lut8 path refuses them "
+                         "(the op falls back to the float32 fold path)")
+    return y
+
+
+def lut8_error_bound(x: Tensor, scales: Tensor, m: int) -> Tensor:
+    """The lut8 path's worst-case |y - y_exact|, [M, 2n] (or [M, 1] for tensor scales, which is
+    the same for every output): m / 2 * max|x_token| / 127 * the sum over planes of
+    max(|s_re|, |s_im|) of the output's complex row (scales [P, 2, n_s, 1], n_s = 1 or n)."""
+    s = scales.float()[..., 0].abs().amax(1).sum(0)  # [n_s]
+    per_output = torch.cat([s, s]) if s.numel() > 1 else s  # Re rows then Im rows
+    return m / 2 / 127 * x.float().abs().amax(-1, keepdim=True) * per_output[None, :]
 
 
 _FOLD_PATHS = {"auto": 1, "select": 2, "lut": 3}

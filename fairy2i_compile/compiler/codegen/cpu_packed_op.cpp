@@ -14,6 +14,9 @@
 // The op's schema, its fake implementation and a Python fallback (the same kernel through
 // ctypes) live in ops/packed.py and ops/ptq_packed.py; this file only adds the CPU kernel. It computes exactly
 // what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
+//   M <= lut8_max_tokens, tensor or row scales, FAIRY2I_CPU_LUT8=1 (AVX2): fairy2i_lut8_linear on a
+//                         cached transposed copy of the codes (lut8_layout_for); here only, since
+//                         the copy needs a cache that outlives the call;
 //   M <  gemm_min_tokens: fairy2i_packed_linear (fold when M <= fold_max_tokens, for tensor,
 //                         row and word-aligned group scales; LUT for tensor scales up to
 //                         lut_max_tokens; else 4-row decode + dot products);
@@ -38,13 +41,54 @@
 namespace {
 
 #if !defined(FAIRY2I_FOLD_MAX_TOKENS) || !defined(FAIRY2I_GEMM_MIN_TOKENS) || !defined(FAIRY2I_BLOCK_BYTES) || \
-    !defined(FAIRY2I_LUT_MAX_TOKENS)
+    !defined(FAIRY2I_LUT_MAX_TOKENS) || !defined(FAIRY2I_LUT8_MAX_TOKENS)
 #error "build through fairy2i_compile.codegen.cpu_packed, which defines the thresholds"
 #endif
 constexpr int64_t g_fold_max_tokens = FAIRY2I_FOLD_MAX_TOKENS;
 constexpr int64_t g_gemm_min_tokens = FAIRY2I_GEMM_MIN_TOKENS;
 constexpr int64_t g_lut_max_tokens = FAIRY2I_LUT_MAX_TOKENS;
+constexpr int64_t g_lut8_max_tokens = FAIRY2I_LUT8_MAX_TOKENS;
 constexpr int64_t g_block_bytes = FAIRY2I_BLOCK_BYTES;
+
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+// The lut8 path's transposed copy of a codes tensor (cpu_packed.cpp, fairy2i_lut8_layout), made
+// on the first lut8 call with those codes and kept while they live. Keyed by the codes'
+// TensorImpl and checked against a WEAK reference to it, its data pointer, _version and shape, so
+// an in-place update (PackedLinear.load_packed), a freed tensor or a new one at the same address
+// rebuilds the copy instead of reading a stale one; entries whose codes are gone are dropped at
+// the next build. Inference tensors (no version counter) never take the path.
+struct Lut8Entry {
+  WeakTensor codes;
+  const void* ptr;
+  int64_t version;
+  std::vector<int64_t> sizes;
+  at::Tensor layout;
+};
+
+std::mutex g_lut8_mutex;
+std::unordered_map<const c10::TensorImpl*, Lut8Entry> g_lut8;
+
+at::Tensor lut8_layout_for(const at::Tensor& codes) {
+  std::lock_guard<std::mutex> lock(g_lut8_mutex);
+  const c10::TensorImpl* impl = codes.unsafeGetTensorImpl();
+  auto it = g_lut8.find(impl);
+  if (it != g_lut8.end()) {
+    const Lut8Entry& e = it->second;
+    auto alive = e.codes.lock();
+    if (alive.defined() && alive.get() == impl && e.ptr == codes.data_ptr() && e.version == codes._version() &&
+        codes.sizes() == e.sizes)
+      return e.layout;
+  }
+  for (auto jt = g_lut8.begin(); jt != g_lut8.end();)
+    jt = jt->second.codes.expired() ? g_lut8.erase(jt) : std::next(jt);
+  const int64_t P = codes.size(0), n = codes.size(1), KW = codes.size(2);
+  at::Tensor layout = at::empty({fairy2i_lut8_layout_bytes(P, n, KW)}, codes.options().dtype(at::kByte));
+  fairy2i_lut8_layout(codes.data_ptr<int32_t>(), P, n, KW, layout.data_ptr<uint8_t>());
+  g_lut8.insert_or_assign(impl, Lut8Entry{WeakTensor(codes.getIntrusivePtr()), codes.data_ptr(), codes._version(),
+                                          codes.sizes().vec(), layout});
+  return layout;
+}
 
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, const at::Tensor& scales_in,
                              const std::optional<at::Tensor>& bias_in, int64_t m, int64_t group_size) {
@@ -86,6 +130,13 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
     y = y.view(out_shape);
   } else {
     y = at::empty(out_shape, xf.options());
+    // lut8 (opt-in): tensor or row scales, decode-sized batches, codes that can key the layout cache
+    if (M > 0 && M <= g_lut8_max_tokens && (n_s == 1 || n_s == n) && G == 1 && lut8_enabled() &&
+        codes_in.is_contiguous() && !codes_in.is_inference() &&
+        fairy2i_lut8_linear(xf.data_ptr<float>(), M, m, lut8_layout_for(codes_in).data_ptr<uint8_t>(), P, n, KW,
+                            scales.data_ptr<float>(), n_s, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                            y.data_ptr<float>(), nthreads))
+      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
     if (M > 0)
       fairy2i_packed_linear(xf.data_ptr<float>(), M, m, codes.data_ptr<int32_t>(), P, n, KW,
                             scales.data_ptr<float>(), n_s, G, group_size,
@@ -94,8 +145,6 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
-
-using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
 struct PtqEntry {
   const void* ptr;
