@@ -48,7 +48,7 @@ def check_within_bound(x, pk, bias=None):
 @pytest.mark.parametrize("tokens", [1, 2, 4])
 def test_lut8_within_its_error_bound(granularity, stages, tokens):
     """Row counts around the 32-row blocks (1, 31, 32, 33, 100 complex rows), widths with a partial
-    last code word and past one 64-pair int16 run (m = 1, 23, 75, 150, 300), bias or none."""
+    last code word and activation block (m = 1, 23, 75, 150, 300), bias or none."""
     for i, (out_f, in_f) in enumerate(((2, 2), (62, 46), (64, 150), (66, 300), (200, 600))):
         pk = packed(out_f, in_f, stages, seed=stages * 100 + tokens * 10 + i, granularity=granularity)
         x = torch.randn(tokens, in_f)
@@ -83,9 +83,9 @@ def test_lut8_laws_odd_and_power_of_two_scaling(n, m, stages, k, granularity, se
 @needs_lut8
 def test_lut8_int16_sums_at_their_largest_are_exact():
     """Every activation at max|x| and every code +1 on both planes' real axis: each table entry is
-    +-254 (the largest), each int16 run sums 64 of them (16256 of 32767), and the rounding is exact
-    (|s_re a| / sigma = 127), so lut8 equals the reference to float32 rounding; an int16 run past
-    129 pairs would wrap and miss by thousands of sigma."""
+    +-254 (the largest), each int16 run sums a block's 16 of them, and the rounding is exact
+    (|s_re a| / sigma = 127), so lut8 equals the reference to float32 rounding over m = 700
+    columns (22 blocks); an int16 run over more than 129 pairs would wrap and miss by thousands."""
     n, m, stages = 40, 700, 1
     codes = torch.zeros((2 * stages, n, m), dtype=torch.uint8)  # code 0 = +1
     scales = torch.tensor([0.5, 0.25, 0.5, 0.25], dtype=torch.float32).reshape(2 * stages, 2, 1, 1)

@@ -32,19 +32,19 @@
 //         the select path's, so results agree with it to float32 rounding, not bit for bit.
 //  lut8   (opt-in, FAIRY2I_CPU_LUT8=1; tensor or row scales, up to LUT8_MAX_TOKENS tokens, CPUs
 //         with AVX2; T-MAC-style byte lookups): the same 16-entry tables per column pair, but of
-//         integers: per token and plane the scaled activations are rounded to multiples of
-//         sigma = max(|s_re|, |s_im|) * max|x| / 127 (int8, as llama.cpp's Q8 activations), each
-//         entry (a sum of two of them, |e| <= 254) stored as an int16 split into a low-byte and a
-//         high-byte table of 16 bytes. 32 output rows look theirs up with one byte shuffle
-//         (vpshufb) per table, the two bytes are interleaved back into int16 and summed in int16
-//         (64 column pairs at most, then widened to int32), one float multiply by sigma per
-//         plane and output at the end. The codes are read from a transposed copy
-//         (fairy2i_lut8_layout: byte i of a 32-byte line holds 4 columns of row 32b + i, so one
-//         line is the index vector of 32 rows for 2 column pairs). Per 32 rows x 2 columns: 4
-//         shuffles, 4 unpacks, 4 adds (row scales: twice that, lut8_block_rows). Error: every
-//         activation term is off by at most sigma / 2 (sigma as above, with the row's scales for
-//         row scales), so |y - y_exact| <= m / 2 * sum over planes of sigma (worst case; about
-//         0.5-1% of |y| in relative rms on Gaussian activations). Non-finite activations are
+//         integers: per token, plane and block of 32 complex columns the scaled activations are
+//         rounded to multiples of sigma = max(|s_re|, |s_im|) * max|x over the block| / 127 (int8
+//         with a scale per block of activations, as llama.cpp's Q8_0), each entry (a sum of two
+//         of them, |e| <= 254) stored as an int16 split into a low-byte and a high-byte table of
+//         16 bytes. 32 output rows look theirs up with one byte shuffle (vpshufb) per table, the
+//         two bytes are interleaved back into int16 and summed in int16 over the block, then
+//         widened and multiplied by the block's sigma (one float FMA per output and block). The
+//         codes are read from a transposed copy (fairy2i_lut8_layout: byte i of a 32-byte line
+//         holds 4 columns of row 32b + i, so one line is the index vector of 32 rows for 2 column
+//         pairs). Per 32 rows x 2 columns: 4 shuffles, 4 unpacks, 4 adds (row scales: twice that,
+//         lut8_block_rows). Error: every activation term is off by at most its block's sigma / 2
+//         (the row's scales for row scales), so |y - y_exact| <= the sum over planes and columns
+//         of sigma / 2 (worst case; cpu_packed.lut8_error_bound). Non-finite activations are
 //         refused (the caller falls back to the fold path).
 //  decode (any scales, a few tokens): rebuild one block of 4 complex rows of A_hat (as the
 //         8 real rows [A11 | A12] and [A21 | A22], each 2m long) in a thread-local buffer
@@ -374,39 +374,55 @@ static void lut8_layout(const int32_t* codes, int64_t P, int64_t n, int64_t KW, 
         }
 }
 
-// max |x| over a token's 2m activations, or -1 when one of them is NaN or Inf.
-static float lut8_xmax(const float* x, int64_t m) {
-  float xmax = 0.f;
+#ifndef LUT8_BLOCK_WORDS
+#define LUT8_BLOCK_WORDS 2  // code words (16 complex columns each) per activation block of the lut8 path
+#endif
+static constexpr int64_t kLut8Cols = 16 * LUT8_BLOCK_WORDS;  // complex columns per block: one sigma each
+
+// Per block of kLut8Cols complex columns c (real activations x[c] and x[m + c]): the largest |x|,
+// into xmax[ceil(KW / LUT8_BLOCK_WORDS)] (0 for padding); false when one of them is NaN or Inf.
+static bool lut8_xmax(const float* x, int64_t m, int64_t KW, float* xmax) {
+  const int64_t nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
   bool finite = true;
-  for (int64_t c = 0; c < 2 * m; ++c) {
-    const float v = std::fabs(x[c]);
-    finite &= v <= 3.4028235e38f;  // false for NaN and Inf
-    xmax = v > xmax ? v : xmax;
+  for (int64_t k = 0; k < nblk; ++k) {
+    float v = 0.f;
+    for (int64_t c = k * kLut8Cols; c < std::min<int64_t>(m, (k + 1) * kLut8Cols); ++c) {
+      const float a = std::fabs(x[c]), b = std::fabs(x[m + c]);
+      finite &= a <= 3.4028235e38f && b <= 3.4028235e38f;  // false for NaN and Inf
+      v = std::max(v, std::max(a, b));
+    }
+    xmax[k] = v;
   }
-  return finite ? xmax : -1.f;
+  return finite;
 }
 
 // Tables of one token and plane: tab[q * 64 + {0: Re low bytes, 16: Re high bytes, 32: Im low,
 // 48: Im high} + e], entry e = k0 + 4 k1 for the codes k0, k1 of columns 2q, 2q + 1. With
 // b' = b (U planes) or -b (W planes, conj), code k of a column contributes {A, B, -A, -B}[k] to
 // Re y with (A, B) = (s_re a, -s_im b') and {C, D, -C, -D}[k] to Im y with (C, D) = (s_re b',
-// s_im a) (the fold path's vectors), here rounded to integers in units of sigma, so that
-// |A|, |B|, |C|, |D| <= 127 and every entry fits in int16. quads: scratch of 8 int16 per padded
-// column, [A, B, -A, -B] (Re part) at quads[4c], [C, D, -C, -D] (Im part) at quads[4 (mp + c)].
-static void lut8_tables(const float* x, int64_t m, int64_t KW, float xmax, float s_re, float s_im,
+// s_im a) (the fold path's vectors), here rounded to integers in units of the column's block's
+// sigma[k] = max(|s_re|, |s_im|) * xmax[k] / 127, so |A|, |B|, |C|, |D| <= 127 and every entry
+// fits in int16. quads: scratch of 8 int16 per padded column, [A, B, -A, -B] (Re part) at
+// quads[4c], [C, D, -C, -D] (Im part) at quads[4 (mp + c)].
+static void lut8_tables(const float* x, int64_t m, int64_t KW, const float* xmax, float s_re, float s_im,
                         bool conj_plane, int8_t* tab, float* sigma, int16_t* quads) {
   const int64_t mp = KW * 16, pairs = mp / 2;
-  const float sg = std::max(std::fabs(s_re), std::fabs(s_im)) * xmax / 127.f;
-  *sigma = sg;
-  const float inv = sg > 0.f ? 1.f / sg : 0.f;
-  // _mm_cvtps_epi32 rounds to nearest, ties to even (the default MXCSR mode)
-  const __m128 kre = _mm_set1_ps(s_re * inv), kim = _mm_set1_ps(s_im * inv), kimn = _mm_set1_ps(-s_im * inv);
+  const float smax = std::max(std::fabs(s_re), std::fabs(s_im));
   const __m128 kcj = _mm_set1_ps(conj_plane ? -1.f : 1.f);
   const __m128i pairs16 = _mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);  // [u0 v0 u1 v1 ..]
   const __m128i zero = _mm_setzero_si128();
   int16_t* qre = quads;
   int16_t* qim = quads + 4 * mp;
+  __m128 kre = _mm_setzero_ps(), kim = kre, kimn = kre;
   for (int64_t c = 0; c < mp; c += 4) {
+    if (c % kLut8Cols == 0) {  // a new block: its sigma; _mm_cvtps_epi32 rounds to nearest, ties to even
+      const float sg = smax * xmax[c / kLut8Cols] / 127.f;
+      sigma[c / kLut8Cols] = sg;
+      const float inv = sg > 0.f ? 1.f / sg : 0.f;
+      kre = _mm_set1_ps(s_re * inv);
+      kim = _mm_set1_ps(s_im * inv);
+      kimn = _mm_set1_ps(-s_im * inv);
+    }
     __m128 a, b;
     if (c + 4 <= m) {
       a = _mm_loadu_ps(x + c);
@@ -448,53 +464,54 @@ static void lut8_tables(const float* x, int64_t m, int64_t KW, float xmax, float
   }
 }
 
-// Rows 32 b .. 32 b + 31 of token t: y[t, j] and y[t, n + j].
+// The lookups of one pair of column pairs (one 32-byte line v of the layout) from one table
+// (64 bytes: Re low/high, Im low/high at t) into int16 sums: r[0] rows 0-7 | 16-23 and r[1]
+// rows 8-15 | 24-31 of Re, i[0] / i[1] of Im.
+static inline void lut8_lookup(__m256i idx, const int8_t* t, __m256i* r, __m256i* i) {
+  const __m256i trl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t));
+  const __m256i trh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 16)));
+  const __m256i til = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 32)));
+  const __m256i tih = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 48)));
+  const __m256i l_r = _mm256_shuffle_epi8(trl, idx), h_r = _mm256_shuffle_epi8(trh, idx);
+  const __m256i l_i = _mm256_shuffle_epi8(til, idx), h_i = _mm256_shuffle_epi8(tih, idx);
+  r[0] = _mm256_add_epi16(r[0], _mm256_unpacklo_epi8(l_r, h_r));
+  r[1] = _mm256_add_epi16(r[1], _mm256_unpackhi_epi8(l_r, h_r));
+  i[0] = _mm256_add_epi16(i[0], _mm256_unpacklo_epi8(l_i, h_i));
+  i[1] = _mm256_add_epi16(i[1], _mm256_unpackhi_epi8(l_i, h_i));
+}
+
+// dst[32] (rows of a 32-row block) += sg * the int16 sums acc[0] (rows 0-7 | 16-23), acc[1] (8-15 | 24-31).
+static inline void lut8_flush(const __m256i* acc, float sg, float* dst) {
+  static const int first_row[4] = {0, 16, 8, 24};
+  const __m256 s = _mm256_set1_ps(sg);
+  for (int r = 0; r < 2; ++r)
+    for (int half = 0; half < 2; ++half) {
+      const __m128i part = half ? _mm256_extracti128_si256(acc[r], 1) : _mm256_castsi256_si128(acc[r]);
+      float* d = dst + first_row[2 * r + half];
+      _mm256_store_ps(d, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part)), _mm256_load_ps(d)));
+    }
+}
+
+// Rows 32 b .. 32 b + 31 of one token, tensor scales: y[j] and y[n + j]. sigma[p * nblk + k]:
+// the sigma of plane p's block k.
 static void lut8_block(const uint8_t* lt, const int8_t* tab, const float* sigma, int64_t P, int64_t n,
                        int64_t KW, int64_t b, const float* bias, float* y) {
-  const int64_t NB = (n + 31) / 32, pairs = KW * 8;
+  const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
   const __m256i NIB = _mm256_set1_epi8(0x0F);
   alignas(32) float yr[32] = {0}, yi[32] = {0};
   for (int64_t p = 0; p < P; ++p) {
-    __m256i s32[8];
-    for (int i = 0; i < 8; ++i) s32[i] = _mm256_setzero_si256();
     const uint8_t* lp = lt + (p * NB + b) * KW * 128;
     const int8_t* tp = tab + p * pairs * 64;
-    for (int64_t w0 = 0; w0 < KW; w0 += 8) {  // 8 words = 64 column pairs: |int16 sum| <= 64 * 254
-      const int64_t w1 = w0 + 8 < KW ? w0 + 8 : KW;
-      __m256i ra = _mm256_setzero_si256(), rb = ra, ia = ra, ib = ra;
-      for (int64_t w = w0; w < w1; ++w) {
-        for (int k = 0; k < 4; ++k) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(lp + (w * 4 + k) * 32));
-          for (int h = 0; h < 2; ++h) {
-            const __m256i idx = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), NIB) : _mm256_and_si256(v, NIB);
-            const int8_t* t = tp + (w * 8 + 2 * k + h) * 64;
-            const __m256i trl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t));
-            const __m256i trh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 16)));
-            const __m256i til = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 32)));
-            const __m256i tih = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 48)));
-            const __m256i l_r = _mm256_shuffle_epi8(trl, idx), h_r = _mm256_shuffle_epi8(trh, idx);
-            const __m256i l_i = _mm256_shuffle_epi8(til, idx), h_i = _mm256_shuffle_epi8(tih, idx);
-            ra = _mm256_add_epi16(ra, _mm256_unpacklo_epi8(l_r, h_r));  // rows 0-7 | 16-23
-            rb = _mm256_add_epi16(rb, _mm256_unpackhi_epi8(l_r, h_r));  // rows 8-15 | 24-31
-            ia = _mm256_add_epi16(ia, _mm256_unpacklo_epi8(l_i, h_i));
-            ib = _mm256_add_epi16(ib, _mm256_unpackhi_epi8(l_i, h_i));
-          }
+    for (int64_t k = 0; k < nblk; ++k) {  // |int16 sum| <= 8 * LUT8_BLOCK_WORDS * 254
+      __m256i r[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, i[2] = {r[0], r[1]};
+      for (int64_t w = k * LUT8_BLOCK_WORDS; w < std::min<int64_t>(KW, (k + 1) * LUT8_BLOCK_WORDS); ++w)
+        for (int kb = 0; kb < 4; ++kb) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(lp + (w * 4 + kb) * 32));
+          lut8_lookup(_mm256_and_si256(v, NIB), tp + (w * 8 + 2 * kb) * 64, r, i);
+          lut8_lookup(_mm256_and_si256(_mm256_srli_epi16(v, 4), NIB), tp + (w * 8 + 2 * kb + 1) * 64, r, i);
         }
-      }
-      const __m256i src[4] = {ra, rb, ia, ib};
-      for (int s = 0; s < 4; ++s) {
-        s32[2 * s] = _mm256_add_epi32(s32[2 * s], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(src[s])));
-        s32[2 * s + 1] = _mm256_add_epi32(s32[2 * s + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(src[s], 1)));
-      }
-    }
-    const __m256 sg = _mm256_set1_ps(sigma[p]);
-    // s32[0]: Re rows 0-7, [1]: 16-23, [2]: 8-15, [3]: 24-31; s32[4..7]: Im likewise
-    static const int first_row[4] = {0, 16, 8, 24};
-    for (int s = 0; s < 4; ++s) {
-      float* dr = yr + first_row[s];
-      float* di = yi + first_row[s];
-      _mm256_store_ps(dr, _mm256_fmadd_ps(sg, _mm256_cvtepi32_ps(s32[s]), _mm256_load_ps(dr)));
-      _mm256_store_ps(di, _mm256_fmadd_ps(sg, _mm256_cvtepi32_ps(s32[4 + s]), _mm256_load_ps(di)));
+      lut8_flush(r, sigma[p * nblk + k], yr);
+      lut8_flush(i, sigma[p * nblk + k], yi);
     }
   }
   for (int i = 0; i < 32 && 32 * b + i < n; ++i) {
@@ -507,57 +524,42 @@ static void lut8_block(const uint8_t* lt, const int8_t* tab, const float* sigma,
 // Row scales (n_s = n): the scale differs per output row, so it cannot be folded into the
 // tables. Each plane then has two tables per token (lut8_tables with (s_re, s_im) = (1, 0) and
 // (0, 1)): tab1 holds the +-1-coded terms {a, 0, -a, 0}[k] (Re) and {b', 0, -b', 0}[k] (Im),
-// tabi the +-i-coded ones {0, -b', 0, b'}[k] and {0, a, 0, -a}[k]; the block sums the four
-// lookups apart and multiplies them by the row's s_re / s_im once per plane:
-// Re y += sigma (s_re * sum1 + s_im * sumi), likewise Im. Twice the lookups of the tensor path.
+// tabi the +-i-coded ones {0, -b', 0, b'}[k] and {0, a, 0, -a}[k]; the block sums the two kinds
+// apart and multiplies them by the row's s_re / s_im once per plane:
+// Re y += s_re * sum1 + s_im * sumi, likewise Im. Twice the lookups of the tensor path.
+// sigma[p * nblk + k]: plane p's block k (both tables of a plane share it).
 static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* sigma, const float* scales,
                             int64_t P, int64_t n, int64_t KW, int64_t b, const float* bias, float* y) {
-  const int64_t NB = (n + 31) / 32, pairs = KW * 8;
+  const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
   const __m256i NIB = _mm256_set1_epi8(0x0F);
   alignas(32) float yr[32] = {0}, yi[32] = {0};
-  alignas(32) int32_t s32[4][32];  // [Re 1-coded, Re i-coded, Im 1-coded, Im i-coded][row in block]
-  static const int first_row[4] = {0, 16, 8, 24};  // rows of the 4 int32 quarters of an unpacked pair
+  alignas(32) float f[4][32];  // [Re 1-coded, Re i-coded, Im 1-coded, Im i-coded][row in block], sigma applied
   for (int64_t p = 0; p < P; ++p) {
-    std::memset(s32, 0, sizeof s32);
+    std::memset(f, 0, sizeof f);
     const uint8_t* lp = lt + (p * NB + b) * KW * 128;
     const int8_t* t1 = tab + (2 * p) * pairs * 64;
     const int8_t* ti = tab + (2 * p + 1) * pairs * 64;
-    for (int64_t w0 = 0; w0 < KW; w0 += 8) {  // 64 column pairs per int16 run
-      const int64_t w1 = w0 + 8 < KW ? w0 + 8 : KW;
+    for (int64_t k = 0; k < nblk; ++k) {
       __m256i acc[4][2];
       for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_si256();
-      for (int64_t w = w0; w < w1; ++w) {
-        for (int k = 0; k < 4; ++k) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(lp + (w * 4 + k) * 32));
+      for (int64_t w = k * LUT8_BLOCK_WORDS; w < std::min<int64_t>(KW, (k + 1) * LUT8_BLOCK_WORDS); ++w)
+        for (int kb = 0; kb < 4; ++kb) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(lp + (w * 4 + kb) * 32));
           for (int h = 0; h < 2; ++h) {
             const __m256i idx = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), NIB) : _mm256_and_si256(v, NIB);
-            const int64_t off = (w * 8 + 2 * k + h) * 64;
-            for (int u = 0; u < 4; ++u) {  // u: (Re, Im) x (1-coded, i-coded) -> table half and part
-              const int8_t* t = (u & 1 ? ti : t1) + off + 32 * (u >> 1);
-              const __m256i lo = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t)), idx);
-              const __m256i hi = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(t + 16))), idx);
-              acc[u][0] = _mm256_add_epi16(acc[u][0], _mm256_unpacklo_epi8(lo, hi));  // rows 0-7 | 16-23
-              acc[u][1] = _mm256_add_epi16(acc[u][1], _mm256_unpackhi_epi8(lo, hi));  // rows 8-15 | 24-31
-            }
+            const int64_t off = (w * 8 + 2 * kb + h) * 64;
+            lut8_lookup(idx, t1 + off, acc[0], acc[2]);
+            lut8_lookup(idx, ti + off, acc[1], acc[3]);
           }
         }
-      }
-      for (int u = 0; u < 4; ++u)
-        for (int r = 0; r < 2; ++r)
-          for (int half = 0; half < 2; ++half) {
-            const __m128i part = half ? _mm256_extracti128_si256(acc[u][r], 1) : _mm256_castsi256_si128(acc[u][r]);
-            int32_t* dst = s32[u] + first_row[2 * r + half];
-            _mm256_store_si256((__m256i*)dst, _mm256_add_epi32(_mm256_load_si256((const __m256i*)dst),
-                                                                _mm256_cvtepi16_epi32(part)));
-          }
+      for (int u = 0; u < 4; ++u) lut8_flush(acc[u], sigma[p * nblk + k], f[u]);
     }
-    const float sg = sigma[p];
     const float* s_re = scales + (p * 2 + 0) * n;
     const float* s_im = scales + (p * 2 + 1) * n;
     for (int i = 0; i < 32 && 32 * b + i < n; ++i) {
       const int64_t j = 32 * b + i;
-      yr[i] += sg * (s_re[j] * (float)s32[0][i] + s_im[j] * (float)s32[1][i]);
-      yi[i] += sg * (s_re[j] * (float)s32[2][i] + s_im[j] * (float)s32[3][i]);
+      yr[i] += s_re[j] * f[0][i] + s_im[j] * f[1][i];
+      yi[i] += s_re[j] * f[2][i] + s_im[j] * f[3][i];
     }
   }
   for (int i = 0; i < 32 && 32 * b + i < n; ++i) {
@@ -573,43 +575,44 @@ static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* s
 static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt, int64_t P, int64_t n,
                         int64_t KW, const float* scales, int64_t n_s, const float* bias, float* y, int nthreads) {
   const int64_t mp = KW * 16, pairs = mp / 2, NB = (n + 31) / 32;
+  const int64_t nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
   const bool rows = n_s > 1;
-  const int64_t nt_tab = rows ? 2 : 1;  // tables per token and plane
+  const int64_t ntab = rows ? 2 : 1;  // tables per token and plane
   static thread_local std::vector<int8_t> tab_buf;
   static thread_local std::vector<float> sigma_buf, xmax_buf;
-  const size_t need = (size_t)(M * P * nt_tab * pairs * 64);
+  const size_t need = (size_t)(M * P * ntab * pairs * 64);
   if (tab_buf.size() < need) tab_buf.resize(need);
-  if (sigma_buf.size() < (size_t)(M * P * nt_tab)) sigma_buf.resize(M * P * nt_tab);
-  if (xmax_buf.size() < (size_t)M) xmax_buf.resize(M);
+  if (sigma_buf.size() < (size_t)(M * P * nblk)) sigma_buf.resize(M * P * nblk);
+  if (xmax_buf.size() < (size_t)(M * nblk)) xmax_buf.resize(M * nblk);
   int8_t* tab = tab_buf.data();
-  float* sigma = sigma_buf.data();
-  float* xmax = xmax_buf.data();
+  float* sigma = sigma_buf.data();  // [M, P, nblk]
+  float* xmax = xmax_buf.data();    // [M, nblk]
   for (int64_t t = 0; t < M; ++t)
-    if ((xmax[t] = lut8_xmax(x + t * 2 * m, m)) < 0.f) return false;
+    if (!lut8_xmax(x + t * 2 * m, m, KW, xmax + t * nblk)) return false;
   const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, NB));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int16_t> quads(8 * mp);
+    std::vector<float> unused(nblk);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * P * nt_tab; ++i) {  // i = (t * P + p) * nt_tab + which
-      const int64_t t = i / (P * nt_tab), p = (i / nt_tab) % P, which = i % nt_tab;
+    for (int64_t i = 0; i < M * P * ntab; ++i) {  // i = (t * P + p) * ntab + which
+      const int64_t t = i / (P * ntab), p = (i / ntab) % P, which = i % ntab;
       const float s_re = rows ? (which ? 0.f : 1.f) : scales[p * 2];
       const float s_im = rows ? (which ? 1.f : 0.f) : scales[p * 2 + 1];
-      lut8_tables(x + t * 2 * m, m, KW, xmax[t], s_re, s_im, p & 1, tab + i * pairs * 64, sigma + i, quads.data());
+      // both tables of a row-scale plane have the same sigma (max(|1|, |0|) = 1): the first writes it
+      lut8_tables(x + t * 2 * m, m, KW, xmax + t * nblk, s_re, s_im, p & 1, tab + i * pairs * 64,
+                  which ? unused.data() : sigma + (t * P + p) * nblk, quads.data());
     }
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t b0 = NB * id / nt, b1 = NB * (id + 1) / nt;
     for (int64_t t = 0; t < M; ++t)
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t first = t * P * nt_tab;
-        if (rows) {
-          // sigma of plane p sits at first + 2p (both of its tables share it): pass every other one
-          float sg[64];
-          for (int64_t p = 0; p < P && p < 64; ++p) sg[p] = sigma[first + 2 * p];
-          lut8_block_rows(lt, tab + first * pairs * 64, sg, scales, P, n, KW, b, bias, y + t * 2 * n);
-        } else {
-          lut8_block(lt, tab + first * pairs * 64, sigma + first, P, n, KW, b, bias, y + t * 2 * n);
-        }
+        const int8_t* tt = tab + t * P * ntab * pairs * 64;
+        const float* st = sigma + t * P * nblk;
+        if (rows)
+          lut8_block_rows(lt, tt, st, scales, P, n, KW, b, bias, y + t * 2 * n);
+        else
+          lut8_block(lt, tt, st, P, n, KW, b, bias, y + t * 2 * n);
       }
   }
   return true;
@@ -675,12 +678,12 @@ void fairy2i_lut8_layout(const int32_t* codes, int64_t P, int64_t n, int64_t KW,
 
 // y [M, 2n] = the packed layer on x [M, 2m] through the lut8 path, from the layout `lt`; scales
 // [P, 2, n_s, 1] with n_s = 1 (tensor) or n (row). Returns 1 when it ran; 0 when the path is not
-// compiled in, the scales are neither, P > 64, or x holds NaN/Inf (y untouched: run
+// compiled in, the scales are neither, or x holds NaN/Inf (y untouched: run
 // fairy2i_packed_linear instead).
 int fairy2i_lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt, int64_t P, int64_t n,
                         int64_t KW, const float* scales, int64_t n_s, const float* bias, float* y, int nthreads) {
 #if FAIRY2I_HAVE_LUT8
-  if ((n_s != 1 && n_s != n) || P > 64) return 0;
+  if (n_s != 1 && n_s != n) return 0;
   return lut8_linear(x, M, m, lt, P, n, KW, scales, n_s, bias, y, nthreads) ? 1 : 0;
 #else
   (void)x; (void)M; (void)m; (void)lt; (void)P; (void)n; (void)KW; (void)scales; (void)n_s; (void)bias; (void)y;

@@ -38,7 +38,8 @@ times: benchmarks/results/bench_cpu_lut.md.
 
 `FAIRY2I_CPU_LUT8=1` (opt-in; CPUs with AVX2; cpu_lut8_status) sends batches of up to
 LUT8_MAX_TOKENS tokens with tensor or row scales through the C++ op to the int8-table path
-(T-MAC style): per token and plane the scaled activations are rounded to 8 bits, two complex
+(T-MAC style): per token, plane and block of 32 complex columns the scaled activations are
+rounded to 8 bits (a scale per block, as llama.cpp's Q8_0), two complex
 columns' 16 possible sums become byte tables, and 32 output rows look theirs up with one byte
 shuffle (vpshufb) per table, summed in int16; the codes are read from a transposed copy that
 the op makes on first use and keeps while the codes live (as many bytes again as the codes).
@@ -66,6 +67,7 @@ import warnings
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...cache import atomic_write_text, file_sha256, kernel_cache_dir, make_private_dirs, untrusted_reason
@@ -87,6 +89,7 @@ __all__ = [
     "lut8_forward",
     "lut8_layout",
     "lut8_error_bound",
+    "LUT8_BLOCK_COLUMNS",
     "fold_path_forward",
 ]
 
@@ -381,9 +384,9 @@ def lut8_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor
     the C++ op with FAIRY2I_CPU_LUT8=1, which keeps each layer's transposed codes between calls;
     here they are `layout` (from :func:`lut8_layout` of these codes) or built in this call.
 
-    Activations are rounded per token and plane to multiples of sigma = max(|s_re|, |s_im|) *
-    max|x| / 127 (the row's scales for row scales), so |y - y_exact| <= m / 2 * (sum of the
-    planes' sigma) per output (:func:`lut8_error_bound`; cpu_packed.cpp). ValueError for NaN/Inf
+    Activations are rounded per token, plane and block of LUT8_BLOCK_COLUMNS complex columns to
+    multiples of sigma = max(|s_re|, |s_im|) * max|x over the block| / 127 (the row's scales for
+    row scales), so |y - y_exact| <= :func:`lut8_error_bound` per output (cpu_packed.cpp). ValueError for NaN/Inf
     activations (the integer tables cannot carry them)."""
     if cpu_lut8_status() not in ("on", "off"):
         raise RuntimeError(f"the lut8 path is not compiled into this CPU kernel ({cpu_lut8_status()}): it needs AVX2")
@@ -409,13 +412,26 @@ def lut8_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor
     return y
 
 
+LUT8_BLOCK_COLUMNS = 32  # complex columns per activation block of the lut8 path (16 * LUT8_BLOCK_WORDS in cpu_packed.cpp)
+
+
 def lut8_error_bound(x: Tensor, scales: Tensor, m: int) -> Tensor:
     """The lut8 path's worst-case |y - y_exact|, [M, 2n] (or [M, 1] for tensor scales, which is
-    the same for every output): m / 2 * max|x_token| / 127 * the sum over planes of
-    max(|s_re|, |s_im|) of the output's complex row (scales [P, 2, n_s, 1], n_s = 1 or n)."""
-    s = scales.float()[..., 0].abs().amax(1).sum(0)  # [n_s]
+    the same for every output): each complex column c contributes at most sigma / 2 of rounding
+    error per plane, sigma = max(|s_re|, |s_im|) * max|x| over c's block of LUT8_BLOCK_COLUMNS
+    columns (x[c] and x[m + c] of the block's columns) / 127, with the output's row scales for
+    row scales [P, 2, n, 1]; summed over planes and columns."""
+    x = x.float().abs()
+    blocks = -(-m // LUT8_BLOCK_COLUMNS)
+    pad = blocks * LUT8_BLOCK_COLUMNS - m
+    a = F.pad(x[:, :m], (0, pad)).reshape(x.shape[0], blocks, -1)
+    b = F.pad(x[:, m:], (0, pad)).reshape(x.shape[0], blocks, -1)
+    width = torch.full((blocks,), float(LUT8_BLOCK_COLUMNS))
+    width[-1] = m - (blocks - 1) * LUT8_BLOCK_COLUMNS
+    per_token = (torch.maximum(a.amax(-1), b.amax(-1)) * width).sum(-1, keepdim=True) / 127 / 2  # [M, 1]
+    s = scales.float()[..., 0].abs().amax(1).sum(0)  # [n_s]: sum over planes of max(|s_re|, |s_im|)
     per_output = torch.cat([s, s]) if s.numel() > 1 else s  # Re rows then Im rows
-    return m / 2 / 127 * x.float().abs().amax(-1, keepdim=True) * per_output[None, :]
+    return per_token * per_output[None, :]
 
 
 _FOLD_PATHS = {"auto": 1, "select": 2, "lut": 3}
