@@ -19,10 +19,15 @@ Every configuration runs in its own subprocess with the same thread count and do
   windows of benchmarks/calibrated.py), so that speed is read beside quality.
 
 Ours: the calibrated Fairy2i W1 / W2 checkpoints of the demo's calibration cache (the rows
-cal-w1 / cal-w2 of calibrated.md; calibrated on first use, ~12 min), packed layers compiled with
-torch.compile(backend="fairy2i", options={"compiler": "inductor"}) under a transformers
-StaticCache; and the float32 model, eager, as the baseline both sides start from.
-`FAIRY2I_CPU_LUT=0` in the environment times our select path instead of the table lookups.
+cal-w1 / cal-w2 of calibrated.md; calibrated on first use, ~12 min), or with `--ours-weights rtn`
+the same models packed by round-to-nearest (the same format and kernels, so the same speed up to
+the calibrated layers' outlier corrections; their perplexity is not a quality figure), packed
+layers compiled with torch.compile(backend="fairy2i", options={"compiler": "inductor"}) under a
+transformers StaticCache; `packed` is the checkpoint `--packed PATH` (save_packed, e.g.
+calibrated.py --save-models), compiled the same way; and the float32 model, eager, as the
+baseline both sides start from. Rows named -lut8 run with FAIRY2I_CPU_LUT8=1 (decode-sized
+batches take the int8-table kernel); the others without it. `FAIRY2I_CPU_LUT=0` in the
+environment times our select path instead of the AVX-512 table lookups.
 
 Results: benchmarks/results/bench_cpu_peers.{json,md}.
 """
@@ -56,8 +61,9 @@ from results_io import write_results  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu_peers"
 GGUF_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
 LLAMA_CONFIGS = ("llama-f16", "llama-q8_0", "llama-q4_0", "llama-q4_k_m", "llama-q4_1")
-OURS = ("w2", "w1", "fp32-eager")
+OURS = ("w2", "w1", "fp32-eager", "w2-lut8", "w1-lut8", "packed", "packed-lut8")
 CONFIGS = OURS + LLAMA_CONFIGS
+DEFAULT_CONFIGS = tuple(c for c in CONFIGS if not c.startswith("packed"))  # packed rows need --packed
 
 
 # --------------------------------------------------------------------------- the peer's files
@@ -176,26 +182,46 @@ def run_llama(kind: str, args, tok) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- ours
-def ours_model(name: str, tok):
+def ours_model(name: str, tok, args):
     from fairy2i_compile.checkpoints.models import load_smollm2
-
-    model, _ = load_smollm2(progress=False)
-    if name == "fp32-eager":
-        return model, model, {"engine": "torch eager (float32)"}
-    from fairy2i_compile.demo import calibrated_model
-    from fairy2i_compile.eval import data as ev
-    from fairy2i_compile.quantization.calibration import calibration_windows
-    from peers import eval_windows
-
-    eval_end = int(eval_windows(tok, 2048, 8).numel())  # calibrated.py's windows: calibration text avoids them
-    cal = calibration_windows(ev.wiki_tokens(tok), 16, 512, avoid=eval_end)
-    packed, extra = calibrated_model(model, tok, {"method": "phase", "stages": int(name[1])}, cal, progress=False)
-    fwd = torch.compile(packed, dynamic=False, backend="fairy2i",
-                        options={"mode": "ptq", "stages": int(name[1]), "compiler": "inductor"})
     from fairy2i_compile.compiler.codegen import cpu_packed
+    from fairy2i_compile.quantization.packed_model import PackedLinear
 
-    return packed, fwd, {"engine": f"fairy2i (inductor, CPU decode path: {cpu_packed.cpu_lut_status()})",
-                         "checkpoint": Path(extra.get("cached", "calibrated in this run")).name}
+    lut8 = cpu_packed.cpu_lut8_status()
+    if name.endswith("-lut8") != (lut8 == "on"):
+        raise SystemExit(f"{name}: the lut8 path is {lut8!r} in this worker")
+    if name.startswith("packed"):
+        from fairy2i_compile.checkpoints.checkpoint import load_packed
+
+        if args.packed is None:
+            raise SystemExit(f"{name}: pass --packed PATH (a save_packed checkpoint)")
+        packed = load_packed(args.packed)
+        extra = {"checkpoint": Path(args.packed).name}
+    else:
+        model, _ = load_smollm2(progress=False)
+        if name == "fp32-eager":
+            return model, model, {"engine": "torch eager (float32)"}
+        stages = int(name[1])
+        if args.ours_weights == "rtn":
+            from fairy2i_compile.quantization.packed_model import pack_model
+
+            pack_model(model, stages=stages)
+            packed, extra = model, {"checkpoint": "round-to-nearest (pack_model)"}
+        else:
+            from fairy2i_compile.demo import calibrated_model
+            from fairy2i_compile.eval import data as ev
+            from fairy2i_compile.quantization.calibration import calibration_windows
+            from peers import eval_windows
+
+            eval_end = int(eval_windows(tok, 2048, 8).numel())  # calibrated.py's windows: calibration text avoids them
+            cal = calibration_windows(ev.wiki_tokens(tok), 16, 512, avoid=eval_end)
+            packed, extra = calibrated_model(model, tok, {"method": "phase", "stages": stages}, cal, progress=False)
+            extra = {"checkpoint": Path(extra.get("cached", "calibrated in this run")).name}
+    stages = next(m.stages for m in packed.modules() if isinstance(m, PackedLinear))
+    fwd = torch.compile(packed, dynamic=False, backend="fairy2i",
+                        options={"mode": "ptq", "stages": stages, "compiler": "inductor"})
+    path = "lut8" if lut8 == "on" else cpu_packed.cpu_lut_status()
+    return packed, fwd, {"engine": f"fairy2i (inductor, CPU decode path: {path})", **extra}
 
 
 def run_ours(name: str, args, tok) -> Dict[str, Any]:
@@ -205,7 +231,7 @@ def run_ours(name: str, args, tok) -> Dict[str, Any]:
     from fairy2i_compile.eval import metrics
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    model, fwd, info = ours_model(name, tok)
+    model, fwd, info = ours_model(name, tok, args)
     row: Dict[str, Any] = {"config": name, **info, "linear_mib": linear_bytes(model) / 2**20}
     # transformers' StaticCache attends over its whole length (masked; measured here: a 2049-token
     # cache made a compiled W2 decode step 2.5x slower than a 192-token one), so every prefill
@@ -277,7 +303,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prompt-tokens", type=int, default=128, help="decode prompt length")
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -286,10 +312,15 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-reps", type=int, default=3)
     p.add_argument("--ppl-windows", type=int, default=8, help="0 skips perplexity")
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--ours-weights", choices=("calibrated", "rtn"), default="calibrated",
+                   help="w1/w2 rows: the demo's calibrated checkpoints, or round-to-nearest packing (speed only)")
+    p.add_argument("--packed", type=Path, default=None, help="the checkpoint of the packed / packed-lut8 rows")
     p.add_argument("--notes", default="")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if any(c.startswith("packed") for c in args.configs) and (args.packed is None or not args.packed.is_file()):
+        p.error(f"--configs packed / packed-lut8 need --packed PATH of a save_packed checkpoint, got {args.packed}")
     for flag in ("threads", "prompt_tokens", "decode_tokens", "runs", "prefill_reps", "seq_len"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -316,9 +347,14 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--worker", name, *sum(
             ([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in
              ("threads", "prompt_tokens", "decode_tokens", "runs", "prefill_reps", "ppl_windows", "seq_len")), []),
-            "--prefill-lengths", *map(str, args.prefill_lengths)]
+            "--prefill-lengths", *map(str, args.prefill_lengths), "--ours-weights", args.ours_weights,
+            *(["--packed", str(args.packed)] if args.packed is not None else [])]
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env.pop("FAIRY2I_CPU_LUT8", None)  # only the -lut8 rows run it
+        if name.endswith("-lut8"):
+            env["FAIRY2I_CPU_LUT8"] = "1"
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
@@ -335,6 +371,7 @@ def main(argv=None) -> int:
         "threads": args.threads, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens, "runs": args.runs, "prefill_lengths": args.prefill_lengths,
         "prefill_reps": args.prefill_reps, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,
+        "ours_weights": args.ours_weights, "packed": None if args.packed is None else str(args.packed),
         "configs": rows, "notes": args.notes,
     }
     write_results(args.out, result, markdown(result), indent=2)

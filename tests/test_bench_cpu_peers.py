@@ -53,10 +53,28 @@ def test_table_reads_speed_beside_quality(bench):
     assert "| llama-q4_k_m | llama.cpp | 98.9 MiB file | 75.0 | 1.00x |" in text
 
 
-def test_lut_benchmark_names_a_missing_lut_path(monkeypatch):
+def test_packed_rows_need_a_checkpoint(bench, capsys, tmp_path):
+    for argv in (["--configs", "packed"], ["--configs", "packed-lut8", "--packed", str(tmp_path / "none.safetensors")]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert "--configs packed / packed-lut8 need --packed PATH of a save_packed checkpoint" in capsys.readouterr().err
+
+
+def test_lut_benchmark_names_missing_lut_paths(monkeypatch):
     lut = _load("bench_cpu_lut")
     from fairy2i_compile.compiler.codegen import cpu_packed
 
     monkeypatch.setattr(cpu_packed, "cpu_lut_status", lambda: "absent")
-    with pytest.raises(SystemExit, match=r"the LUT path is not available here \(absent\): it needs AVX-512"):
+    monkeypatch.setattr(cpu_packed, "cpu_lut8_status", lambda: "absent")
+    with pytest.raises(SystemExit, match=r"no table-lookup path here \(lut: absent, lut8: absent\): they need AVX-512 / AVX2"):
         lut.main([])
+
+
+def test_lut8_quality_refuses_bad_arguments(capsys, tmp_path):
+    q = _load("lut8_quality")
+    for argv, message in ((["--model", str(tmp_path / "x.safetensors")], "no such file"),
+                          (["--model", "x", "--chunk", "5"], r"--chunk must be in 1..4"),
+                          (["--model", "x", "--windows", "0"], r"--windows must be >= 1, got 0")):
+        with pytest.raises(SystemExit):
+            q.main(argv)
+        assert pytest.importorskip("re").search(message, capsys.readouterr().err), argv
