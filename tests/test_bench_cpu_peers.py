@@ -73,7 +73,7 @@ def test_lut_benchmark_names_missing_lut_paths(monkeypatch):
 def test_lut8_quality_refuses_bad_arguments(capsys, tmp_path):
     q = _load("lut8_quality")
     for argv, message in ((["--model", str(tmp_path / "x.safetensors")], "no such file"),
-                          (["--model", "x", "--chunk", "5"], r"--chunk must be in 1..4"),
+                          (["--model", "x", "--chunk", "9"], r"--chunk must be in 1..8"),
                           (["--model", "x", "--windows", "0"], r"--windows must be >= 1, got 0")):
         with pytest.raises(SystemExit):
             q.main(argv)

@@ -45,7 +45,7 @@ def check_within_bound(x, pk, bias=None):
 @needs_lut8
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 @pytest.mark.parametrize("stages", [1, 2, 3])
-@pytest.mark.parametrize("tokens", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 8])
 def test_lut8_within_its_error_bound(granularity, stages, tokens):
     """Row counts around the 32-row blocks (1, 31, 32, 33, 100 complex rows), widths with a partial
     last code word and activation block (m = 1, 23, 75, 150, 300), bias or none."""
@@ -58,7 +58,7 @@ def test_lut8_within_its_error_bound(granularity, stages, tokens):
 
 @needs_lut8
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 80), m=st.integers(1, 200), tokens=st.integers(1, 4), stages=st.integers(1, 4),
+@given(n=st.integers(1, 80), m=st.integers(1, 200), tokens=st.integers(1, 8), stages=st.integers(1, 4),
        granularity=st.sampled_from(["tensor", "row"]), seed=st.integers(0, 2**31))
 def test_lut8_property_random_shapes(n, m, tokens, stages, granularity, seed):
     pk = packed(2 * n, 2 * m, stages, seed=seed, granularity=granularity)
@@ -134,10 +134,10 @@ _OP_SCRIPT = textwrap.dedent("""
     lut8 = lambda mod, x: cpu_packed.lut8_forward(x, mod.codes, mod.scales, mod.bias.detach(), mod.m)
     torch.set_num_threads(2)
     with torch.no_grad():
-        for M in (1, 3, 4):  # the op path runs lut8 up to LUT8_MAX_TOKENS tokens, the same arithmetic
+        for M in (1, 3, cpu_packed.LUT8_MAX_TOKENS):  # the op path runs lut8 up to here, the same arithmetic
             x = torch.randn(M, 96)
             assert torch.equal(layer(x), lut8(layer, x)), M
-        x = torch.randn(5, 96)  # past LUT8_MAX_TOKENS: the float32 paths
+        x = torch.randn(cpu_packed.LUT8_MAX_TOKENS + 1, 96)  # past it: the float32 paths
         ref = torch.ops.fairy2i.packed_linear.default(x, layer.codes, layer.scales, layer.bias, layer.m, 0, "torch")
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
         x = torch.randn(1, 96)

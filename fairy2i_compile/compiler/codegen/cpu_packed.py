@@ -98,7 +98,9 @@ OP_SOURCE = pathlib.Path(__file__).with_name("cpu_packed_op.cpp")
 ABI_VERSION = 6
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
 LUT_MAX_TOKENS = 16          # tensor scales: the LUT path up to here (measured: beats 4-row decode to 16 tokens, not at 32)
-LUT8_MAX_TOKENS = 4          # the opt-in int8-table path (FAIRY2I_CPU_LUT8=1) up to here: the fold path's batches
+LUT8_MAX_TOKENS = 8          # the opt-in int8-table path (FAIRY2I_CPU_LUT8=1) up to here (measured on an AVX2 EPYC, one
+                             # thread: 1.7-1.9x the fold/decode paths at 8 tokens with tensor scales, 1.0-1.1x with row
+                             # scales; 1.3x / 0.8x at 16)
 GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
