@@ -526,8 +526,10 @@ static void lut8_block(const uint8_t* lt, const int8_t* tab, const float* sigma,
 // (0, 1)): tab1 holds the +-1-coded terms {a, 0, -a, 0}[k] (Re) and {b', 0, -b', 0}[k] (Im),
 // tabi the +-i-coded ones {0, -b', 0, b'}[k] and {0, a, 0, -a}[k]; the block sums the two kinds
 // apart and multiplies them by the row's s_re / s_im once per plane:
-// Re y += s_re * sum1 + s_im * sumi, likewise Im. Twice the lookups of the tensor path.
-// sigma[p * nblk + k]: plane p's block k (both tables of a plane share it).
+// Re y += s_re * sum1 + s_im * sumi, likewise Im. Twice the lookups of the tensor path. These
+// tables hold no scale, so they depend on the plane only through conj: every U plane (p even)
+// reads the tables and sigma of parity 0, every W plane those of parity 1. tab: [parity][1 | i]
+// tables of pairs * 64 bytes; sigma[parity * nblk + k].
 static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* sigma, const float* scales,
                             int64_t P, int64_t n, int64_t KW, int64_t b, const float* bias, float* y) {
   const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
@@ -537,8 +539,9 @@ static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* s
   for (int64_t p = 0; p < P; ++p) {
     std::memset(f, 0, sizeof f);
     const uint8_t* lp = lt + (p * NB + b) * KW * 128;
-    const int8_t* t1 = tab + (2 * p) * pairs * 64;
-    const int8_t* ti = tab + (2 * p + 1) * pairs * 64;
+    const int8_t* t1 = tab + (2 * (p & 1)) * pairs * 64;
+    const int8_t* ti = tab + (2 * (p & 1) + 1) * pairs * 64;
+    const float* sg = sigma + (p & 1) * nblk;
     for (int64_t k = 0; k < nblk; ++k) {
       __m256i acc[4][2];
       for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_si256();
@@ -552,7 +555,7 @@ static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* s
             lut8_lookup(idx, ti + off, acc[1], acc[3]);
           }
         }
-      for (int u = 0; u < 4; ++u) lut8_flush(acc[u], sigma[p * nblk + k], f[u]);
+      for (int u = 0; u < 4; ++u) lut8_flush(acc[u], sg[k], f[u]);
     }
     const float* s_re = scales + (p * 2 + 0) * n;
     const float* s_im = scales + (p * 2 + 1) * n;
@@ -577,15 +580,17 @@ static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt,
   const int64_t mp = KW * 16, pairs = mp / 2, NB = (n + 31) / 32;
   const int64_t nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
   const bool rows = n_s > 1;
-  const int64_t ntab = rows ? 2 : 1;  // tables per token and plane
+  // tensor scales: one table per token and plane (its scales are in it); row scales: per token,
+  // two per parity of plane (U or W: the tables hold no scale, lut8_block_rows)
+  const int64_t PT = rows ? 2 : P, ntab = rows ? 2 : 1;
   static thread_local std::vector<int8_t> tab_buf;
   static thread_local std::vector<float> sigma_buf, xmax_buf;
-  const size_t need = (size_t)(M * P * ntab * pairs * 64);
+  const size_t need = (size_t)(M * PT * ntab * pairs * 64);
   if (tab_buf.size() < need) tab_buf.resize(need);
-  if (sigma_buf.size() < (size_t)(M * P * nblk)) sigma_buf.resize(M * P * nblk);
+  if (sigma_buf.size() < (size_t)(M * PT * nblk)) sigma_buf.resize(M * PT * nblk);
   if (xmax_buf.size() < (size_t)(M * nblk)) xmax_buf.resize(M * nblk);
   int8_t* tab = tab_buf.data();
-  float* sigma = sigma_buf.data();  // [M, P, nblk]
+  float* sigma = sigma_buf.data();  // [M, PT, nblk]
   float* xmax = xmax_buf.data();    // [M, nblk]
   for (int64_t t = 0; t < M; ++t)
     if (!lut8_xmax(x + t * 2 * m, m, KW, xmax + t * nblk)) return false;
@@ -595,20 +600,20 @@ static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt,
     std::vector<int16_t> quads(8 * mp);
     std::vector<float> unused(nblk);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * P * ntab; ++i) {  // i = (t * P + p) * ntab + which
-      const int64_t t = i / (P * ntab), p = (i / ntab) % P, which = i % ntab;
+    for (int64_t i = 0; i < M * PT * ntab; ++i) {  // i = (t * PT + p) * ntab + which
+      const int64_t t = i / (PT * ntab), p = (i / ntab) % PT, which = i % ntab;
       const float s_re = rows ? (which ? 0.f : 1.f) : scales[p * 2];
       const float s_im = rows ? (which ? 1.f : 0.f) : scales[p * 2 + 1];
-      // both tables of a row-scale plane have the same sigma (max(|1|, |0|) = 1): the first writes it
+      // both tables of a row-scale parity have the same sigma (max(|1|, |0|) = 1): the first writes it
       lut8_tables(x + t * 2 * m, m, KW, xmax + t * nblk, s_re, s_im, p & 1, tab + i * pairs * 64,
-                  which ? unused.data() : sigma + (t * P + p) * nblk, quads.data());
+                  which ? unused.data() : sigma + (t * PT + p) * nblk, quads.data());
     }
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t b0 = NB * id / nt, b1 = NB * (id + 1) / nt;
     for (int64_t t = 0; t < M; ++t)
       for (int64_t b = b0; b < b1; ++b) {
-        const int8_t* tt = tab + t * P * ntab * pairs * 64;
-        const float* st = sigma + t * P * nblk;
+        const int8_t* tt = tab + t * PT * ntab * pairs * 64;
+        const float* st = sigma + t * PT * nblk;
         if (rows)
           lut8_block_rows(lt, tt, st, scales, P, n, KW, b, bias, y + t * 2 * n);
         else
