@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from results_io import write_results  # noqa: E402
+from results_io import publish  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu_lut"
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): q/o, k/v, gate/up, down, lm_head
@@ -155,10 +155,7 @@ def main(argv=None) -> int:
         md.append(f"| {r['threads']} | {r['stages']} | {r['code_mib']:.1f} MiB | {r['select_ms']:.2f} | "
                   + " | ".join(f"{r[p + '_ms']:.2f} | {r['select_ms'] / r[p + '_ms']:.2f}x" for p in fast)
                   + f" | {r['floor_ms']:.2f} | " + " | ".join(f"{r[p + '_ms'] / r['floor_ms']:.1f}x" for p in fast) + " |")
-    if args.notes:
-        md += ["", "## Notes", "", args.notes]
-    write_results(args.out, result, "\n".join(md) + "\n", indent=2)
-    print("\n".join(md))
+    publish(args.out, result, md, args.notes, indent=2)
     return 0
 
 

@@ -39,7 +39,7 @@ for _p in (REPO, BENCH):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from results_io import write_results  # noqa: E402
+from results_io import publish  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "lut8_quality"
 ROWS = ("full", "chunked-fp32", "chunked-lut8")
@@ -136,10 +136,7 @@ def main(argv=None) -> int:
     for r in rows:
         rel = f"{r['ppl'] / base - 1:+.3%}" if base else "–"
         md.append(f"| {r['row']} | {r['ppl']:.4f} | {rel} | {r['seconds']:.0f} |")
-    if args.notes:
-        md += ["", "## Notes", "", args.notes]
-    write_results(args.out, result, "\n".join(md) + "\n", indent=2)
-    print("\n".join(md))
+    publish(args.out, result, md, args.notes, indent=2)
     return 0
 
 

@@ -41,3 +41,12 @@ def write_results(out: Path | str, payload: Any, markdown: str, indent: int = 1)
     atomic_write_text(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
     print(f"wrote {json_path} and {md_path}")
     return json_path, md_path
+
+
+def publish(out: Path | str, payload: Any, lines: list, notes: str = "", indent: int = 1) -> str:
+    """The markdown `lines` (+ a Notes section when `notes`) written beside `payload` (write_results),
+    printed, and returned."""
+    text = "\n".join(list(lines) + (["", "## Notes", "", notes] if notes else [])) + "\n"
+    write_results(out, payload, text, indent=indent)
+    print(text, end="")
+    return text

@@ -630,17 +630,24 @@ static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt,
 }
 #endif
 
-// Whether the lut8 path is switched on: FAIRY2I_CPU_LUT8 (read once per process) set to
-// 1 / on / true / yes, any case. Off by default: it rounds the activations to 8 bits.
+// The switch `name` in the environment (read by the callers once per process): false for 0 / off /
+// false / no, true for 1 / on / true / yes, any case (the values cpu_packed.py's FAIRY2I_CPU_KERNEL
+// and FAIRY2I_CPU_OP switches read), `unset` when absent or anything else.
+static bool env_switch(const char* name, bool unset) {
+  const char* v = std::getenv(name);
+  if (!v) return unset;
+  for (const char* off : {"0", "off", "false", "no"})
+    if (strcasecmp(v, off) == 0) return false;
+  for (const char* on : {"1", "on", "true", "yes"})
+    if (strcasecmp(v, on) == 0) return true;
+  return unset;
+}
+
+// Whether the lut8 path is switched on: FAIRY2I_CPU_LUT8 set to an on value. Off by default: it
+// rounds the activations to 8 bits.
 static bool lut8_enabled() {
 #if FAIRY2I_HAVE_LUT8
-  static const bool on = [] {
-    const char* v = std::getenv("FAIRY2I_CPU_LUT8");
-    if (!v) return false;
-    for (const char* yes : {"1", "on", "true", "yes"})
-      if (strcasecmp(v, yes) == 0) return true;
-    return false;
-  }();
+  static const bool on = env_switch("FAIRY2I_CPU_LUT8", false);
   return on;
 #else
   return false;
@@ -648,17 +655,10 @@ static bool lut8_enabled() {
 }
 
 // Whether the fold path's tensor-scale tokens take the LUT path: compiled with AVX-512 and not
-// switched off by FAIRY2I_CPU_LUT (read once per process) set to 0 / off / false / no, any case:
-// the values cpu_packed.py's FAIRY2I_CPU_KERNEL and FAIRY2I_CPU_OP switches read as off.
+// switched off by FAIRY2I_CPU_LUT set to an off value.
 static bool lut_enabled() {
 #if FAIRY2I_HAVE_LUT
-  static const bool on = [] {
-    const char* v = std::getenv("FAIRY2I_CPU_LUT");
-    if (!v) return true;
-    for (const char* off : {"0", "off", "false", "no"})
-      if (strcasecmp(v, off) == 0) return false;
-    return true;
-  }();
+  static const bool on = env_switch("FAIRY2I_CPU_LUT", true);
   return on;
 #else
   return false;
