@@ -31,7 +31,7 @@ a 135M model, see DESIGN.md).
                     rebuilds the dense weight per call: what the kernel is worth
     w1-lut8,        (not in the default set) as w1 / w2 with FAIRY2I_CPU_LUT8=1 in the worker's
     w2-lut8         environment: decode-sized batches run the int8-table path (activations
-                    rounded to 8 bits per token; codegen/cpu_packed.cpp, "lut8")
+                    rounded to 8 bits per block of 32 columns; codegen/cpu_packed.cpp, "lut8")
 
 `--kernels` adds a per-layer table at batch 1 (SmolLM2's shapes): fp32 F.linear, the
 C++ kernel, and the best Inductor decomposition of the same op (the engine the issue
@@ -70,6 +70,13 @@ DEFAULT_CONFIGS = ("fp32-eager", "fp32-inductor", "w1", "w2", "w2-dense", "w1-de
                    "w2-eager")
 PROMPT = ("The history of the Roman Empire spans more than a thousand years, from the founding of the city "
           "to the fall of Constantinople. Historians usually divide it into")
+
+
+def lut8_env(env: dict, on: bool) -> dict:
+    """`env` for a worker process with the lut8 CPU path switched on (FAIRY2I_CPU_LUT8=1) or off
+    (unset, whatever the caller's environment says); the kernel reads the switch once per process."""
+    env = {k: v for k, v in env.items() if k != "FAIRY2I_CPU_LUT8"}
+    return {**env, "FAIRY2I_CPU_LUT8": "1"} if on else env
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -280,11 +287,8 @@ def main(argv=None) -> int:
         # cold caches for every row: Inductor's (FX graph / kernel cache) and ours (the C++ kernel
         # build), so that compile_s is what a first compile costs
         cold = tempfile.mkdtemp(prefix=f"bench_cpu_{name}_")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(cold, "inductor"),
-                   FAIRY2I_KERNEL_CACHE=os.path.join(cold, "fairy2i"))
-        env.pop("FAIRY2I_CPU_LUT8", None)  # only the -lut8 rows run it
-        if name.endswith("-lut8"):
-            env["FAIRY2I_CPU_LUT8"] = "1"
+        env = lut8_env(dict(os.environ, HF_HUB_OFFLINE="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(cold, "inductor"),
+                            FAIRY2I_KERNEL_CACHE=os.path.join(cold, "fairy2i")), name.endswith("-lut8"))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         shutil.rmtree(cold, ignore_errors=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -7,7 +7,8 @@ call of each path the CPU has (`cpu_packed.fold_path_forward` forced to "select"
 AVX-512, "lut"; with AVX2, `cpu_packed.lut8_forward` on its prebuilt transposed codes, "lut8":
 int8 tables, activations rounded to 8 bits; the same Python and ctypes overhead on all), the
 median of 7 repeats of a timed loop, with the layer's codes hot in cache. The lut8 column's
-error: its relative rms deviation from the select path on that layer's random activations. Beside it the bytes floor: the layer's code bytes / the read bandwidth
+error: its relative rms deviation from the select path on that layer's random activations.
+Beside it the bytes floor: the layer's code bytes / the read bandwidth
 measured in the same run (torch.sum over 256 MiB, same threads). Then a whole decode step's
 worth of layers (SmolLM2's 211 linears, each its own codes, 32 MiB at T = 2: not all hot)
 called in order, both paths interleaved, 12 passes each.
@@ -96,15 +97,15 @@ def main(argv=None) -> int:
                 pk = packed(out_f, in_f, stages)
                 x = torch.randn(1, in_f)
                 reps = 20 if out_f > 10000 else 300
-                t = {path: per_call_s(caller(path, x, pk.codes, pk.scales, pk.m), reps) for path in paths}
+                calls = {path: caller(path, x, pk.codes, pk.scales, pk.m) for path in paths}
+                t = {path: per_call_s(call, reps) for path, call in calls.items()}
                 code_bytes = out_f * in_f * stages / 8  # 2 bits per complex code, 2T planes, n*m = out*in/4 codes
                 floor = code_bytes / (bw[threads] * 1e9)
                 rows.append({"threads": threads, "shape": [out_f, in_f], "stages": stages, "code_bytes": code_bytes,
                              **{f"{path}_us": t[path] * 1e6 for path in paths}, "floor_us": floor * 1e6})
                 if "lut8" in paths:
-                    want = caller("select", x, pk.codes, pk.scales, pk.m)()
-                    rows[-1]["lut8_rel_rms"] = float((caller("lut8", x, pk.codes, pk.scales, pk.m)() - want).norm()
-                                                     / want.norm())
+                    want = calls["select"]()
+                    rows[-1]["lut8_rel_rms"] = float((calls["lut8"]() - want).norm() / want.norm())
                 print(rows[-1], flush=True)
         for stages in (1, 2):
             cache, layers = {}, []

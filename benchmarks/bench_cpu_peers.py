@@ -55,7 +55,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from bench_cpu import PROMPT  # noqa: E402  (the same prompt as bench_cpu.py's table)
+from bench_cpu import PROMPT, lut8_env  # noqa: E402  (the same prompt as bench_cpu.py's table)
 from results_io import write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu_peers"
@@ -349,10 +349,7 @@ def main(argv=None) -> int:
              ("threads", "prompt_tokens", "decode_tokens", "runs", "prefill_reps", "ppl_windows", "seq_len")), []),
             "--prefill-lengths", *map(str, args.prefill_lengths), "--ours-weights", args.ours_weights,
             *(["--packed", str(args.packed)] if args.packed is not None else [])]
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        env.pop("FAIRY2I_CPU_LUT8", None)  # only the -lut8 rows run it
-        if name.endswith("-lut8"):
-            env["FAIRY2I_CPU_LUT8"] = "1"
+        env = lut8_env(dict(os.environ, HF_HUB_OFFLINE="1"), name.endswith("-lut8"))  # only -lut8 rows run it
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

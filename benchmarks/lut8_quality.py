@@ -39,6 +39,7 @@ for _p in (REPO, BENCH):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from bench_cpu import lut8_env  # noqa: E402
 from results_io import publish  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "lut8_quality"
@@ -106,10 +107,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for name in args.rows:
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        env.pop("FAIRY2I_CPU_LUT8", None)
-        if name == "chunked-lut8":
-            env["FAIRY2I_CPU_LUT8"] = "1"
+        env = lut8_env(dict(os.environ, HF_HUB_OFFLINE="1"), name == "chunked-lut8")
         cmd = [sys.executable, __file__, "--worker", name, "--model", str(args.model), "--windows", str(args.windows),
                "--seq-len", str(args.seq_len), "--chunk", str(args.chunk), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -379,10 +379,13 @@ static void lut8_layout(const int32_t* codes, int64_t P, int64_t n, int64_t KW, 
 #endif
 static constexpr int64_t kLut8Cols = 16 * LUT8_BLOCK_WORDS;  // complex columns per block: one sigma each
 
+// Activation blocks of a row of KW code words.
+static inline int64_t lut8_blocks(int64_t KW) { return (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS; }
+
 // Per block of kLut8Cols complex columns c (real activations x[c] and x[m + c]): the largest |x|,
 // into xmax[ceil(KW / LUT8_BLOCK_WORDS)] (0 for padding); false when one of them is NaN or Inf.
 static bool lut8_xmax(const float* x, int64_t m, int64_t KW, float* xmax) {
-  const int64_t nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
+  const int64_t nblk = lut8_blocks(KW);
   bool finite = true;
   for (int64_t k = 0; k < nblk; ++k) {
     float v = 0.f;
@@ -499,7 +502,7 @@ static inline void lut8_flush(const __m256i* acc, float sg, float* dst) {
 // the sigma of plane p's block k.
 static void lut8_block(const uint8_t* lt, const int8_t* tab, const float* sigma, int64_t P, int64_t n,
                        int64_t KW, int64_t b, const float* bias, float* y) {
-  const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
+  const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = lut8_blocks(KW);
   const __m256i NIB = _mm256_set1_epi8(0x0F);
   alignas(32) float yr[32] = {0}, yi[32] = {0};
   for (int64_t p = 0; p < P; ++p) {
@@ -538,7 +541,7 @@ static void lut8_block(const uint8_t* lt, const int8_t* tab, const float* sigma,
 // tables of pairs * 64 bytes; sigma[parity * nblk + k].
 static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* sigma, const float* scales,
                             int64_t P, int64_t n, int64_t KW, int64_t b, const float* bias, float* y) {
-  const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
+  const int64_t NB = (n + 31) / 32, pairs = KW * 8, nblk = lut8_blocks(KW);
   const __m256i NIB = _mm256_set1_epi8(0x0F);
   alignas(32) float yr[32] = {0}, yi[32] = {0};
   alignas(32) float f[4][32];  // [Re 1-coded, Re i-coded, Im 1-coded, Im i-coded][row in block], sigma applied
@@ -584,7 +587,7 @@ static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* s
 static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt, int64_t P, int64_t n,
                         int64_t KW, const float* scales, int64_t n_s, const float* bias, float* y, int nthreads) {
   const int64_t mp = KW * 16, pairs = mp / 2, NB = (n + 31) / 32;
-  const int64_t nblk = (KW + LUT8_BLOCK_WORDS - 1) / LUT8_BLOCK_WORDS;
+  const int64_t nblk = lut8_blocks(KW);
   const bool rows = n_s > 1;
   // tensor scales: one table per token and plane (its scales are in it); row scales: per token,
   // two per parity of plane (U or W: the tables hold no scale, lut8_block_rows)
@@ -672,6 +675,15 @@ int fairy2i_cpu_abi_version() { return 6; }
 // 0: the lut8 path is not compiled in (no AVX2); 1: compiled, off (FAIRY2I_CPU_LUT8 unset);
 // 2: on (tensor-scale batches of up to LUT8_MAX_TOKENS tokens run it, from the op's layout cache).
 int fairy2i_cpu_lut8() { return FAIRY2I_HAVE_LUT8 ? (lut8_enabled() ? 2 : 1) : 0; }
+
+// Complex columns per activation block of the lut8 path, one sigma each (0 when it is not compiled in).
+int fairy2i_lut8_block_columns() {
+#if FAIRY2I_HAVE_LUT8
+  return (int)kLut8Cols;
+#else
+  return 0;
+#endif
+}
 
 // Bytes of the lut8 layout of codes [P, n, KW] (0 when the path is not compiled in).
 int64_t fairy2i_lut8_layout_bytes(int64_t P, int64_t n, int64_t KW) {

@@ -89,7 +89,7 @@ __all__ = [
     "lut8_forward",
     "lut8_layout",
     "lut8_error_bound",
-    "LUT8_BLOCK_COLUMNS",
+    "lut8_block_columns",
     "fold_path_forward",
 ]
 
@@ -281,6 +281,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
             dec.restype = None
             lib.fairy2i_cpu_lut.restype = ctypes.c_int
             lib.fairy2i_cpu_lut8.restype = ctypes.c_int
+            lib.fairy2i_lut8_block_columns.restype = ctypes.c_int
             lib.fairy2i_lut8_layout_bytes.argtypes = [i64, i64, i64]
             lib.fairy2i_lut8_layout_bytes.restype = i64
             lib.fairy2i_lut8_layout.argtypes = [ptr, i64, i64, i64, ptr]
@@ -355,7 +356,7 @@ def cpu_lut_status() -> str:
 
 
 def cpu_lut8_status() -> str:
-    """Whether the int8-table path runs decode-sized batches with tensor scales: "on"
+    """Whether the int8-table path runs decode-sized batches with tensor or row scales: "on"
     (FAIRY2I_CPU_LUT8=1 and the CPU has AVX2; compiled graphs and PackedLinear's eager calls
     through the C++ op take it), "off" (compiled in, not switched on: the default, since it
     rounds the activations to 8 bits), "absent" (no AVX2) or "unavailable" (no C++ kernel)."""
@@ -365,17 +366,24 @@ def cpu_lut8_status() -> str:
     return {0: "absent", 1: "off", 2: "on"}[lib.fairy2i_cpu_lut8()]
 
 
+def _lut8_lib() -> ctypes.CDLL:
+    """The kernel library, RuntimeError unless the lut8 path is compiled into it."""
+    status = cpu_lut8_status()
+    if status not in ("on", "off"):
+        raise RuntimeError(f"the lut8 path is not compiled into this CPU kernel ({status}): it needs AVX2")
+    return _LIB
+
+
 def lut8_layout(codes: Tensor) -> Tensor:
     """The lut8 path's transposed copy of codes [P, n, KW] (uint8, the same bytes rounded up to
     32-row blocks; cpu_packed.cpp, fairy2i_lut8_layout)."""
-    if cpu_lut8_status() not in ("on", "off"):
-        raise RuntimeError(f"the lut8 path is not compiled into this CPU kernel ({cpu_lut8_status()}): it needs AVX2")
+    lib = _lut8_lib()
     if codes.dim() != 3 or codes.dtype != torch.int32:
         raise ValueError(f"lut8_layout: codes must be int32 [P, n, KW], got {codes.dtype} {tuple(codes.shape)}")
     codes = codes.contiguous()
     P, n, kw = codes.shape
-    layout = torch.empty(_LIB.fairy2i_lut8_layout_bytes(P, n, kw), dtype=torch.uint8)
-    _LIB.fairy2i_lut8_layout(codes.data_ptr(), P, n, kw, layout.data_ptr())
+    layout = torch.empty(lib.fairy2i_lut8_layout_bytes(P, n, kw), dtype=torch.uint8)
+    lib.fairy2i_lut8_layout(codes.data_ptr(), P, n, kw, layout.data_ptr())
     return layout
 
 
@@ -386,12 +394,11 @@ def lut8_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor
     the C++ op with FAIRY2I_CPU_LUT8=1, which keeps each layer's transposed codes between calls;
     here they are `layout` (from :func:`lut8_layout` of these codes) or built in this call.
 
-    Activations are rounded per token, plane and block of LUT8_BLOCK_COLUMNS complex columns to
+    Activations are rounded per token, plane and block of lut8_block_columns() complex columns to
     multiples of sigma = max(|s_re|, |s_im|) * max|x over the block| / 127 (the row's scales for
     row scales), so |y - y_exact| <= :func:`lut8_error_bound` per output (cpu_packed.cpp). ValueError for NaN/Inf
     activations (the integer tables cannot carry them)."""
-    if cpu_lut8_status() not in ("on", "off"):
-        raise RuntimeError(f"the lut8 path is not compiled into this CPU kernel ({cpu_lut8_status()}): it needs AVX2")
+    lib = _lut8_lib()
     if x.dim() != 2 or x.dtype is not _F32 or not x.is_contiguous() or x.shape[1] != 2 * m:
         raise ValueError(f"lut8_forward: x must be contiguous float32 [M, 2m = {2 * m}], got {x.dtype} {tuple(x.shape)}")
     P, n, kw = codes.shape
@@ -399,13 +406,13 @@ def lut8_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor
         raise ValueError(f"lut8_forward: tensor or row scales only, got scales of shape {tuple(scales.shape)}")
     if layout is None:
         layout = lut8_layout(codes)
-    elif layout.dtype != torch.uint8 or layout.numel() != _LIB.fairy2i_lut8_layout_bytes(P, n, kw):
+    elif layout.dtype != torch.uint8 or layout.numel() != lib.fairy2i_lut8_layout_bytes(P, n, kw):
         raise ValueError(f"lut8_forward: layout must be lut8_layout(codes) (uint8, "
-                         f"{_LIB.fairy2i_lut8_layout_bytes(P, n, kw)} bytes), got {layout.dtype} {layout.numel()}")
+                         f"{lib.fairy2i_lut8_layout_bytes(P, n, kw)} bytes), got {layout.dtype} {layout.numel()}")
     scales = scales.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
     y = torch.zeros((x.shape[0], 2 * n), dtype=_F32)
-    if x.shape[0] and not _LIB.fairy2i_lut8_linear(x.data_ptr(), x.shape[0], m, layout.data_ptr(), P, n, kw,
+    if x.shape[0] and not lib.fairy2i_lut8_linear(x.data_ptr(), x.shape[0], m, layout.data_ptr(), P, n, kw,
                                                    scales.data_ptr(), scales.shape[2],
                                                    None if bias is None else bias.data_ptr(),
                                                    y.data_ptr(), torch.get_num_threads()):
@@ -414,22 +421,25 @@ def lut8_forward(x: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor
     return y
 
 
-LUT8_BLOCK_COLUMNS = 32  # complex columns per activation block of the lut8 path (16 * LUT8_BLOCK_WORDS in cpu_packed.cpp)
+def lut8_block_columns() -> int:
+    """Complex columns per activation block of the lut8 path (one activation scale each)."""
+    return int(_lut8_lib().fairy2i_lut8_block_columns())
 
 
 def lut8_error_bound(x: Tensor, scales: Tensor, m: int) -> Tensor:
     """The lut8 path's worst-case |y - y_exact|, [M, 2n] (or [M, 1] for tensor scales, which is
     the same for every output): each complex column c contributes at most sigma / 2 of rounding
-    error per plane, sigma = max(|s_re|, |s_im|) * max|x| over c's block of LUT8_BLOCK_COLUMNS
+    error per plane, sigma = max(|s_re|, |s_im|) * max|x| over c's block of lut8_block_columns()
     columns (x[c] and x[m + c] of the block's columns) / 127, with the output's row scales for
     row scales [P, 2, n, 1]; summed over planes and columns."""
     x = x.float().abs()
-    blocks = -(-m // LUT8_BLOCK_COLUMNS)
-    pad = blocks * LUT8_BLOCK_COLUMNS - m
+    cols = lut8_block_columns()
+    blocks = -(-m // cols)
+    pad = blocks * cols - m
     a = F.pad(x[:, :m], (0, pad)).reshape(x.shape[0], blocks, -1)
     b = F.pad(x[:, m:], (0, pad)).reshape(x.shape[0], blocks, -1)
-    width = torch.full((blocks,), float(LUT8_BLOCK_COLUMNS))
-    width[-1] = m - (blocks - 1) * LUT8_BLOCK_COLUMNS
+    width = torch.full((blocks,), float(cols))
+    width[-1] = m - (blocks - 1) * cols
     per_token = (torch.maximum(a.amax(-1), b.amax(-1)) * width).sum(-1, keepdim=True) / 127 / 2  # [M, 1]
     s = scales.float()[..., 0].abs().amax(1).sum(0)  # [n_s]: sum over planes of max(|s_re|, |s_im|)
     per_output = torch.cat([s, s]) if s.numel() > 1 else s  # Re rows then Im rows
