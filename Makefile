@@ -53,7 +53,7 @@ LLAMA_ISA = $(shell for f in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bm
 	avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do \
 	grep -qw "$${f%%:*}" /proc/cpuinfo 2>/dev/null && printf -- '-DGGML_%s=ON ' "$${f##*:}"; done)
 $(CPUPEERS): $(EVAL)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF $(LLAMA_ISA)" $(PIP) --no-cache-dir llama-cpp-python diskcache
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF $(LLAMA_ISA)" $(PIP) --no-cache-dir llama-cpp-python diskcache
 	touch $(CPUPEERS)
 
 setup-cpu-peers: $(CPUPEERS)

@@ -1,5 +1,5 @@
 """The passes over AOTAutograd's inference graph (passes.INFERENCE_PIPELINE): lower_cpu_op,
-lower_cpu_direct, lower_infer. Each is an ordinary pass: run by the backend in table order,
+fuse_siblings (its own tests: test_fuse_siblings.py), lower_cpu_direct, lower_infer. Each is an ordinary pass: run by the backend in table order,
 counted in the report and in torch's counters, dumped; and each leaves alone what it must not
 rewrite (negative tests). Exact outputs (atol = 0) where a pass only changes which function
 runs the same kernel; the kernel against the reference is test_packed.py's business.
@@ -49,10 +49,11 @@ def _lowered(report):
 
 
 def test_the_inference_pipeline_runs_in_table_order_and_the_direct_calls_only_in_the_eager_runner():
-    assert [p.name for p in INFERENCE_PIPELINE] == ["lower_cpu_op", "lower_cpu_direct", "lower_infer"]
+    assert [p.name for p in INFERENCE_PIPELINE] == ["lower_cpu_op", "fuse_siblings", "lower_cpu_direct", "lower_infer"]
     names = lambda **o: [p.name for p in enabled_passes(Fairy2iConfig(**o), INFERENCE_PIPELINE)]  # noqa: E731
-    assert names() == ["lower_cpu_op", "lower_cpu_direct", "lower_infer"]
-    assert names(compiler="inductor") == ["lower_cpu_op", "lower_infer"]  # Inductor needs ops, not Python calls
+    assert names() == ["lower_cpu_op", "fuse_siblings", "lower_cpu_direct", "lower_infer"]
+    # Inductor needs ops, not Python calls
+    assert names(compiler="inductor") == ["lower_cpu_op", "fuse_siblings", "lower_infer"]
 
 
 def test_no_inference_pass_touches_a_graph_without_packed_ops():
@@ -83,7 +84,7 @@ def test_lower_cpu_direct_takes_what_lower_cpu_op_cannot(tmp_path, monkeypatch):
     report, dump, y, y_ref = _compile_ptq(tmp_path, kernel="cpu")
     assert _lowered(report) == {"lowered_cpu_direct": 2}  # negative for lower_cpu_op: no C++ op to swap in
     assert counters["fairy2i"]["lowered_cpu_direct"] == 2 and "lowered_cpu_op" not in counters["fairy2i"]
-    assert (dump / "graph_0" / "06_lower_cpu_direct.py").read_text().count("ptq_packed_linear_direct") == 2
+    assert (dump / "graph_0" / "07_lower_cpu_direct.py").read_text().count("ptq_packed_linear_direct") == 2
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -92,8 +93,8 @@ def test_lower_infer_takes_the_reference_kernel_and_the_cpu_lowerings_do_not(tmp
     assert _lowered(report) == {"lowered_infer": 2}  # negative for both CPU passes: not the C++ kernel
     assert counters["fairy2i"]["lowered_infer"] == 2
     files = sorted(os.listdir(dump / "graph_0"))
-    assert files[-4:] == ["04_aot_inference.py", "05_lower_cpu_op.py", "06_lower_cpu_direct.py", "07_lower_infer.py"]
-    after = (dump / "graph_0" / "07_lower_infer.py").read_text()
+    assert files[-5:] == ["04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py"]
+    after = (dump / "graph_0" / "08_lower_infer.py").read_text()
     assert after.count("fairy2i.ptq_packed_linear_infer.default") == 2
     assert "'torch'" in after  # the twin runs the implementation decided at lowering
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the same reference arithmetic

@@ -581,26 +581,63 @@ static void lut8_block_rows(const uint8_t* lt, const int8_t* tab, const float* s
   }
 }
 
-// M tokens from the lut8 layout, tensor (n_s = 1) or row (n_s = n) scales; false, y untouched,
-// when the activations hold NaN or Inf (the integer tables cannot carry them: the caller runs
-// the fold path instead).
-static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt, int64_t P, int64_t n,
-                        int64_t KW, const float* scales, int64_t n_s, const float* bias, float* y, int nthreads) {
-  const int64_t mp = KW * 16, pairs = mp / 2, NB = (n + 31) / 32;
+// One layer of a lut8 call: its layout, planes, rows, scales (n_s = 1 tensor or n row), bias, output.
+struct Lut8Layer {
+  const uint8_t* lt;
+  int64_t P, n;
+  const float* scales;
+  int64_t n_s;
+  const float* bias;
+  float* y;  // [M, 2n]
+};
+
+// M tokens through several layers that read the same activations x [M, 2m] (siblings such as
+// q/k/v or gate/up: one call instead of one per layer), each from its lut8 layout, tensor or row
+// scales; false, every y untouched, when the activations hold NaN or Inf (the integer tables
+// cannot carry them: the caller runs the fold path instead). What the siblings share is built
+// once per token: the block maxima, and the tables of every row-scale layer (they hold no
+// scale, lut8_block_rows, so all row-scale layers read the same four: parity x {1, i}); a
+// tensor-scale layer has its own table per plane (its scales are in it). The row blocks of all
+// layers are then split evenly over the threads in one parallel region. Each layer's result is
+// bit-identical to a call with that layer alone (same tables, same sums, same order).
+static bool lut8_linear_layers(const float* x, int64_t M, int64_t m, int64_t KW, const Lut8Layer* layers,
+                               int64_t nl, int nthreads) {
+  const int64_t mp = KW * 16, pairs = mp / 2, tab_bytes = pairs * 64;
   const int64_t nblk = lut8_blocks(KW);
-  const bool rows = n_s > 1;
-  // tensor scales: one table per token and plane (its scales are in it); row scales: per token,
-  // two per parity of plane (U or W: the tables hold no scale, lut8_block_rows)
-  const int64_t PT = rows ? 2 : P, ntab = rows ? 2 : 1;
+  // per token: ntab tables and nsig sigma rows; layer l's first table tab0[l] and sigma row sig0[l]
+  struct Job { const float* scales; int64_t p; int which; int64_t sig; };  // sig < 0: writes no sigma
+  std::vector<Job> jobs;
+  std::vector<int64_t> tab0(nl), sig0(nl), blk0(nl + 1, 0);
+  int64_t nsig = 0, shared_tab = -1, shared_sig = -1;
+  for (int64_t l = 0; l < nl; ++l) {
+    const Lut8Layer& L = layers[l];
+    if (L.n_s > 1) {  // row scales: the shared scale-free tables, [parity][1 | i]
+      if (shared_tab < 0) {
+        shared_tab = (int64_t)jobs.size();
+        shared_sig = nsig;
+        nsig += 2;
+        for (int64_t parity = 0; parity < 2; ++parity)  // both tables of a parity have the same sigma
+          for (int which = 0; which < 2; ++which) jobs.push_back({nullptr, parity, which, which ? -1 : shared_sig + parity});
+      }
+      tab0[l] = shared_tab;
+      sig0[l] = shared_sig;
+    } else {
+      tab0[l] = (int64_t)jobs.size();
+      sig0[l] = nsig;
+      for (int64_t p = 0; p < L.P; ++p) jobs.push_back({L.scales, p, 0, nsig + p});
+      nsig += L.P;
+    }
+    blk0[l + 1] = blk0[l] + (L.n + 31) / 32;
+  }
+  const int64_t ntab = (int64_t)jobs.size(), NB = blk0[nl];
   static thread_local std::vector<int8_t> tab_buf;
   static thread_local std::vector<float> sigma_buf, xmax_buf;
-  const size_t need = (size_t)(M * PT * ntab * pairs * 64);
-  if (tab_buf.size() < need) tab_buf.resize(need);
-  if (sigma_buf.size() < (size_t)(M * PT * nblk)) sigma_buf.resize(M * PT * nblk);
+  if (tab_buf.size() < (size_t)(M * ntab * tab_bytes)) tab_buf.resize(M * ntab * tab_bytes);
+  if (sigma_buf.size() < (size_t)(M * nsig * nblk)) sigma_buf.resize(M * nsig * nblk);
   if (xmax_buf.size() < (size_t)(M * nblk)) xmax_buf.resize(M * nblk);
-  int8_t* tab = tab_buf.data();
-  float* sigma = sigma_buf.data();  // [M, PT, nblk]
-  float* xmax = xmax_buf.data();    // [M, nblk]
+  int8_t* tab = tab_buf.data();      // [M, ntab, tab_bytes]
+  float* sigma = sigma_buf.data();   // [M, nsig, nblk]
+  float* xmax = xmax_buf.data();     // [M, nblk]
   for (int64_t t = 0; t < M; ++t)
     if (!lut8_xmax(x + t * 2 * m, m, KW, xmax + t * nblk)) return false;
   const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, NB));
@@ -609,27 +646,38 @@ static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt,
     std::vector<int16_t> quads(8 * mp);
     std::vector<float> unused(nblk);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * PT * ntab; ++i) {  // i = (t * PT + p) * ntab + which
-      const int64_t t = i / (PT * ntab), p = (i / ntab) % PT, which = i % ntab;
-      const float s_re = rows ? (which ? 0.f : 1.f) : scales[p * 2];
-      const float s_im = rows ? (which ? 1.f : 0.f) : scales[p * 2 + 1];
-      // both tables of a row-scale parity have the same sigma (max(|1|, |0|) = 1): the first writes it
-      lut8_tables(x + t * 2 * m, m, KW, xmax + t * nblk, s_re, s_im, p & 1, tab + i * pairs * 64,
-                  which ? unused.data() : sigma + (t * PT + p) * nblk, quads.data());
+    for (int64_t i = 0; i < M * ntab; ++i) {
+      const int64_t t = i / ntab;
+      const Job& j = jobs[i % ntab];
+      const float s_re = j.scales ? j.scales[j.p * 2] : (j.which ? 0.f : 1.f);
+      const float s_im = j.scales ? j.scales[j.p * 2 + 1] : (j.which ? 1.f : 0.f);
+      lut8_tables(x + t * 2 * m, m, KW, xmax + t * nblk, s_re, s_im, j.p & 1, tab + i * tab_bytes,
+                  j.sig < 0 ? unused.data() : sigma + (t * nsig + j.sig) * nblk, quads.data());
     }
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t b0 = NB * id / nt, b1 = NB * (id + 1) / nt;
-    for (int64_t t = 0; t < M; ++t)
-      for (int64_t b = b0; b < b1; ++b) {
-        const int8_t* tt = tab + t * PT * ntab * pairs * 64;
-        const float* st = sigma + t * PT * nblk;
-        if (rows)
-          lut8_block_rows(lt, tt, st, scales, P, n, KW, b, bias, y + t * 2 * n);
+    const int64_t g0 = NB * id / nt, g1 = NB * (id + 1) / nt;
+    for (int64_t t = 0; t < M; ++t) {
+      int64_t l = 0;
+      for (int64_t g = g0; g < g1; ++g) {
+        while (g >= blk0[l + 1]) ++l;
+        const Lut8Layer& L = layers[l];
+        const int8_t* tt = tab + (t * ntab + tab0[l]) * tab_bytes;
+        const float* st = sigma + (t * nsig + sig0[l]) * nblk;
+        if (L.n_s > 1)
+          lut8_block_rows(L.lt, tt, st, L.scales, L.P, L.n, KW, g - blk0[l], L.bias, L.y + t * 2 * L.n);
         else
-          lut8_block(lt, tt, st, P, n, KW, b, bias, y + t * 2 * n);
+          lut8_block(L.lt, tt, st, L.P, L.n, KW, g - blk0[l], L.bias, L.y + t * 2 * L.n);
       }
+    }
   }
   return true;
+}
+
+// One layer: lut8_linear_layers with nl = 1.
+static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt, int64_t P, int64_t n,
+                        int64_t KW, const float* scales, int64_t n_s, const float* bias, float* y, int nthreads) {
+  const Lut8Layer layer{lt, P, n, scales, n_s, bias, y};
+  return lut8_linear_layers(x, M, m, KW, &layer, 1, nthreads);
 }
 #endif
 

@@ -146,6 +146,61 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// fairy2i::packed_linear_cpu_multi: several packed layers that read the same activations (q/k/v,
+// gate/up; passes/fuse_siblings.py groups them), one call. Where every layer takes the lut8 path
+// (same conditions as packed_linear_cpu), one lut8_linear_layers call serves them all: the block
+// maxima and the row-scale tables are built once per token, and the row blocks of all layers share
+// one parallel region. Otherwise each layer runs packed_linear_cpu. Either way every output is
+// bit-identical to that layer's packed_linear_cpu call.
+std::vector<at::Tensor> packed_linear_cpu_multi(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                                const c10::List<std::optional<at::Tensor>>& bias, int64_t m,
+                                                at::IntArrayRef group_size) {
+  const int64_t nl = (int64_t)codes.size();
+  TORCH_CHECK(nl >= 1 && (int64_t)scales.size() == nl && (int64_t)bias.size() == nl &&
+                  (int64_t)group_size.size() == nl,
+              "fairy2i.packed_linear_cpu_multi: codes, scales, bias and group_size need one entry per layer, got ",
+              codes.size(), ", ", scales.size(), ", ", bias.size(), ", ", group_size.size());
+  TORCH_CHECK(x.size(-1) == 2 * m, "fairy2i.packed_linear_cpu_multi: activations must have last dim 2*m = ", 2 * m,
+              ", got ", x.sizes());
+#if FAIRY2I_HAVE_LUT8
+  const int64_t M = m > 0 ? x.numel() / (2 * m) : 0;
+  bool lut8 = M > 0 && M <= g_lut8_max_tokens && lut8_enabled() && x.device().is_cpu();
+  for (int64_t l = 0; lut8 && l < nl; ++l) {
+    const at::Tensor& c = codes[l];
+    const at::Tensor& s = scales[l];
+    lut8 = c.device().is_cpu() && c.dim() == 3 && c.scalar_type() == at::kInt && c.is_contiguous() &&
+           !c.is_inference() && c.size(2) == codes[0].size(2) && s.dim() == 4 && s.size(3) == 1 &&
+           (s.size(2) == 1 || s.size(2) == c.size(1));
+  }
+  if (lut8) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    std::vector<at::Tensor> keep, ys;  // float32 scales / bias / layouts alive for the call
+    std::vector<Lut8Layer> layers;
+    for (int64_t l = 0; l < nl; ++l) {
+      const at::Tensor& c = codes[l];
+      const int64_t n = c.size(1);
+      at::Tensor sc = scales[l].to(at::kFloat).contiguous(), lt = lut8_layout_for(c), b;
+      const std::optional<at::Tensor> bl = bias.get(l);
+      if (bl.has_value() && bl->defined()) b = bl->to(at::kFloat).contiguous();
+      std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+      out_shape.back() = 2 * n;
+      ys.push_back(at::empty(out_shape, xf.options()));
+      layers.push_back({lt.data_ptr<uint8_t>(), c.size(0), n, sc.data_ptr<float>(), sc.size(2),
+                        b.defined() ? b.data_ptr<float>() : nullptr, ys.back().data_ptr<float>()});
+      keep.insert(keep.end(), {sc, lt, b});
+    }
+    if (lut8_linear_layers(xf.data_ptr<float>(), M, m, codes[0].size(2), layers.data(), nl, at::get_num_threads())) {
+      if (x.scalar_type() != at::kFloat)
+        for (auto& y : ys) y = y.to(x.scalar_type());
+      return ys;
+    }
+  }
+#endif
+  std::vector<at::Tensor> ys;
+  for (int64_t l = 0; l < nl; ++l) ys.push_back(packed_linear_cpu(x, codes[l], scales[l], bias.get(l), m, group_size[l]));
+  return ys;
+}
+
 struct PtqEntry {
   const void* ptr;
   int64_t version;
@@ -207,4 +262,5 @@ at::Tensor ptq_packed_linear_cpu(const at::Tensor& x, const at::Tensor& a, const
 TORCH_LIBRARY_IMPL(fairy2i, CPU, lib) {
   lib.impl("packed_linear_cpu", &packed_linear_cpu);
   lib.impl("ptq_packed_linear_cpu", &ptq_packed_linear_cpu);
+  lib.impl("packed_linear_cpu_multi", &packed_linear_cpu_multi);
 }

@@ -34,7 +34,10 @@ For CPU inference graphs, codegen/lower.py swaps a packed layer on the C++ kerne
     fairy2i::packed_linear_cpu(x, codes, scales, bias, m, group_size) -> y
 
 (the same arguments less `kernel`; no autograd), whose CPU kernel codegen/cpu_packed_op.cpp
-registers in C++; its Python implementation here runs the same kernel through ctypes.
+registers in C++; its Python implementation here runs the same kernel through ctypes. Sibling
+layers that read the same activations then become one call (passes/fuse_siblings.py):
+
+    fairy2i::packed_linear_cpu_multi(x, [codes], [scales], [bias], m, [group_size]) -> [y]
 
 Autograd: no gradient to codes/scales/m (they are not trainable); x and bias get
 theirs (dL/dx = g @ A_hat, rebuilt from the codes in the backward only).
@@ -42,7 +45,7 @@ theirs (dL/dx = g @ A_hat, rebuilt from the codes in the backward only).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -55,6 +58,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "packed_linear",
     "packed_linear_cpu_fallback",
+    "packed_linear_cpu_multi_fallback",
     "packed_linear_reference",
     "dequantize_packed",
     "check_packed_linear",
@@ -156,6 +160,41 @@ def _packed_linear_cpu_fake(x, codes, scales, bias, m, group_size):
 
 _LIB.impl("packed_linear_cpu", packed_linear_cpu_fallback, "CompositeExplicitAutograd")
 torch.library.register_fake("fairy2i::packed_linear_cpu", _packed_linear_cpu_fake, lib=_LIB)
+
+
+# Several packed layers that read the same activations (q/k/v, gate/up), for CPU inference graphs
+# (passes/fuse_siblings.py groups packed_linear_cpu calls into it): one dispatcher call and, on the
+# lut8 path, one parallel region and one set of activation tables instead of one per layer. Each
+# output equals that layer's packed_linear_cpu call exactly; its CPU kernel is in
+# cpu_packed_op.cpp, this Python implementation runs the layers one by one.
+_LIB.define(
+    "packed_linear_cpu_multi(Tensor x, Tensor[] codes, Tensor[] scales, Tensor?[] bias, int m, int[] group_size) "
+    "-> Tensor[]"
+)
+
+
+def _check_multi(codes, scales, bias, group_size) -> None:
+    if not (len(codes) == len(scales) == len(bias) == len(group_size)) or not codes:
+        raise ValueError(
+            "fairy2i.packed_linear_cpu_multi needs one codes, scales, bias and group_size entry per layer, got "
+            f"{len(codes)=}, {len(scales)=}, {len(bias)=}, {len(group_size)=}"
+        )
+
+
+def packed_linear_cpu_multi_fallback(x: Tensor, codes, scales, bias, m: int, group_size) -> List[Tensor]:
+    """The Python implementation of fairy2i::packed_linear_cpu_multi: each layer's packed_linear_cpu.
+    x [..., 2m] -> [y_l [..., 2 n_l] for each layer l]."""
+    _check_multi(codes, scales, bias, group_size)
+    return [packed_linear_cpu_fallback(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size)]
+
+
+def _packed_linear_cpu_multi_fake(x, codes, scales, bias, m, group_size):
+    _check_multi(codes, scales, bias, group_size)
+    return [_packed_linear_cpu_fake(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size)]
+
+
+_LIB.impl("packed_linear_cpu_multi", packed_linear_cpu_multi_fallback, "CompositeExplicitAutograd")
+torch.library.register_fake("fairy2i::packed_linear_cpu_multi", _packed_linear_cpu_multi_fake, lib=_LIB)
 
 
 packed_linear = torch.ops.fairy2i.packed_linear.default

@@ -67,10 +67,11 @@ def _pipeline() -> List[GraphPass]:
 
 
 def _inference_pipeline() -> List[GraphPass]:
-    from . import lower_cpu_direct, lower_cpu_op, lower_infer
+    from . import fuse_siblings, lower_cpu_direct, lower_cpu_op, lower_infer
 
-    # the C++ op first, then direct calls for what is left, then the twins
-    return [lower_cpu_op.PASS, lower_cpu_direct.PASS, lower_infer.PASS]
+    # the C++ op first, its sibling calls on one input merged, then direct calls for what is
+    # left, then the twins
+    return [lower_cpu_op.PASS, fuse_siblings.PASS, lower_cpu_direct.PASS, lower_infer.PASS]
 
 
 PIPELINE: List[GraphPass] = _pipeline()
