@@ -84,6 +84,7 @@ def test_multi_keeps_leading_dims_and_dtype_and_checks_its_lists():
     for y, w in zip(got, _singles(x, layers, 20)):
         torch.testing.assert_close(y, w, rtol=0, atol=0)
     c, s, b, gs = zip(*layers)
+    torch.library.opcheck(MULTI, (torch.randn(3, 40), list(c), list(s), list(b), 20, list(gs)))  # schema, fake
     with pytest.raises((RuntimeError, ValueError), match="one .*entry per layer"):
         MULTI(x, list(c), list(s)[:1], list(b), 20, list(gs))
     with pytest.raises(ValueError, match="one codes, scales, bias and group_size entry per layer"):
