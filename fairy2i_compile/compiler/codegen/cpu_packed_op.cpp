@@ -90,6 +90,13 @@ at::Tensor lut8_layout_for(const at::Tensor& codes) {
   return layout;
 }
 
+// Whether a layer's M-token batch takes the lut8 path (opt-in): tensor or row scales, decode-sized,
+// codes that can key the layout cache. One check for packed_linear_cpu and packed_linear_cpu_multi.
+bool lut8_serves(int64_t M, const at::Tensor& codes, const at::Tensor& scales) {
+  return M > 0 && M <= g_lut8_max_tokens && lut8_enabled() && scales.size(3) == 1 &&
+         (scales.size(2) == 1 || scales.size(2) == codes.size(1)) && codes.is_contiguous() && !codes.is_inference();
+}
+
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, const at::Tensor& scales_in,
                              const std::optional<at::Tensor>& bias_in, int64_t m, int64_t group_size) {
   TORCH_CHECK(x.device().is_cpu() && codes_in.device().is_cpu(),
@@ -131,8 +138,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
   } else {
     y = at::empty(out_shape, xf.options());
     // lut8 (opt-in): tensor or row scales, decode-sized batches, codes that can key the layout cache
-    if (M > 0 && M <= g_lut8_max_tokens && (n_s == 1 || n_s == n) && G == 1 && lut8_enabled() &&
-        codes_in.is_contiguous() && !codes_in.is_inference() &&
+    if (lut8_serves(M, codes_in, scales) &&
         fairy2i_lut8_linear(xf.data_ptr<float>(), M, m, lut8_layout_for(codes_in).data_ptr<uint8_t>(), P, n, KW,
                             scales.data_ptr<float>(), n_s, bias.defined() ? bias.data_ptr<float>() : nullptr,
                             y.data_ptr<float>(), nthreads))
@@ -164,13 +170,11 @@ std::vector<at::Tensor> packed_linear_cpu_multi(const at::Tensor& x, at::TensorL
               ", got ", x.sizes());
 #if FAIRY2I_HAVE_LUT8
   const int64_t M = m > 0 ? x.numel() / (2 * m) : 0;
-  bool lut8 = M > 0 && M <= g_lut8_max_tokens && lut8_enabled() && x.device().is_cpu();
+  bool lut8 = x.device().is_cpu();
   for (int64_t l = 0; lut8 && l < nl; ++l) {
     const at::Tensor& c = codes[l];
-    const at::Tensor& s = scales[l];
-    lut8 = c.device().is_cpu() && c.dim() == 3 && c.scalar_type() == at::kInt && c.is_contiguous() &&
-           !c.is_inference() && c.size(2) == codes[0].size(2) && s.dim() == 4 && s.size(3) == 1 &&
-           (s.size(2) == 1 || s.size(2) == c.size(1));
+    lut8 = c.device().is_cpu() && c.dim() == 3 && c.scalar_type() == at::kInt && c.size(2) == codes[0].size(2) &&
+           scales[l].dim() == 4 && lut8_serves(M, c, scales[l]);
   }
   if (lut8) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();
