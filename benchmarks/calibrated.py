@@ -38,6 +38,11 @@ Configurations (``--configs``; names say what they are):
                             tokens from the end of the sample, the last eighth held out; ``--distill-lr``,
                             ``--distill-batch`` windows per step)
       -bf16                 the distillation's forwards under bf16 autocast (``distill(autocast="bfloat16")``)
+      -more{N}              (with --from-saved DIR) N further distillation steps on the model saved in DIR under
+                            the name without -more{N} (e.g. cal-w3-row-rot-c64-dist150-more100): the same
+                            training windows, a fresh warmup and cosine from --distill-lr, data order seed 1
+                            (the first run's was seed 0), the KL measured on the last quarter of the held-out
+                            eighth (32 of 128 windows for 1024)
       -gen{N}               N more distillation windows that the float model writes itself
                             (``training.generated.generate_windows``: first token drawn from the training
                             text, 3 greedy tokens, then sampling; cached); the held-out eighth stays real text
@@ -78,7 +83,7 @@ from results_io import write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
-_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16|rot|c\d+))*)$")
+_CAL = re.compile(r"^(rtn|cal)-(w|binary-t|ternary-t)(\d)((?:-(?:row|g\d+|par|noact|nts|refit|nosearch|noout|rep\d+|dist\d+|gen\d+|bf16|rot|c\d+|more\d+))*)$")
 
 
 def parse_config(name: str) -> Dict[str, Any]:
@@ -108,6 +113,7 @@ def parse_config(name: str) -> Dict[str, Any]:
             "distill_autocast": "bfloat16" if "bf16" in opts else None,
             "distill_generated": next((int(o[3:]) for o in opts if o.startswith("gen")), 0),
             "rotate": "rot" in opts,
+            "more_steps": next((int(o[4:]) for o in opts if o.startswith("more")), 0),
             "calib_samples": next((int(o[1:]) for o in opts if re.fullmatch(r"c\d+", o)), None)}
 
 
@@ -149,6 +155,32 @@ def load_saved(path: Path, name: str, settings: Dict[str, Any]) -> tuple:
     if saved is not None and any(saved.get(k) != settings.get(k) for k in ("calib_samples", "calib_seq_len", "eval_end")):
         raise SystemExit(f"--from-saved: {path} was made with other calibration settings ({saved}); use the same")
     return load_packed(path), {**row, "loaded_from": str(path)}
+
+
+def distill_more(name: str, from_saved: Path, settings: Dict[str, Any], train: torch.Tensor, lr: float,
+                 batch: int, checkpoints: Optional[Path], progress: bool) -> tuple:
+    """(model, row info) for a ``-more{N}`` row: the saved model of the name without it, N more steps."""
+    from fairy2i_compile.quantization.calibration import distill, split_holdout
+
+    base = re.sub(r"-more\d+", "", name)
+    steps = parse_config(name)["more_steps"]
+    if not parse_config(base).get("distill_steps"):
+        raise SystemExit(f"{name}: -more{{N}} continues a distilled row (-dist{{N}}); {base!r} is not one")
+    model, info = load_saved(from_saved / f"{base}.safetensors", base, settings)
+    teacher, _ = load_smollm2(progress=False)
+    windows, holdout = split_holdout(train)
+    holdout = holdout[-max(1, holdout.shape[0] // 4):]
+    t0 = time.perf_counter()
+    ckpt = None if checkpoints is None else Path(checkpoints) / f"{name}.pt"
+    d = distill(model, teacher.eval(), windows, steps=steps, lr=lr, batch_size=batch, progress=progress,
+                holdout=holdout, seed=1, checkpoint_path=ckpt)
+    times = d.history["time_s"]
+    info = {**info, "name": name, "more_steps": steps, "build_s": round(info.get("build_s", 0) + time.perf_counter() - t0, 1),
+            "distill_more": {**d.summary(), "loss": d.history["loss"], "step_s": [round(x, 2) for x in times],
+                             "s_per_step": sum(times) / max(1, len(times)),
+                             "median_s_per_step": statistics.median(times) if times else None}}
+    info.pop("saved", None)
+    return d.model, info
 
 
 def _weights(model: nn.Module) -> int:
@@ -326,6 +358,11 @@ def markdown(payload: Dict[str, Any]) -> str:
                                                         if d.get("median_s_per_step") else "") + (f" ({d['autocast']} autocast)" if d.get("autocast") else "")
                      + f"; KL {d['holdout_kl_before']:.3f} -> {d['holdout_kl_after']:.3f}"
                      + ("" if d["kept"] else " (not kept)"))
+        m = r.get("distill_more")
+        if m:
+            lines.append(f"  - then {m['steps']} more steps (lr {m['lr']:g}, seed {m['seed']}, {m['s_per_step']:.1f} s/step); "
+                         f"KL on {m['holdout_windows']} held-out windows {m['holdout_kl_before']:.3f} -> "
+                         f"{m['holdout_kl_after']:.3f}" + ("" if m["kept"] else " (not kept)"))
     return "\n".join(lines) + "\n"
 
 
@@ -392,7 +429,12 @@ def main(argv: Optional[list] = None) -> int:
     for name in args.configs:
         n_cal = parse_config(name).get("calib_samples")
         row_cal = cal if n_cal is None else calibration_windows(text, n_cal, args.calib_seq_len, avoid=eval_end)
-        if args.from_saved:
+        if parse_config(name).get("more_steps"):
+            if not args.from_saved:
+                raise SystemExit(f"{name}: -more{{N}} needs --from-saved DIR holding the row it continues")
+            model, info = distill_more(name, Path(args.from_saved), payload["settings"], train, args.distill_lr,
+                                       args.distill_batch, args.distill_checkpoints, args.distill_progress)
+        elif args.from_saved:
             model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
         else:
             model, info = build(name, row_cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
