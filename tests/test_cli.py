@@ -49,7 +49,8 @@ def test_dump_tiny_llama_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out / "graph_0")) == [
         "00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_fuse_stages.py",
-        "04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py"]
+        "04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py",
+        "09_gqa_attention.py"]
     assert (out / "summary.md").is_file() and not (out / "mlir").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["stages"] == 1 and report["summary"]["converted"] == 15  # 2 blocks x 7 + lm_head

@@ -208,7 +208,8 @@ def test_report_has_quantization_fields(tmp_path):
     assert q["dense_cache_bytes"] == 0 and q["packed"]  # the graph holds 2-bit codes + scales only
     files = sorted(p.name for p in (tmp_path / "graph_0").iterdir())
     assert files == ["00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_fuse_stages.py",
-                     "04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py"]
+                     "04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py",
+                     "09_gqa_attention.py"]
     assert "fairy2i.ptq_phase_quant.default" in (tmp_path / "graph_0" / "02_phase_quant.py").read_text()
     assert "fairy2i.ptq_packed_linear.default" in (tmp_path / "graph_0" / "03_fuse_stages.py").read_text()
 

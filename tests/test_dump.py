@@ -65,16 +65,17 @@ def test_dump_dir_has_stages_pass_summaries_mlir_and_report(tmp_path, monkeypatc
 
     assert sorted(os.listdir(tmp_path / "graph_0")) == [
         "00_captured.py", "01_widely_linear.py", "02_phase_quant.py", "03_fuse_stages.py",
-        "04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py"]
+        "04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py",
+        "09_gqa_attention.py"]
     report = json.loads((tmp_path / "report.json").read_text())
     passes = report["graphs"][0]["passes"]
     assert [p["pass"] for p in passes] == ["widely_linear", "phase_quant", "fuse_stages", "lower_cpu_op",
-                                           "fuse_siblings", "lower_cpu_direct", "lower_infer"]
+                                           "fuse_siblings", "lower_cpu_direct", "lower_infer", "gqa_attention"]
     wl, pq, fs, *lowerings = passes
     # after AOTAutograd: the 8 stage-fused PTQ ops become the C++ op, or direct calls without it
     lowered = {k: v for p in lowerings for k, v in p["counters"].items()}
     assert lowered in ({"lowered_cpu_op": 8}, {"lowered_cpu_direct": 8}), lowered
-    assert lowerings[0]["before"] == "graph_0/04_aot_inference.py" and lowerings[-1]["after"] == "graph_0/08_lower_infer.py"
+    assert lowerings[0]["before"] == "graph_0/04_aot_inference.py" and lowerings[-2]["after"] == "graph_0/08_lower_infer.py"
     assert (wl["before"], wl["after"]) == ("graph_0/00_captured.py", "graph_0/01_widely_linear.py")
     assert wl["removed"] == {"torch._C._nn.linear": 8}  # 7 per block + lm_head
     assert wl["added"]["fairy2i.widely_linear.default"] == 8 and wl["added"]["fairy2i.real_to_widely.default"] == 8
@@ -202,7 +203,8 @@ def test_dump_into_a_used_folder_holds_only_the_new_dump(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.compile(model, backend="fairy2i", options={"mode": "exact", "dump_dir": str(dump)})(x)
     assert sorted(os.listdir(dump / "graph_0")) == ["00_captured.py", "01_widely_linear.py", "02_aot_inference.py",
-                                                    "03_lower_cpu_op.py", "04_fuse_siblings.py", "05_lower_cpu_direct.py", "06_lower_infer.py"]
+                                                    "03_lower_cpu_op.py", "04_fuse_siblings.py", "05_lower_cpu_direct.py", "06_lower_infer.py",
+                                                    "07_gqa_attention.py"]
     assert sorted(os.listdir(dump)) == ["graph_0", "notes.txt", "report.json", "summary.md"]
     report = json.loads((dump / "report.json").read_text())
     assert report["config"]["mode"] == "exact" and len(report["graphs"]) == 1

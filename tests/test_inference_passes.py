@@ -49,11 +49,12 @@ def _lowered(report):
 
 
 def test_the_inference_pipeline_runs_in_table_order_and_the_direct_calls_only_in_the_eager_runner():
-    assert [p.name for p in INFERENCE_PIPELINE] == ["lower_cpu_op", "fuse_siblings", "lower_cpu_direct", "lower_infer"]
+    assert [p.name for p in INFERENCE_PIPELINE] == ["lower_cpu_op", "fuse_siblings", "lower_cpu_direct", "lower_infer",
+                                                    "gqa_attention"]
     names = lambda **o: [p.name for p in enabled_passes(Fairy2iConfig(**o), INFERENCE_PIPELINE)]  # noqa: E731
-    assert names() == ["lower_cpu_op", "fuse_siblings", "lower_cpu_direct", "lower_infer"]
+    assert names() == ["lower_cpu_op", "fuse_siblings", "lower_cpu_direct", "lower_infer", "gqa_attention"]
     # Inductor needs ops, not Python calls
-    assert names(compiler="inductor") == ["lower_cpu_op", "fuse_siblings", "lower_infer"]
+    assert names(compiler="inductor") == ["lower_cpu_op", "fuse_siblings", "lower_infer", "gqa_attention"]
 
 
 def test_no_inference_pass_touches_a_graph_without_packed_ops():
@@ -93,7 +94,8 @@ def test_lower_infer_takes_the_reference_kernel_and_the_cpu_lowerings_do_not(tmp
     assert _lowered(report) == {"lowered_infer": 2}  # negative for both CPU passes: not the C++ kernel
     assert counters["fairy2i"]["lowered_infer"] == 2
     files = sorted(os.listdir(dump / "graph_0"))
-    assert files[-5:] == ["04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py"]
+    assert files[-6:] == ["04_aot_inference.py", "05_lower_cpu_op.py", "06_fuse_siblings.py", "07_lower_cpu_direct.py", "08_lower_infer.py",
+                          "09_gqa_attention.py"]
     after = (dump / "graph_0" / "08_lower_infer.py").read_text()
     assert after.count("fairy2i.ptq_packed_linear_infer.default") == 2
     assert "'torch'" in after  # the twin runs the implementation decided at lowering
@@ -107,3 +109,24 @@ def test_training_graphs_are_not_lowered(tmp_path):
     model(torch.randn(3, 16, requires_grad=True)).sum().backward()  # forward + backward graphs
     assert _lowered(backend.reports[0]) == {} and not any(k in counters["fairy2i"] for k in LOWERINGS)
     assert not any("lower" in f for f in os.listdir(tmp_path / "graph_0"))
+
+
+# ----------------------------------------------------------------------------- Inductor's per-call asserts
+def test_inductor_inference_wrapper_has_no_size_asserts():
+    """compiler="inductor": the inference graph's Python wrapper is generated without Inductor's
+    per-call assert_size_stride / assert_alignment checks (the backend patches them off for
+    inference graphs only); plain Inductor on the same model emits them, so the check can fail.
+    Outputs equal the eager-compiler backend's."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        _, plain = run_and_get_code(torch.compile(_mlp()), x)
+        torch._dynamo.reset()
+        y, ours = run_and_get_code(torch.compile(_mlp(), backend=Fairy2iBackend({"compiler": "inductor"})), x)
+        torch._dynamo.reset()
+        y_ref = torch.compile(_mlp(), backend=Fairy2iBackend({"compiler": "eager"}))(x)
+    assert any("assert_size_stride(" in code for code in plain)
+    assert ours and not any("assert_size_stride(" in code or "assert_alignment(" in code for code in ours)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)

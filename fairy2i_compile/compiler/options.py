@@ -45,7 +45,19 @@ __all__ = [
     "ScaleGranularity",
     "packed_group_size",
     "group_size_of_packed",
+    "env_switch",
 ]
+
+ENV_OFF = ("0", "off", "false", "no")  # cpu_packed.cpp's lut8 switch reads the same words
+
+
+def env_switch(name: str) -> bool:
+    """An on-by-default switch in the environment (FAIRY2I_CPU_FUSE, FAIRY2I_CPU_OP, ...): False when
+    the variable holds 0 / off / false / no (any case, surrounding spaces ignored), else True."""
+    import os
+
+    return os.environ.get(name, "1").strip().lower() not in ENV_OFF
+
 
 MAX_STAGES = 4  # residual PhaseQuant stages T in 1..MAX_STAGES (the kernels are specialised up to 4)
 

@@ -26,13 +26,13 @@ torch 2.13; tested).
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
+from ..compiler.options import env_switch
 __all__ = ["fused_impl", "run_fused", "MIN_NUMEL"]
 
 MIN_NUMEL = 1 << 16  # weights with fewer entries run eagerly
@@ -42,7 +42,7 @@ _COMPILE_ERROR: Optional[str] = None
 
 def fused_impl() -> str:
     """Which quantizer bodies run: "inductor" (fused, compiled) or "eager (why)"."""
-    if os.environ.get("FAIRY2I_STE_COMPILE", "1").lower() in ("0", "off", "false", "no"):
+    if not env_switch("FAIRY2I_STE_COMPILE"):
         return "eager (FAIRY2I_STE_COMPILE=0)"
     if _COMPILE_ERROR is not None:
         return f"eager (compiling failed: {_COMPILE_ERROR})"

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...cache import atomic_write_text, file_sha256, kernel_cache_dir, make_private_dirs, untrusted_reason
+from ..options import env_switch
 
 __all__ = [
     "SOURCE",
@@ -262,7 +263,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     with _LOCK:
         if _LIB is not None or _ERROR is not None:
             return _LIB, _ERROR
-        if os.environ.get("FAIRY2I_CPU_KERNEL", "1").lower() in ("0", "off", "false", "no"):
+        if not env_switch("FAIRY2I_CPU_KERNEL"):
             _ERROR = "disabled by FAIRY2I_CPU_KERNEL=0"
             return None, _ERROR
         path = None
@@ -323,7 +324,7 @@ def cpu_op_available() -> Tuple[bool, str]:
     global _OP_PATH, _OP_ERROR
     with _LOCK:
         if _OP_PATH is None and _OP_ERROR is None:
-            if os.environ.get("FAIRY2I_CPU_OP", "1").lower() in ("0", "off", "false", "no"):
+            if not env_switch("FAIRY2I_CPU_OP"):
                 _OP_ERROR = "disabled by FAIRY2I_CPU_OP=0"
             else:
                 try:

@@ -67,11 +67,11 @@ def _pipeline() -> List[GraphPass]:
 
 
 def _inference_pipeline() -> List[GraphPass]:
-    from . import fuse_siblings, lower_cpu_direct, lower_cpu_op, lower_infer
+    from . import fuse_siblings, gqa_attention, lower_cpu_direct, lower_cpu_op, lower_infer
 
     # the C++ op first, its sibling calls on one input merged, then direct calls for what is
-    # left, then the twins
-    return [lower_cpu_op.PASS, fuse_siblings.PASS, lower_cpu_direct.PASS, lower_infer.PASS]
+    # left, then the twins; attention without its key/value head copies
+    return [lower_cpu_op.PASS, fuse_siblings.PASS, lower_cpu_direct.PASS, lower_infer.PASS, gqa_attention.PASS]
 
 
 PIPELINE: List[GraphPass] = _pipeline()

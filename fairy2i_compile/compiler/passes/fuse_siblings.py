@@ -30,7 +30,6 @@ defined after a sibling's first use, the switch off.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import Dict, List
 
@@ -39,6 +38,7 @@ import torch.fx as fx
 
 from . import counted_pass
 from ._fx import getitem_nodes, graph_fake_mode, insert_call
+from ..options import env_switch
 
 __all__ = ["PASS", "fuse_siblings", "fuse_enabled"]
 
@@ -48,7 +48,7 @@ _MULTI = torch.ops.fairy2i.packed_linear_cpu_multi.default
 
 def fuse_enabled() -> bool:
     """False when FAIRY2I_CPU_FUSE is set to an off value (0 / off / false / no)."""
-    return os.environ.get("FAIRY2I_CPU_FUSE", "1").strip().lower() not in ("0", "off", "false", "no")
+    return env_switch("FAIRY2I_CPU_FUSE")
 
 
 def _siblings_pattern(gm: fx.GraphModule) -> List[List[fx.Node]]:
