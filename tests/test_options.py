@@ -112,3 +112,15 @@ def test_the_quantizer_takes_the_typed_granularity():
         b = quant.phase_quant(re, im, 2, ScaleGranularity.of(g))
         assert torch.equal(a.re, b.re) and torch.equal(a.s_re, b.s_re) and a.group_size == b.group_size
         assert quant.scale_groups(4, 10, g) == quant.scale_groups(4, 10, ScaleGranularity.of(g))
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), (" False ", False), ("NO", False),
+                                       ("1", True), ("on", True), ("yes", True), ("", True), (None, True)])
+def test_env_switch_reads_the_off_words(monkeypatch, value, on):
+    from fairy2i_compile.compiler.options import env_switch
+
+    if value is None:
+        monkeypatch.delenv("FAIRY2I_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("FAIRY2I_TEST_SWITCH", value)
+    assert env_switch("FAIRY2I_TEST_SWITCH") is on
