@@ -38,8 +38,9 @@ Configurations (``--configs``; names say what they are):
                             tokens from the end of the sample, the last eighth held out; ``--distill-lr``,
                             ``--distill-batch`` windows per step)
       -bf16                 the distillation's forwards under bf16 autocast (``distill(autocast="bfloat16")``)
-      -more{N}              (with --from-saved DIR) N further distillation steps on the model saved in DIR under
-                            the name without -more{N} (e.g. cal-w3-row-rot-c64-dist150-more100): the same
+      -more{N}              (last; with --from-saved DIR) N further distillation steps on the model saved in DIR
+                            under the name without it (e.g. cal-w3-row-rot-c64-dist150-more100; chains: ...-more100-more50
+                            continues the saved ...-more100): the same
                             training windows, a fresh warmup and cosine from --distill-lr, data order seed 1
                             (the first run's was seed 0), the KL measured on the last quarter of the held-out
                             eighth (32 of 128 windows for 1024)
@@ -162,8 +163,10 @@ def distill_more(name: str, from_saved: Path, settings: Dict[str, Any], train: t
     """(model, row info) for a ``-more{N}`` row: the saved model of the name without it, N more steps."""
     from fairy2i_compile.quantization.calibration import distill, split_holdout
 
-    base = re.sub(r"-more\d+", "", name)
-    steps = parse_config(name)["more_steps"]
+    last = re.search(r"-more(\d+)$", name)
+    if last is None:
+        raise SystemExit(f"{name}: -more{{N}} goes last (it continues the row named without it)")
+    base, steps = name[:last.start()], int(last.group(1))  # a chain continues the row before the last -more
     if not parse_config(base).get("distill_steps"):
         raise SystemExit(f"{name}: -more{{N}} continues a distilled row (-dist{{N}}); {base!r} is not one")
     model, info = load_saved(from_saved / f"{base}.safetensors", base, settings)
