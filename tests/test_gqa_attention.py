@@ -1,7 +1,7 @@
 """passes/gqa_attention.py: CPU flash attention reads the un-repeated key/value heads.
 
-The law (Hypothesis, over batch, key/value heads, group size, lengths, head dim, with and
-without a mask): the rewritten graph's output equals the original's (atol = 0, the same
+The law (Hypothesis, over batch, key/value heads, group size, lengths, head dim, float32 and
+bfloat16, with and without a mask): the rewritten graph's output equals the original's (atol = 0, the same
 kernel reading the same numbers), and the head copies are gone. Negative cases: equal head
 counts, heads repeated in the other order (not what GQA means), a key not made by the
 pattern. In the backend: a decode step through a StaticCache (transformers' repeat_kv path)
@@ -40,12 +40,12 @@ def _attention(n: int, order: str = "gqa", masked: bool = True):
     return f
 
 
-def _inputs(b, hkv, n, length, s, d, seed=0):
+def _inputs(b, hkv, n, length, s, d, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * n, length, d, generator=g)
     k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
     mask = torch.randn(b, 1, length, s, generator=g)
-    return q, k, v, mask
+    return tuple(t.to(dtype) for t in (q, k, v, mask))
 
 
 def _ops(gm):
@@ -54,9 +54,10 @@ def _ops(gm):
 
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 2), hkv=st.integers(1, 3), n=st.integers(2, 4), length=st.integers(1, 5),
-       s=st.integers(1, 19), d=st.sampled_from([4, 8, 16]), masked=st.booleans())
-def test_rewritten_attention_equals_the_copying_one(b, hkv, n, length, s, d, masked):
-    args = _inputs(b, hkv, n, length, s, d)
+       s=st.integers(1, 19), d=st.sampled_from([4, 8, 16]), masked=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_rewritten_attention_equals_the_copying_one(b, hkv, n, length, s, d, masked, dtype):
+    args = _inputs(b, hkv, n, length, s, d, dtype=dtype)
     gm = make_fx(_attention(n, masked=masked), tracing_mode="fake")(*args)
     want = gm(*args)
     assert torch.ops.aten.expand.default in _ops(gm)
