@@ -114,7 +114,7 @@ def parse_config(name: str) -> Dict[str, Any]:
             "distill_autocast": "bfloat16" if "bf16" in opts else None,
             "distill_generated": next((int(o[3:]) for o in opts if o.startswith("gen")), 0),
             "rotate": "rot" in opts,
-            "more_steps": next((int(o[4:]) for o in opts if o.startswith("more")), 0),
+            "more_steps": next((int(o[4:]) for o in reversed(opts) if o.startswith("more")), 0),  # the last
             "calib_samples": next((int(o[1:]) for o in opts if re.fullmatch(r"c\d+", o)), None)}
 
 
@@ -166,7 +166,7 @@ def distill_more(name: str, from_saved: Path, settings: Dict[str, Any], train: t
     last = re.search(r"-more(\d+)$", name)
     if last is None:
         raise SystemExit(f"{name}: -more{{N}} goes last (it continues the row named without it)")
-    base, steps = name[:last.start()], int(last.group(1))  # a chain continues the row before the last -more
+    base, steps = name[:last.start()], parse_config(name)["more_steps"]  # a chain continues the row before it
     if not parse_config(base).get("distill_steps"):
         raise SystemExit(f"{name}: -more{{N}} continues a distilled row (-dist{{N}}); {base!r} is not one")
     model, info = load_saved(from_saved / f"{base}.safetensors", base, settings)
@@ -430,9 +430,10 @@ def main(argv: Optional[list] = None) -> int:
     zs = set(args.configs if args.zero_shot_configs is None else args.zero_shot_configs)
     examples = {t: ev.load_task(t, limit=args.limit) for t in args.tasks}
     for name in args.configs:
-        n_cal = parse_config(name).get("calib_samples")
+        cfg = parse_config(name)
+        n_cal = cfg.get("calib_samples")
         row_cal = cal if n_cal is None else calibration_windows(text, n_cal, args.calib_seq_len, avoid=eval_end)
-        if parse_config(name).get("more_steps"):
+        if cfg.get("more_steps"):
             if not args.from_saved:
                 raise SystemExit(f"{name}: -more{{N}} needs --from-saved DIR holding the row it continues")
             model, info = distill_more(name, Path(args.from_saved), payload["settings"], train, args.distill_lr,

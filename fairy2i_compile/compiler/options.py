@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
@@ -54,8 +55,6 @@ ENV_OFF = ("0", "off", "false", "no")  # cpu_packed.cpp's lut8 switch reads the 
 def env_switch(name: str) -> bool:
     """An on-by-default switch in the environment (FAIRY2I_CPU_FUSE, FAIRY2I_CPU_OP, ...): False when
     the variable holds 0 / off / false / no (any case, surrounding spaces ignored), else True."""
-    import os
-
     return os.environ.get(name, "1").strip().lower() not in ENV_OFF
 
 

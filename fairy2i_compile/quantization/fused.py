@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..compiler.options import env_switch
+
 __all__ = ["fused_impl", "run_fused", "MIN_NUMEL"]
 
 MIN_NUMEL = 1 << 16  # weights with fewer entries run eagerly
