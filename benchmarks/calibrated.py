@@ -41,8 +41,8 @@ Configurations (``--configs``; names say what they are):
       -more{N}              (last; with --from-saved DIR) N further distillation steps on the model saved in DIR
                             under the name without it (e.g. cal-w3-row-rot-c64-dist150-more100; chains: ...-more100-more50
                             continues the saved ...-more100): the same
-                            training windows, a fresh warmup and cosine from --distill-lr, data order seed 1
-                            (the first run's was seed 0), the KL measured on the last quarter of the held-out
+                            training windows, a fresh warmup and cosine from --distill-lr, data order seed =
+                            the number of -more in the name (the first run's was seed 0), the KL measured on the last quarter of the held-out
                             eighth (32 of 128 windows for 1024)
       -gen{N}               N more distillation windows that the float model writes itself
                             (``training.generated.generate_windows``: first token drawn from the training
@@ -176,12 +176,14 @@ def distill_more(name: str, from_saved: Path, settings: Dict[str, Any], train: t
     t0 = time.perf_counter()
     ckpt = None if checkpoints is None else Path(checkpoints) / f"{name}.pt"
     d = distill(model, teacher.eval(), windows, steps=steps, lr=lr, batch_size=batch, progress=progress,
-                holdout=holdout, seed=1, checkpoint_path=ckpt)
+                holdout=holdout, seed=name.count("-more"), checkpoint_path=ckpt)  # each link its own data order
     times = d.history["time_s"]
+    earlier = info.get("distill_more") or []
+    earlier = [earlier] if isinstance(earlier, dict) else list(earlier)  # rows saved before chains kept a list
     info = {**info, "name": name, "more_steps": steps, "build_s": round(info.get("build_s", 0) + time.perf_counter() - t0, 1),
-            "distill_more": {**d.summary(), "loss": d.history["loss"], "step_s": [round(x, 2) for x in times],
-                             "s_per_step": sum(times) / max(1, len(times)),
-                             "median_s_per_step": statistics.median(times) if times else None}}
+            "distill_more": earlier + [{**d.summary(), "loss": d.history["loss"], "step_s": [round(x, 2) for x in times],
+                                                "s_per_step": sum(times) / max(1, len(times)),
+                                                "median_s_per_step": statistics.median(times) if times else None}]}
     info.pop("saved", None)
     return d.model, info
 
@@ -361,8 +363,8 @@ def markdown(payload: Dict[str, Any]) -> str:
                                                         if d.get("median_s_per_step") else "") + (f" ({d['autocast']} autocast)" if d.get("autocast") else "")
                      + f"; KL {d['holdout_kl_before']:.3f} -> {d['holdout_kl_after']:.3f}"
                      + ("" if d["kept"] else " (not kept)"))
-        m = r.get("distill_more")
-        if m:
+        more = r.get("distill_more") or []
+        for m in [more] if isinstance(more, dict) else more:
             lines.append(f"  - then {m['steps']} more steps (lr {m['lr']:g}, seed {m['seed']}, {m['s_per_step']:.1f} s/step); "
                          f"KL on {m['holdout_windows']} held-out windows {m['holdout_kl_before']:.3f} -> "
                          f"{m['holdout_kl_after']:.3f}" + ("" if m["kept"] else " (not kept)"))

@@ -56,6 +56,26 @@ def test_the_table_lists_each_distillation(bench):
            "KL 2.181 -> 1.556" in text
 
 
+def test_the_table_lists_every_link_of_a_continued_chain(bench):
+    settings = {"windows": 8, "seq_len": 2048, "prepended": None, "calib_samples": 16, "calib_seq_len": 512,
+                "calib_start": 1, "eval_end": 16384, "tasks": [], "limit": 500}
+    distill = {"steps": 150, "train_tokens_per_step": 1024, "lr": 1e-3, "train_windows": 896, "holdout_windows": 128,
+               "s_per_step": 31.0, "holdout_kl_before": 0.569, "holdout_kl_after": 0.492, "kept": True}
+    link = {"steps": 100, "lr": 5e-4, "seed": 1, "s_per_step": 24.4, "holdout_windows": 32,
+            "holdout_kl_before": 0.472, "holdout_kl_after": 0.443, "kept": True}
+    second = {**link, "steps": 150, "lr": 3e-4, "seed": 2, "holdout_kl_before": 0.443, "holdout_kl_after": 0.43,
+              "kept": False}
+    old = {"name": "cal-w3-dist150-more100", "bits_per_weight": 3.29, "ppl": 32.18, "distill": distill,
+           "distill_more": link}  # rows written before chains stored one dict
+    new = {"name": "cal-w3-dist150-more100-more150", "bits_per_weight": 3.29, "ppl": 31.5, "distill": distill,
+           "distill_more": [link, second]}
+    text = bench.markdown({"machine": "x86_64, 2 threads", "torch": "2.13.0", "settings": settings, "rows": [old, new]})
+    assert text.count("  - then 100 more steps (lr 0.0005, seed 1, 24.4 s/step); KL on 32 held-out windows "
+                      "0.472 -> 0.443") == 2
+    assert "  - then 150 more steps (lr 0.0003, seed 2, 24.4 s/step); KL on 32 held-out windows 0.443 -> 0.430 " \
+           "(not kept)" in text
+
+
 def test_saved_rows_load_with_how_they_were_built_and_mismatches_are_named(bench, tmp_path):
     from fairy2i_compile import pack_model, save_packed
 
