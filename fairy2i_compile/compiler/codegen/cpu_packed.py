@@ -103,6 +103,8 @@ LUT8_MAX_TOKENS = 8          # the opt-in int8-table path (FAIRY2I_CPU_LUT8=1) u
                              # thread: 1.7-1.9x the fold/decode paths at 8 tokens with tensor scales, 1.0-1.1x with row
                              # scales; 1.3x / 0.8x at 16)
 GEMM_MIN_TOKENS = 64         # from here on: decode row blocks, multiply them with the BLAS GEMM (measured crossover 32-128)
+MULTI_MAX = 8                # sibling layers in one multi call (passes/fuse_siblings.py splits larger groups): the ops
+                             # packed_linear_cpu_multi / ptq_packed_linear_cpu_multi have one overload n2 .. n{MULTI_MAX}
 _BLOCK_BYTES = 2 << 20       # dense bytes of one decoded row block (fits in L2/L3)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -228,7 +230,7 @@ def _op_flags() -> list:
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-DFAIRY2I_FOLD_MAX_TOKENS={FOLD_MAX_TOKENS}", f"-DFAIRY2I_GEMM_MIN_TOKENS={GEMM_MIN_TOKENS}",
         f"-DFAIRY2I_LUT_MAX_TOKENS={LUT_MAX_TOKENS}", f"-DFAIRY2I_LUT8_MAX_TOKENS={LUT8_MAX_TOKENS}",
-        f"-DFAIRY2I_BLOCK_BYTES={_BLOCK_BYTES}", f"-DFAIRY2I_TORCH_VERSION={torch.__version__!r}",
+        f"-DFAIRY2I_BLOCK_BYTES={_BLOCK_BYTES}", f"-DFAIRY2I_MULTI_MAX={MULTI_MAX}", f"-DFAIRY2I_TORCH_VERSION={torch.__version__!r}",
         f"-I{SOURCE.parent}", *(f"-I{d}" for d in cpp_extension.include_paths()),
     ]
 
@@ -311,7 +313,8 @@ def cpu_kernel_available() -> Tuple[bool, str]:
 
 def _op_registered() -> bool:
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fairy2i::{op}", "CPU")
-               for op in ("packed_linear_cpu", "ptq_packed_linear_cpu"))
+               for op in ("packed_linear_cpu", "ptq_packed_linear_cpu", f"packed_linear_cpu_multi.n{MULTI_MAX}",
+                          f"ptq_packed_linear_cpu_multi.n{MULTI_MAX}"))
 
 
 def cpu_op_available() -> Tuple[bool, str]:

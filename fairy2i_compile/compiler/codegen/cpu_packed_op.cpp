@@ -11,6 +11,9 @@
 // Python through the op fairy2i::ptq_pack_slot, which returns the cache's tensors (packing
 // them if the weight changed). Weak references: freeing the parameter frees its codes.
 //
+// fairy2i::packed_linear_cpu_multi.n{k} / ptq_packed_linear_cpu_multi.n{k}: k sibling layers on the
+// same activations in one call (passes/fuse_siblings.py); one boxed kernel per family below.
+//
 // The op's schema, its fake implementation and a Python fallback (the same kernel through
 // ctypes) live in ops/packed.py and ops/ptq_packed.py; this file only adds the CPU kernel. It computes exactly
 // what cpu_packed.py's cpu_forward computes, with the same paths and thresholds:
@@ -152,7 +155,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& codes_in, co
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-// fairy2i::packed_linear_cpu_multi: several packed layers that read the same activations (q/k/v,
+// packed_linear_cpu_multi: several packed layers that read the same activations (q/k/v,
 // gate/up; passes/fuse_siblings.py groups them), one call. Where every layer takes the lut8 path
 // (same conditions as packed_linear_cpu), one lut8_linear_layers call serves them all: the block
 // maxima and the row-scale tables are built once per token, and the row blocks of all layers share
@@ -233,38 +236,109 @@ bool ptq_lookup(int64_t slot, const at::Tensor& a, at::Tensor& codes, at::Tensor
   return true;
 }
 
+// The codes, scales and group size of PTQ weight `a` in `slot`: from the weak references while the
+// weight key matches, else packed through Python (fairy2i::ptq_pack_slot, the PTQ cache) and recorded.
+void ptq_resolve(const at::Tensor& a, int64_t slot, int64_t stages, const std::string& granularity,
+                 const std::string& name, at::Tensor& codes, at::Tensor& scales, int64_t& group_size) {
+  if (slot >= 0 && ptq_lookup(slot, a, codes, scales, group_size)) return;
+  static const c10::OperatorHandle pack = c10::Dispatcher::singleton().findSchemaOrThrow("fairy2i::ptq_pack_slot", "");
+  torch::jit::Stack stack{c10::IValue(a), c10::IValue(slot), c10::IValue(stages), c10::IValue(granularity),
+                          c10::IValue(name)};
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // packing records no gradient
+    pack.callBoxed(&stack);
+  }
+  codes = stack[0].toTensor();
+  scales = stack[1].toTensor();
+  group_size = stack[2].toInt();
+  if (slot >= 0) {
+    std::lock_guard<std::mutex> lock(g_ptq_mutex);
+    g_ptq.insert_or_assign(slot, PtqEntry{a.data_ptr(), a._version(), a.sizes().vec(), a.scalar_type(),
+                                          WeakTensor(codes.getIntrusivePtr()), WeakTensor(scales.getIntrusivePtr()),
+                                          group_size});
+  }
+}
+
+void check_ptq_shapes(const at::Tensor& x, const at::Tensor& a, const std::string& name) {
+  TORCH_CHECK(a.dim() == 2 && x.size(-1) == a.size(1), "fairy2i.ptq_packed_linear_cpu (", name, "): activations ",
+              x.sizes(), " do not match the weight ", a.sizes());
+}
+
 at::Tensor ptq_packed_linear_cpu(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& bias,
                                  int64_t slot, int64_t stages, c10::string_view granularity, c10::string_view name) {
-  TORCH_CHECK(a.dim() == 2 && x.size(-1) == a.size(1), "fairy2i.ptq_packed_linear_cpu (", std::string(name),
-              "): activations ", x.sizes(), " do not match the weight ", a.sizes());
+  check_ptq_shapes(x, a, std::string(name));
   at::Tensor codes, scales;
   int64_t group_size = 0;
-  if (slot < 0 || !ptq_lookup(slot, a, codes, scales, group_size)) {
-    static const c10::OperatorHandle pack =
-        c10::Dispatcher::singleton().findSchemaOrThrow("fairy2i::ptq_pack_slot", "");
-    torch::jit::Stack stack{c10::IValue(a), c10::IValue(slot), c10::IValue(stages),
-                            c10::IValue(std::string(granularity)), c10::IValue(std::string(name))};
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // packing records no gradient
-      pack.callBoxed(&stack);
-    }
-    codes = stack[0].toTensor();
-    scales = stack[1].toTensor();
-    group_size = stack[2].toInt();
-    if (slot >= 0) {
-      std::lock_guard<std::mutex> lock(g_ptq_mutex);
-      g_ptq.insert_or_assign(slot, PtqEntry{a.data_ptr(), a._version(), a.sizes().vec(), a.scalar_type(),
-                                            WeakTensor(codes.getIntrusivePtr()), WeakTensor(scales.getIntrusivePtr()),
-                                            group_size});
-    }
-  }
+  ptq_resolve(a, slot, stages, std::string(granularity), std::string(name), codes, scales, group_size);
   return packed_linear_cpu(x, codes, scales, bias, a.size(1) / 2, group_size);
 }
+
+// The overloads packed_linear_cpu_multi.n{k} and ptq_packed_linear_cpu_multi.n{k} (k = 2 ..
+// FAIRY2I_MULTI_MAX) return k tensors (a fixed tuple, not Tensor[]: Inductor's C++ wrapper calls an
+// op whose returns are plain tensors through the dispatcher, a Tensor[] one through Python). One
+// boxed kernel per family serves every k; the schema's return count must equal the layer count.
+void push_outputs(const c10::OperatorHandle& op, torch::jit::Stack* stack, std::vector<at::Tensor>&& ys) {
+  TORCH_CHECK(ys.size() == op.schema().returns().size(), "fairy2i.", op.schema().name(), ".",
+              op.schema().overload_name(), " returns ", op.schema().returns().size(), " outputs, but got ", ys.size(),
+              " layers; call the overload n", ys.size());
+  for (auto& y : ys) torch::jit::push(*stack, std::move(y));
+}
+
+void multi_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  auto args = torch::jit::last(*stack, 6);
+  const at::Tensor x = args[0].toTensor();
+  const std::vector<at::Tensor> codes = args[1].toTensorVector(), scales = args[2].toTensorVector();
+  const c10::List<std::optional<at::Tensor>> bias = args[3].toOptionalTensorList();
+  const int64_t m = args[4].toInt();
+  const std::vector<int64_t> group_size = args[5].toIntVector();
+  std::vector<at::Tensor> ys = packed_linear_cpu_multi(x, codes, scales, bias, m, group_size);
+  torch::jit::drop(*stack, 6);
+  push_outputs(op, stack, std::move(ys));
+}
+
+// (x, a[], bias[], slot[], stages[], granularity[], name[]): each weight's codes from the PTQ
+// cache (ptq_resolve), then packed_linear_cpu_multi, so the outputs equal each layer's
+// ptq_packed_linear_cpu call exactly.
+void ptq_multi_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  auto args = torch::jit::last(*stack, 7);
+  const at::Tensor x = args[0].toTensor();
+  const std::vector<at::Tensor> a = args[1].toTensorVector();
+  const c10::List<std::optional<at::Tensor>> bias = args[2].toOptionalTensorList();
+  const std::vector<int64_t> slot = args[3].toIntVector(), stages = args[4].toIntVector();
+  const auto gran = args[5].toListRef(), name = args[6].toListRef();
+  const size_t nl = a.size();
+  TORCH_CHECK(nl >= 1 && bias.size() == nl && slot.size() == nl && stages.size() == nl && gran.size() == nl &&
+                  name.size() == nl,
+              "fairy2i.ptq_packed_linear_cpu_multi needs one a, bias, slot, stages, granularity and name entry per "
+              "layer, got ", nl, ", ", bias.size(), ", ", slot.size(), ", ", stages.size(), ", ", gran.size(), ", ",
+              name.size());
+  std::vector<at::Tensor> codes(nl), scales(nl);
+  std::vector<int64_t> group_size(nl);
+  for (size_t l = 0; l < nl; ++l) {
+    TORCH_CHECK(a[l].size(1) == a[0].size(1), "fairy2i.ptq_packed_linear_cpu_multi (", name[l].toStringRef(),
+                "): every weight must have the in_features of the first, ", a[0].size(1), ", got ", a[l].sizes());
+    check_ptq_shapes(x, a[l], name[l].toStringRef());
+    ptq_resolve(a[l], slot[l], stages[l], gran[l].toStringRef(), name[l].toStringRef(), codes[l], scales[l],
+                group_size[l]);
+  }
+  std::vector<at::Tensor> ys = packed_linear_cpu_multi(x, codes, scales, bias, a[0].size(1) / 2, group_size);
+  torch::jit::drop(*stack, 7);
+  push_outputs(op, stack, std::move(ys));
+}
+
+#if !defined(FAIRY2I_MULTI_MAX)
+#error "build through fairy2i_compile.codegen.cpu_packed, which defines FAIRY2I_MULTI_MAX"
+#endif
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fairy2i, CPU, lib) {
   lib.impl("packed_linear_cpu", &packed_linear_cpu);
   lib.impl("ptq_packed_linear_cpu", &ptq_packed_linear_cpu);
-  lib.impl("packed_linear_cpu_multi", &packed_linear_cpu_multi);
+  for (int k = 2; k <= FAIRY2I_MULTI_MAX; ++k) {
+    const std::string overload = ".n" + std::to_string(k);
+    lib.impl(("packed_linear_cpu_multi" + overload).c_str(), torch::CppFunction::makeFromBoxedFunction<&multi_boxed>());
+    lib.impl(("ptq_packed_linear_cpu_multi" + overload).c_str(),
+             torch::CppFunction::makeFromBoxedFunction<&ptq_multi_boxed>());
+  }
 }

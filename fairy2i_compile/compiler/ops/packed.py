@@ -37,7 +37,7 @@ For CPU inference graphs, codegen/lower.py swaps a packed layer on the C++ kerne
 registers in C++; its Python implementation here runs the same kernel through ctypes. Sibling
 layers that read the same activations then become one call (passes/fuse_siblings.py):
 
-    fairy2i::packed_linear_cpu_multi(x, [codes], [scales], [bias], m, [group_size]) -> [y]
+    fairy2i::packed_linear_cpu_multi.n{k}(x, [codes], [scales], [bias], m, [group_size]) -> (y_1, .., y_k)
 
 Autograd: no gradient to codes/scales/m (they are not trainable); x and bias get
 theirs (dL/dx = g @ A_hat, rebuilt from the codes in the backward only).
@@ -50,6 +50,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from ..codegen.cpu_packed import MULTI_MAX
 from ..codegen.dispatch import check_kernel_name, implementation
 from .packed_reference import FLOAT_DTYPES, check_packed_linear, dequantize_packed, packed_linear_body
 
@@ -58,7 +59,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "packed_linear",
     "packed_linear_cpu_fallback",
+    "packed_linear_cpu_multi",
     "packed_linear_cpu_multi_fallback",
+    "MULTI_MAX",
     "packed_linear_reference",
     "dequantize_packed",
     "check_packed_linear",
@@ -166,35 +169,53 @@ torch.library.register_fake("fairy2i::packed_linear_cpu", _packed_linear_cpu_fak
 # (passes/fuse_siblings.py groups packed_linear_cpu calls into it): one dispatcher call and, on the
 # lut8 path, one parallel region and one set of activation tables instead of one per layer. Each
 # output equals that layer's packed_linear_cpu call exactly; its CPU kernel is in
-# cpu_packed_op.cpp, this Python implementation runs the layers one by one.
-_LIB.define(
-    "packed_linear_cpu_multi(Tensor x, Tensor[] codes, Tensor[] scales, Tensor?[] bias, int m, int[] group_size) "
-    "-> Tensor[]"
-)
-
-
-def _check_multi(codes, scales, bias, group_size) -> None:
-    if not (len(codes) == len(scales) == len(bias) == len(group_size)) or not codes:
+# cpu_packed_op.cpp, this Python implementation runs the layers one by one. One overload per layer
+# count k = 2 .. MULTI_MAX, returning k tensors: a fixed tuple, because Inductor's C++ wrapper calls
+# an op with plain tensor returns straight through the dispatcher and one returning Tensor[]
+# through a Python callback (~100 us a call).
+def _check_multi(codes, scales, bias, group_size, k: int) -> None:
+    if not (len(codes) == len(scales) == len(bias) == len(group_size) == k):
         raise ValueError(
-            "fairy2i.packed_linear_cpu_multi needs one codes, scales, bias and group_size entry per layer, got "
-            f"{len(codes)=}, {len(scales)=}, {len(bias)=}, {len(group_size)=}"
+            f"fairy2i.packed_linear_cpu_multi.n{k} needs one codes, scales, bias and group_size entry for each of its "
+            f"{k} layers, got {len(codes)=}, {len(scales)=}, {len(bias)=}, {len(group_size)=}; call "
+            f"packed_linear_cpu_multi(len(codes)) for the overload of that many layers"
         )
 
 
-def packed_linear_cpu_multi_fallback(x: Tensor, codes, scales, bias, m: int, group_size) -> List[Tensor]:
-    """The Python implementation of fairy2i::packed_linear_cpu_multi: each layer's packed_linear_cpu.
-    x [..., 2m] -> [y_l [..., 2 n_l] for each layer l]."""
-    _check_multi(codes, scales, bias, group_size)
-    return [packed_linear_cpu_fallback(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size)]
+def packed_linear_cpu_multi_fallback(x: Tensor, codes, scales, bias, m: int, group_size) -> tuple:
+    """The Python implementation of fairy2i::packed_linear_cpu_multi.n{k}: each layer's packed_linear_cpu.
+    x [..., 2m] -> (y_l [..., 2 n_l] for each layer l)."""
+    _check_multi(codes, scales, bias, group_size, len(codes))
+    return tuple(packed_linear_cpu_fallback(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size))
 
 
-def _packed_linear_cpu_multi_fake(x, codes, scales, bias, m, group_size):
-    _check_multi(codes, scales, bias, group_size)
-    return [_packed_linear_cpu_fake(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size)]
+def _define_multi(k: int) -> None:
+    name = f"packed_linear_cpu_multi.n{k}"
+    _LIB.define(f"{name}(Tensor x, Tensor[] codes, Tensor[] scales, Tensor?[] bias, int m, int[] group_size) -> "
+                f"({', '.join(['Tensor'] * k)})")
+
+    def fallback(x, codes, scales, bias, m, group_size):
+        _check_multi(codes, scales, bias, group_size, k)
+        return packed_linear_cpu_multi_fallback(x, codes, scales, bias, m, group_size)
+
+    def fake(x, codes, scales, bias, m, group_size):
+        _check_multi(codes, scales, bias, group_size, k)
+        return tuple(_packed_linear_cpu_fake(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size))
+
+    _LIB.impl(name, fallback, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fairy2i::{name}", fake, lib=_LIB)
 
 
-_LIB.impl("packed_linear_cpu_multi", packed_linear_cpu_multi_fallback, "CompositeExplicitAutograd")
-torch.library.register_fake("fairy2i::packed_linear_cpu_multi", _packed_linear_cpu_multi_fake, lib=_LIB)
+for _k in range(2, MULTI_MAX + 1):
+    _define_multi(_k)
+
+
+def packed_linear_cpu_multi(k: int):
+    """The overload of fairy2i::packed_linear_cpu_multi for k layers (2 <= k <= MULTI_MAX)."""
+    if not 2 <= k <= MULTI_MAX:
+        raise ValueError(f"fairy2i.packed_linear_cpu_multi has overloads for 2 .. {MULTI_MAX} layers, not {k}; "
+                         f"split the group (passes/fuse_siblings.py does)")
+    return getattr(torch.ops.fairy2i.packed_linear_cpu_multi, f"n{k}")
 
 
 packed_linear = torch.ops.fairy2i.packed_linear.default

@@ -8,6 +8,9 @@
     ptq_packed_linear_infer(...)   the same without autograd and checks (inference graphs, codegen/lower.py)
     ptq_packed_linear_cpu(x, a, bias, slot, stages, granularity, name)
         CPU inference graphs; its C++ kernel skips Python while the weight key is unchanged
+    ptq_packed_linear_cpu_multi.n{k}(x, [a], [bias], [slot], [stages], [granularity], [name]) -> (y_1, .., y_k)
+        sibling layers on the same x in one call (passes/fuse_siblings.py), each output exactly its
+        ptq_packed_linear_cpu call
     ptq_pack_slot(a, slot, stages, granularity, name) -> (codes, scales, group_size)
         what that C++ kernel calls when the key changed
     ptq_packed_dequant(a, slot, stages, granularity, name) -> A_hat   (the backward's dense weight)
@@ -21,13 +24,13 @@ import torch
 from torch import Tensor
 
 from ...quantization import quant
-from .packed import run_packed
+from .packed import MULTI_MAX, packed_linear_cpu_multi_fallback, run_packed
 from .packed_reference import check_packed_linear, dequantize_packed
 from .ptq_cache import cached
 from .quantize import decode_granularity, pack_layer, ptq_phase_quant_traceable
 from .widely import widely_to_real_reference
 
-__all__ = ["BODIES", "ptq_packed_linear_direct"]
+__all__ = ["BODIES", "ptq_packed_linear_direct", "ptq_packed_linear_cpu_multi", "ptq_packed_linear_cpu_multi_fallback"]
 
 # Defined with torch.library.Library (not @custom_op) for the same per-call overhead reason
 # as fairy2i::packed_linear (ops/packed.py): it runs once per layer per decoded token.
@@ -118,6 +121,63 @@ _LIB.impl("ptq_pack_slot", _ptq_pack_slot, "CompositeExplicitAutograd")
 def _(x, a, bias, slot, stages, granularity, name):
     _check_same_dtype(x, a, name)
     return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
+# Sibling PTQ layers on the same activations (passes/fuse_siblings.py), like
+# packed_linear_cpu_multi.n{k} in ops/packed.py: one overload per layer count k, k tensors out; the
+# C++ kernel (cpu_packed_op.cpp) resolves each weight's codes as ptq_packed_linear_cpu does and
+# runs them as one packed_linear_cpu_multi call. This Python implementation: the cache, then each
+# layer through the same kernel.
+def _check_ptq_multi(x, a, bias, slot, stages, granularity, name, k: int) -> None:
+    if not (len(a) == len(bias) == len(slot) == len(stages) == len(granularity) == len(name) == k):
+        raise ValueError(
+            f"fairy2i.ptq_packed_linear_cpu_multi.n{k} needs one a, bias, slot, stages, granularity and name entry for "
+            f"each of its {k} layers, got {len(a)}, {len(bias)}, {len(slot)}, {len(stages)}, {len(granularity)}, "
+            f"{len(name)}"
+        )
+    for w, n in zip(a, name):
+        _check_same_dtype(x, w, n)
+        if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"fairy2i.ptq_packed_linear_cpu_multi ({n}): activations {tuple(x.shape)} do not match "
+                             f"the weight {tuple(w.shape)}")
+
+
+def ptq_packed_linear_cpu_multi_fallback(x, a, bias, slot, stages, granularity, name) -> tuple:
+    """The Python implementation of fairy2i::ptq_packed_linear_cpu_multi.n{k}: each weight's codes
+    from the PTQ cache, then packed_linear_cpu_multi's fallback (each layer through the same kernel)."""
+    _check_ptq_multi(x, a, bias, slot, stages, granularity, name, len(a))
+    pks = [_packed_for(*args) for args in zip(a, slot, stages, granularity, name)]
+    return packed_linear_cpu_multi_fallback(x, [p.codes for p in pks], [p.scales for p in pks], list(bias),
+                                            pks[0].m, [p.packed_group_size for p in pks])
+
+
+def _define_ptq_multi(k: int) -> None:
+    op = f"ptq_packed_linear_cpu_multi.n{k}"
+    _LIB.define(f"{op}(Tensor x, Tensor[] a, Tensor?[] bias, int[] slot, int[] stages, str[] granularity, "
+                f"str[] name) -> ({', '.join(['Tensor'] * k)})")
+
+    def fallback(x, a, bias, slot, stages, granularity, name):
+        _check_ptq_multi(x, a, bias, slot, stages, granularity, name, k)
+        return ptq_packed_linear_cpu_multi_fallback(x, a, bias, slot, stages, granularity, name)
+
+    def fake(x, a, bias, slot, stages, granularity, name):
+        _check_ptq_multi(x, a, bias, slot, stages, granularity, name, k)
+        return tuple(x.new_empty((*x.shape[:-1], w.shape[0])) for w in a)
+
+    _LIB.impl(op, fallback, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fairy2i::{op}", fake, lib=_LIB)
+
+
+for _k in range(2, MULTI_MAX + 1):
+    _define_ptq_multi(_k)
+
+
+def ptq_packed_linear_cpu_multi(k: int):
+    """The overload of fairy2i::ptq_packed_linear_cpu_multi for k layers (2 <= k <= MULTI_MAX)."""
+    if not 2 <= k <= MULTI_MAX:
+        raise ValueError(f"fairy2i.ptq_packed_linear_cpu_multi has overloads for 2 .. {MULTI_MAX} layers, not {k}; "
+                         f"split the group (passes/fuse_siblings.py does)")
+    return getattr(torch.ops.fairy2i.ptq_packed_linear_cpu_multi, f"n{k}")
 
 
 def ptq_packed_linear_direct(x, a, bias, slot, stages, granularity, name, kernel):
