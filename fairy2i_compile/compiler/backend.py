@@ -200,7 +200,13 @@ def _lower(gm: fx.GraphModule, example_inputs, config: Fairy2iConfig, dumper: Gr
             if not inference:
                 return compile_fx_inner(graph, inputs, **kwargs)
             inference_passes(graph, inputs)
-            with torch._inductor.config.patch(INFERENCE_INDUCTOR_CONFIG):
+            patches = dict(INFERENCE_INDUCTOR_CONFIG)
+            if config.cpp_wrapper:
+                from torch._inductor.compile_fx import get_cpp_wrapper_config
+
+                patches.update(get_cpp_wrapper_config(), cpp_wrapper=True, cpp_wrapper_build_separate=True)
+                kwargs["cpp_wrapper"] = True
+            with torch._inductor.config.patch(patches):
                 return compile_fx_inner(graph, inputs, **kwargs)
 
         # AOTAutograd's cache would hand back a whole compiled graph without calling `inner`:

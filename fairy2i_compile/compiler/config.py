@@ -71,6 +71,13 @@ class Fairy2iConfig:
     compiler:          what runs the graph after AOTAutograd: "eager" (default: no
                        code generation, compiles in about a second on CPU) or
                        "inductor" (generated code; 15-35 s per graph cold on 2 cores).
+    cpp_wrapper:       with compiler="inductor": inference graphs are built with Inductor's C++
+                       wrapper (the generated kernels and every op call, packed ops included,
+                       run from generated C++ instead of a Python function: less fixed cost per
+                       call, which is what a decode step of a small model is made of), the
+                       wrapper compiled apart from the kernels (cpp_wrapper_build_separate).
+                       Cold compiles take longer (C++ wrapper code); training graphs keep the
+                       Python wrapper. Default False.
     """
 
     mode: str = "ptq"
@@ -81,12 +88,20 @@ class Fairy2iConfig:
     dump_dir: Optional[str] = None
     kernel: str = "auto"
     compiler: str = "eager"
+    cpp_wrapper: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode, "option 'mode'"))
         object.__setattr__(self, "method", Method.parse(self.method, "option 'method'"))
         _check_choice("kernel", self.kernel, kernel_names())
         object.__setattr__(self, "compiler", Compiler.parse(self.compiler, "option 'compiler'"))
+        if not isinstance(self.cpp_wrapper, bool):
+            raise ValueError(f"option 'cpp_wrapper' must be True or False, got {self.cpp_wrapper!r}")
+        if self.cpp_wrapper and self.compiler != Compiler.INDUCTOR:
+            raise ValueError(
+                f"option 'cpp_wrapper' builds Inductor's C++ wrapper, but compiler={str(self.compiler)!r} "
+                "generates no code; pass compiler='inductor' with it"
+            )
         stages = check_stages(self.stages, "option 'stages'", "use 1 for Fairy2i-W1 or 2 for Fairy2i-W2")
         object.__setattr__(self, "stages", stages)  # a plain int (a numpy int is not JSON)
         try:
