@@ -166,3 +166,25 @@ def test_op_runs_lut8_when_switched_on():
     proc = subprocess.run([sys.executable, "-c", _OP_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@needs_lut8
+@pytest.mark.skipif(not cpu_packed.cpu_op_available()[0], reason="the C++ op registration is unavailable")
+@pytest.mark.parametrize("value, status", [(" On ", "on"), ("yes", "on"), ("off", "off"), ("maybe", "off")])
+def test_the_switch_reaches_both_libraries_through_options_env_switch(value, status):
+    """The C++ code reads no environment variable: cpu_packed.py hands it FAIRY2I_CPU_LUT8 as
+    options.env_switch(..., default=False) reads it (spaces and case ignored, unknown words off), to
+    the ctypes library and to the op registration alike."""
+    script = textwrap.dedent("""
+        import ctypes, torch
+        from fairy2i_compile.compiler.codegen import cpu_packed
+        ok, path = cpu_packed.cpu_op_available()
+        op_lib = ctypes.CDLL(path)
+        op_lib.fairy2i_cpu_lut8.restype = ctypes.c_int
+        print(cpu_packed.cpu_lut8_status(), {0: "absent", 1: "off", 2: "on"}[op_lib.fairy2i_cpu_lut8()])
+    """)
+    env = dict(os.environ, FAIRY2I_CPU_LUT8=value, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == [status, status]

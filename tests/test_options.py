@@ -114,9 +114,11 @@ def test_the_quantizer_takes_the_typed_granularity():
         assert quant.scale_groups(4, 10, g) == quant.scale_groups(4, 10, ScaleGranularity.of(g))
 
 
-@pytest.mark.parametrize("value, on", [("0", False), ("off", False), (" False ", False), ("NO", False),
-                                       ("1", True), ("on", True), ("yes", True), ("", True), (None, True)])
-def test_env_switch_reads_the_off_words(monkeypatch, value, on):
+@pytest.mark.parametrize("value, on, off_by_default", [
+    ("0", False, False), ("off", False, False), (" False ", False, False), ("NO", False, False),
+    ("1", True, True), ("on", True, True), (" Yes", True, True), ("TRUE", True, True),
+    ("", True, False), ("maybe", True, False), (None, True, False)])
+def test_env_switch_reads_the_on_and_off_words(monkeypatch, value, on, off_by_default):
     from fairy2i_compile.compiler.options import env_switch
 
     if value is None:
@@ -124,3 +126,4 @@ def test_env_switch_reads_the_off_words(monkeypatch, value, on):
     else:
         monkeypatch.setenv("FAIRY2I_TEST_SWITCH", value)
     assert env_switch("FAIRY2I_TEST_SWITCH") is on
+    assert env_switch("FAIRY2I_TEST_SWITCH", default=False) is off_by_default

@@ -49,13 +49,17 @@ __all__ = [
     "env_switch",
 ]
 
-ENV_OFF = ("0", "off", "false", "no")  # cpu_packed.cpp's lut8 switch reads the same words
+ENV_OFF = ("0", "off", "false", "no")
+ENV_ON = ("1", "on", "true", "yes")
 
 
-def env_switch(name: str) -> bool:
-    """An on-by-default switch in the environment (FAIRY2I_CPU_FUSE, FAIRY2I_CPU_OP, ...): False when
-    the variable holds 0 / off / false / no (any case, surrounding spaces ignored), else True."""
-    return os.environ.get(name, "1").strip().lower() not in ENV_OFF
+def env_switch(name: str, default: bool = True) -> bool:
+    """A switch in the environment (FAIRY2I_CPU_FUSE, FAIRY2I_CPU_OP, FAIRY2I_CPU_LUT8, ...), the one
+    reader of them all (the C++ kernels get theirs from here): False when the variable holds 0 / off /
+    false / no, True for 1 / on / true / yes (any case, surrounding spaces ignored), `default` when it
+    is unset or holds anything else."""
+    value = os.environ.get(name, "").strip().lower()
+    return False if value in ENV_OFF else True if value in ENV_ON else default
 
 
 MAX_STAGES = 4  # residual PhaseQuant stages T in 1..MAX_STAGES (the kernels are specialised up to 4)

@@ -55,6 +55,7 @@
 //         back to the caller, which multiplies each block with the BLAS GEMM
 //         (cpu_packed.py); again never the whole weight.
 
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <algorithm>
@@ -681,25 +682,17 @@ static bool lut8_linear(const float* x, int64_t M, int64_t m, const uint8_t* lt,
 }
 #endif
 
-// The switch `name` in the environment (read by the callers once per process): false for 0 / off /
-// false / no, true for 1 / on / true / yes, any case (the values cpu_packed.py's FAIRY2I_CPU_KERNEL
-// and FAIRY2I_CPU_OP switches read), `unset` when absent or anything else.
-static bool env_switch(const char* name, bool unset) {
-  const char* v = std::getenv(name);
-  if (!v) return unset;
-  for (const char* off : {"0", "off", "false", "no"})
-    if (strcasecmp(v, off) == 0) return false;
-  for (const char* on : {"1", "on", "true", "yes"})
-    if (strcasecmp(v, on) == 0) return true;
-  return unset;
-}
+// The two path switches, set once by cpu_packed.py right after it loads this library
+// (fairy2i_cpu_set_switches: FAIRY2I_CPU_LUT8 and FAIRY2I_CPU_LUT as options.env_switch reads them;
+// the environment is read in Python only). Until then: lut8 off, LUT on (the defaults).
+static std::atomic<bool> g_lut8_switch{false};
+static std::atomic<bool> g_lut_switch{true};
 
-// Whether the lut8 path is switched on: FAIRY2I_CPU_LUT8 set to an on value. Off by default: it
+// Whether the lut8 path is switched on (FAIRY2I_CPU_LUT8 set to an on value). Off by default: it
 // rounds the activations to 8 bits.
 static bool lut8_enabled() {
 #if FAIRY2I_HAVE_LUT8
-  static const bool on = env_switch("FAIRY2I_CPU_LUT8", false);
-  return on;
+  return g_lut8_switch.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -709,8 +702,7 @@ static bool lut8_enabled() {
 // switched off by FAIRY2I_CPU_LUT set to an off value.
 static bool lut_enabled() {
 #if FAIRY2I_HAVE_LUT
-  static const bool on = env_switch("FAIRY2I_CPU_LUT", true);
-  return on;
+  return g_lut_switch.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -718,7 +710,13 @@ static bool lut_enabled() {
 
 extern "C" {
 
-int fairy2i_cpu_abi_version() { return 6; }
+int fairy2i_cpu_abi_version() { return 7; }
+
+// Set the lut8 / LUT switches (nonzero = on); cpu_packed.py calls it once after loading the library.
+void fairy2i_cpu_set_switches(int lut8, int lut) {
+  g_lut8_switch.store(lut8 != 0);
+  g_lut_switch.store(lut != 0);
+}
 
 // 0: the lut8 path is not compiled in (no AVX2); 1: compiled, off (FAIRY2I_CPU_LUT8 unset);
 // 2: on (tensor-scale batches of up to LUT8_MAX_TOKENS tokens run it, from the op's layout cache).

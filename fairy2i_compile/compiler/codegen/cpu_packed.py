@@ -96,7 +96,7 @@ __all__ = [
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed.cpp")
 OP_SOURCE = pathlib.Path(__file__).with_name("cpu_packed_op.cpp")
-ABI_VERSION = 6
+ABI_VERSION = 7
 FOLD_MAX_TOKENS = 4          # the multiplication-free fold path serves decode-sized batches
 LUT_MAX_TOKENS = 16          # tensor scales: the LUT path up to here (measured: beats 4-row decode to 16 tokens, not at 32)
 LUT8_MAX_TOKENS = 8          # the opt-in int8-table path (FAIRY2I_CPU_LUT8=1) up to here (measured on an AVX2 EPYC, one
@@ -249,6 +249,13 @@ def build_cpu_op(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
     return _build(OP_SOURCE, _op_flags(), "fairy2i_cpu_op", cache_dir, extra_sources=(SOURCE,), libs=_op_libs())
 
 
+def _set_switches(lib: ctypes.CDLL) -> None:
+    """Hand the library its path switches, read here once (options.env_switch): FAIRY2I_CPU_LUT8
+    (the int8-table path, off unless set to an on value) and FAIRY2I_CPU_LUT (the AVX-512 LUT path,
+    on unless set to an off value). The C++ code reads no environment variable itself."""
+    lib.fairy2i_cpu_set_switches(int(env_switch("FAIRY2I_CPU_LUT8", default=False)), int(env_switch("FAIRY2I_CPU_LUT")))
+
+
 def _abi_of(lib: ctypes.CDLL, path: pathlib.Path) -> None:
     """Raise RuntimeError unless `lib` exports the kernel's ABI marker with this module's ABI_VERSION."""
     try:
@@ -273,6 +280,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
             path = build_cpu_kernel()
             lib = ctypes.CDLL(str(path))
             _abi_of(lib, path)
+            _set_switches(lib)
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             try:
                 fn, dec = lib.fairy2i_packed_linear, lib.fairy2i_decode_rows
@@ -332,7 +340,9 @@ def cpu_op_available() -> Tuple[bool, str]:
             else:
                 try:
                     path = build_cpu_op()
-                    _abi_of(ctypes.CDLL(str(path)), path)  # CDLL's OSError names a missing symbol; load_library's does not
+                    op_lib = ctypes.CDLL(str(path))  # CDLL's OSError names a missing symbol; load_library's does not
+                    _abi_of(op_lib, path)
+                    _set_switches(op_lib)  # the same loaded object torch.ops.load_library gets next
                     torch.ops.load_library(str(path))
                     if not _op_registered():
                         raise RuntimeError(f"{path} loaded but registered no CPU kernel for fairy2i::packed_linear_cpu")
