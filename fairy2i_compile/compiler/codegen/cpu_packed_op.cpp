@@ -284,13 +284,34 @@ void push_outputs(const c10::OperatorHandle& op, torch::jit::Stack* stack, std::
   for (auto& y : ys) torch::jit::push(*stack, std::move(y));
 }
 
+// List arguments read element by element: Inductor's C++ wrapper boxes them as generic lists whose
+// element type is a freshly made type object, which the typed accessors (toOptionalTensorList,
+// toIntVector, ...) refuse by pointer comparison.
+std::vector<at::Tensor> tensors_of(const c10::IValue& v) {
+  std::vector<at::Tensor> out;
+  for (const c10::IValue& e : v.toListRef()) out.push_back(e.toTensor());
+  return out;
+}
+
+c10::List<std::optional<at::Tensor>> optional_tensors_of(const c10::IValue& v) {
+  c10::List<std::optional<at::Tensor>> out;
+  for (const c10::IValue& e : v.toListRef()) out.push_back(e.isNone() ? std::nullopt : std::optional<at::Tensor>(e.toTensor()));
+  return out;
+}
+
+std::vector<int64_t> ints_of(const c10::IValue& v) {
+  std::vector<int64_t> out;
+  for (const c10::IValue& e : v.toListRef()) out.push_back(e.toInt());
+  return out;
+}
+
 void multi_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   auto args = torch::jit::last(*stack, 6);
   const at::Tensor x = args[0].toTensor();
-  const std::vector<at::Tensor> codes = args[1].toTensorVector(), scales = args[2].toTensorVector();
-  const c10::List<std::optional<at::Tensor>> bias = args[3].toOptionalTensorList();
+  const std::vector<at::Tensor> codes = tensors_of(args[1]), scales = tensors_of(args[2]);
+  const c10::List<std::optional<at::Tensor>> bias = optional_tensors_of(args[3]);
   const int64_t m = args[4].toInt();
-  const std::vector<int64_t> group_size = args[5].toIntVector();
+  const std::vector<int64_t> group_size = ints_of(args[5]);
   std::vector<at::Tensor> ys = packed_linear_cpu_multi(x, codes, scales, bias, m, group_size);
   torch::jit::drop(*stack, 6);
   push_outputs(op, stack, std::move(ys));
@@ -302,9 +323,9 @@ void multi_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 void ptq_multi_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   auto args = torch::jit::last(*stack, 7);
   const at::Tensor x = args[0].toTensor();
-  const std::vector<at::Tensor> a = args[1].toTensorVector();
-  const c10::List<std::optional<at::Tensor>> bias = args[2].toOptionalTensorList();
-  const std::vector<int64_t> slot = args[3].toIntVector(), stages = args[4].toIntVector();
+  const std::vector<at::Tensor> a = tensors_of(args[1]);
+  const c10::List<std::optional<at::Tensor>> bias = optional_tensors_of(args[2]);
+  const std::vector<int64_t> slot = ints_of(args[3]), stages = ints_of(args[4]);
   const auto gran = args[5].toListRef(), name = args[6].toListRef();
   const size_t nl = a.size();
   TORCH_CHECK(nl >= 1 && bias.size() == nl && slot.size() == nl && stages.size() == nl && gran.size() == nl &&
