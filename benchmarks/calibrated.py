@@ -448,18 +448,20 @@ def main(argv: Optional[list] = None) -> int:
         t = time.perf_counter()
         info["ppl"] = ev.perplexity(model, windows, progress=False)["ppl"]
         info["tasks"] = {}
-        if name in zs:
-            for task, exs in examples.items():
-                r = ev.score_multiple_choice(model, tokenizer, exs, progress=False)
-                info["tasks"][task] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]}
-        info["eval_s"] = round(time.perf_counter() - t, 1)
         if args.save_models and any(isinstance(m, PackedLinear) for m in model.modules()):
+            # before the zero-shot, so that a long evaluation cut short never costs the model
             from fairy2i_compile.checkpoints.checkpoint import save_packed
 
             Path(args.save_models).mkdir(parents=True, exist_ok=True)
             info["saved"] = str(Path(args.save_models) / f"{name}.safetensors")
             save_packed(model, info["saved"], extra={"benchmark_row": {
                 **{k: v for k, v in info.items() if k not in ("layers", "tasks")}, "settings": payload["settings"]}})
+            print(f"{name}: ppl {info['ppl']:.4g}, model saved to {info['saved']}", flush=True)
+        if name in zs:
+            for task, exs in examples.items():
+                r = ev.score_multiple_choice(model, tokenizer, exs, progress=False)
+                info["tasks"][task] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]}
+        info["eval_s"] = round(time.perf_counter() - t, 1)
         print(f"{name}: bits {info['bits_per_weight']:.3f} ppl {info['ppl']:.4g} {info['tasks']} "
               f"(build {info['build_s']} s, eval {info['eval_s']} s)", flush=True)
         payload["rows"].append(info)
