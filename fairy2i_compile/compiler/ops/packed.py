@@ -182,40 +182,59 @@ def _check_multi(codes, scales, bias, group_size, k: int) -> None:
         )
 
 
+def _multi_body(x, codes, scales, bias, m, group_size) -> tuple:
+    return tuple(packed_linear_cpu_fallback(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size))
+
+
 def packed_linear_cpu_multi_fallback(x: Tensor, codes, scales, bias, m: int, group_size) -> tuple:
     """The Python implementation of fairy2i::packed_linear_cpu_multi.n{k}: each layer's packed_linear_cpu.
     x [..., 2m] -> (y_l [..., 2 n_l] for each layer l)."""
     _check_multi(codes, scales, bias, group_size, len(codes))
-    return tuple(packed_linear_cpu_fallback(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size))
+    return _multi_body(x, codes, scales, bias, m, group_size)
 
 
-def _define_multi(k: int) -> None:
-    name = f"packed_linear_cpu_multi.n{k}"
-    _LIB.define(f"{name}(Tensor x, Tensor[] codes, Tensor[] scales, Tensor?[] bias, int m, int[] group_size) -> "
-                f"({', '.join(['Tensor'] * k)})")
-
-    def fallback(x, codes, scales, bias, m, group_size):
-        _check_multi(codes, scales, bias, group_size, k)
-        return packed_linear_cpu_multi_fallback(x, codes, scales, bias, m, group_size)
-
-    def fake(x, codes, scales, bias, m, group_size):
-        _check_multi(codes, scales, bias, group_size, k)
-        return tuple(_packed_linear_cpu_fake(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size))
-
-    _LIB.impl(name, fallback, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"fairy2i::{name}", fake, lib=_LIB)
+def _multi_fake(x, codes, scales, bias, m, group_size) -> tuple:
+    return tuple(_packed_linear_cpu_fake(x, c, s, b, m, g) for c, s, b, g in zip(codes, scales, bias, group_size))
 
 
-for _k in range(2, MULTI_MAX + 1):
-    _define_multi(_k)
+def define_multi_overloads(lib: torch.library.Library, op: str, params: str, check, body, fake) -> None:
+    """Define fairy2i::{op}.n{k}({params}) -> (Tensor, .. k times) for k = 2 .. MULTI_MAX in `lib`: the
+    Python implementation body(*args) and the fake fake(*args), each behind check(*args, k) (which
+    refuses lists of another length than k by name). The sibling ops of ops/packed.py and
+    ops/ptq_packed.py share this; their C++ kernels (cpu_packed_op.cpp) register the same overloads."""
+    for k in range(2, MULTI_MAX + 1):
+        name = f"{op}.n{k}"
+        lib.define(f"{name}({params}) -> ({', '.join(['Tensor'] * k)})")
+
+        def impl(*args, k=k):
+            check(*args, k)
+            return body(*args)
+
+        def fake_impl(*args, k=k):
+            check(*args, k)
+            return fake(*args)
+
+        lib.impl(name, impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"fairy2i::{name}", fake_impl, lib=lib)
+
+
+def multi_overload(op: str, k: int):
+    """The overload of fairy2i::{op} for k layers (2 <= k <= MULTI_MAX)."""
+    if not 2 <= k <= MULTI_MAX:
+        raise ValueError(f"fairy2i.{op} has overloads for 2 .. {MULTI_MAX} layers, not {k}; "
+                         f"split the group (passes/fuse_siblings.py does)")
+    return getattr(getattr(torch.ops.fairy2i, op), f"n{k}")
+
+
+define_multi_overloads(_LIB, "packed_linear_cpu_multi",
+                       "Tensor x, Tensor[] codes, Tensor[] scales, Tensor?[] bias, int m, int[] group_size",
+                       lambda x, codes, scales, bias, m, group_size, k: _check_multi(codes, scales, bias, group_size, k),
+                       _multi_body, _multi_fake)
 
 
 def packed_linear_cpu_multi(k: int):
     """The overload of fairy2i::packed_linear_cpu_multi for k layers (2 <= k <= MULTI_MAX)."""
-    if not 2 <= k <= MULTI_MAX:
-        raise ValueError(f"fairy2i.packed_linear_cpu_multi has overloads for 2 .. {MULTI_MAX} layers, not {k}; "
-                         f"split the group (passes/fuse_siblings.py does)")
-    return getattr(torch.ops.fairy2i.packed_linear_cpu_multi, f"n{k}")
+    return multi_overload("packed_linear_cpu_multi", k)
 
 
 packed_linear = torch.ops.fairy2i.packed_linear.default

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...quantization import quant
-from .packed import MULTI_MAX, packed_linear_cpu_multi_fallback, run_packed
+from .packed import define_multi_overloads, multi_overload, packed_linear_cpu_multi_fallback, run_packed
 from .packed_reference import check_packed_linear, dequantize_packed
 from .ptq_cache import cached
 from .quantize import decode_granularity, pack_layer, ptq_phase_quant_traceable
@@ -142,42 +142,29 @@ def _check_ptq_multi(x, a, bias, slot, stages, granularity, name, k: int) -> Non
                              f"the weight {tuple(w.shape)}")
 
 
-def ptq_packed_linear_cpu_multi_fallback(x, a, bias, slot, stages, granularity, name) -> tuple:
-    """The Python implementation of fairy2i::ptq_packed_linear_cpu_multi.n{k}: each weight's codes
-    from the PTQ cache, then packed_linear_cpu_multi's fallback (each layer through the same kernel)."""
-    _check_ptq_multi(x, a, bias, slot, stages, granularity, name, len(a))
+def _ptq_multi_body(x, a, bias, slot, stages, granularity, name) -> tuple:
     pks = [_packed_for(*args) for args in zip(a, slot, stages, granularity, name)]
     return packed_linear_cpu_multi_fallback(x, [p.codes for p in pks], [p.scales for p in pks], list(bias),
                                             pks[0].m, [p.packed_group_size for p in pks])
 
 
-def _define_ptq_multi(k: int) -> None:
-    op = f"ptq_packed_linear_cpu_multi.n{k}"
-    _LIB.define(f"{op}(Tensor x, Tensor[] a, Tensor?[] bias, int[] slot, int[] stages, str[] granularity, "
-                f"str[] name) -> ({', '.join(['Tensor'] * k)})")
-
-    def fallback(x, a, bias, slot, stages, granularity, name):
-        _check_ptq_multi(x, a, bias, slot, stages, granularity, name, k)
-        return ptq_packed_linear_cpu_multi_fallback(x, a, bias, slot, stages, granularity, name)
-
-    def fake(x, a, bias, slot, stages, granularity, name):
-        _check_ptq_multi(x, a, bias, slot, stages, granularity, name, k)
-        return tuple(x.new_empty((*x.shape[:-1], w.shape[0])) for w in a)
-
-    _LIB.impl(op, fallback, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"fairy2i::{op}", fake, lib=_LIB)
+def ptq_packed_linear_cpu_multi_fallback(x, a, bias, slot, stages, granularity, name) -> tuple:
+    """The Python implementation of fairy2i::ptq_packed_linear_cpu_multi.n{k}: each weight's codes
+    from the PTQ cache, then packed_linear_cpu_multi's fallback (each layer through the same kernel)."""
+    _check_ptq_multi(x, a, bias, slot, stages, granularity, name, len(a))
+    return _ptq_multi_body(x, a, bias, slot, stages, granularity, name)
 
 
-for _k in range(2, MULTI_MAX + 1):
-    _define_ptq_multi(_k)
+define_multi_overloads(
+    _LIB, "ptq_packed_linear_cpu_multi",
+    "Tensor x, Tensor[] a, Tensor?[] bias, int[] slot, int[] stages, str[] granularity, str[] name",
+    _check_ptq_multi, _ptq_multi_body,
+    lambda x, a, bias, slot, stages, granularity, name: tuple(x.new_empty((*x.shape[:-1], w.shape[0])) for w in a))
 
 
 def ptq_packed_linear_cpu_multi(k: int):
     """The overload of fairy2i::ptq_packed_linear_cpu_multi for k layers (2 <= k <= MULTI_MAX)."""
-    if not 2 <= k <= MULTI_MAX:
-        raise ValueError(f"fairy2i.ptq_packed_linear_cpu_multi has overloads for 2 .. {MULTI_MAX} layers, not {k}; "
-                         f"split the group (passes/fuse_siblings.py does)")
-    return getattr(torch.ops.fairy2i.ptq_packed_linear_cpu_multi, f"n{k}")
+    return multi_overload("ptq_packed_linear_cpu_multi", k)
 
 
 def ptq_packed_linear_direct(x, a, bias, slot, stages, granularity, name, kernel):
