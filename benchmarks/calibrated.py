@@ -311,11 +311,30 @@ def merge_parts(parts: list, files: list) -> Dict[str, Any]:
     """One payload from earlier runs' payloads (same settings, checked by the caller), rows in order.
 
     Each row keeps the machine it ran on; the payload's machine lists them all, and its parts name
-    every file the rows came from (a part that was itself merged contributes its own parts)."""
+    every file the rows came from (a part that was itself merged contributes its own parts).
+
+    A later row named like an earlier one must be a re-evaluation of that row's saved model
+    (``--from-saved``, e.g. to add its zero-shot accuracy): its perplexity must equal the earlier
+    one (relative 1e-3: thread counts reorder float sums) and it updates the earlier row in place.
+    Any other repeated name is refused, so that no measurement is silently overwritten."""
     rows, sources, machines = [], [], []
+    at: Dict[str, int] = {}
     for part, f in zip(parts, files):
         for r in part["rows"]:
-            rows.append({**r, "machine": r.get("machine", part["machine"])})
+            r = {**r, "machine": r.get("machine", part["machine"])}
+            if r["name"] not in at:
+                at[r["name"]] = len(rows)
+                rows.append(r)
+                continue
+            old = rows[at[r["name"]]]
+            if "loaded_from" not in r:
+                raise SystemExit(f"--merge: {f} has a second row named {r['name']!r} that was measured anew; "
+                                 "rename one of them (e.g. with a ' (run 2)' suffix) or re-evaluate the saved "
+                                 "model with --from-saved")
+            if abs(r["ppl"] - old["ppl"]) > 1e-3 * old["ppl"]:
+                raise SystemExit(f"--merge: {f} re-evaluated {r['name']!r} (from {r['loaded_from']}) at ppl "
+                                 f"{r['ppl']:.6g}, but the earlier row has {old['ppl']:.6g}: not the same model")
+            rows[at[r["name"]]] = {**old, **{k: v for k, v in r.items() if v not in ({}, None)}}
         sources += part.get("parts") or [str(f)]
     for r in rows:
         if r["machine"] not in machines:

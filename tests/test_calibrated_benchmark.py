@@ -114,3 +114,24 @@ def test_merged_results_keep_each_rows_machine_and_every_source(bench, tmp_path)
     assert merged["parts"] == ["old_base.json", "p1.json", "w4c128.json"]  # the merged base's own sources
     assert "x86_64 EPYC, 2 threads" in bench.markdown(merged)
     assert bench.machine().endswith(" threads")
+
+
+def test_merge_updates_a_row_from_its_saved_model_and_refuses_other_repeats(bench):
+    settings = {"windows": 8, "seq_len": 2048, "calib_samples": 16, "calib_seq_len": 512, "eval_end": 16384,
+                "calib_start": 613693, "prepended": None, "tasks": ["piqa"], "limit": 500}
+    base = {"machine": "EPYC, 2 threads", "torch": "2.13.0+cpu", "settings": settings,
+            "rows": [{"name": "fp", "ppl": 21.25, "tasks": {}},
+                     {"name": "cal-w3-dist5", "ppl": 31.34, "bits_per_weight": 3.29, "build_s": 900.0, "tasks": {}},
+                     {"name": "cal-w4", "ppl": 35.4, "tasks": {}}]}
+    zs = {"name": "cal-w3-dist5", "ppl": 31.3401, "bits_per_weight": 3.29, "loaded_from": "m/cal-w3-dist5.safetensors",
+          "tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.61, "n": 500}}, "eval_s": 2000.0}
+    new = {"machine": "EPYC, 1 threads", "torch": "2.13.0+cpu", "settings": settings, "rows": [zs]}
+    merged = bench.merge_parts([base, new], ["calibrated.json", "zs.json"])
+    assert [r["name"] for r in merged["rows"]] == ["fp", "cal-w3-dist5", "cal-w4"]  # in place, not appended
+    row = merged["rows"][1]
+    assert row["tasks"]["piqa"]["acc_norm"] == 0.61 and row["build_s"] == 900.0 and row["ppl"] == 31.3401
+    assert row["machine"] == "EPYC, 1 threads"
+    with pytest.raises(SystemExit, match=r"ppl 40.*earlier row has 31.34: not the same model"):
+        bench.merge_parts([base, {**new, "rows": [{**zs, "ppl": 40.0}]}], ["calibrated.json", "zs.json"])
+    with pytest.raises(SystemExit, match=r"zs.json has a second row named 'cal-w4' that was measured anew"):
+        bench.merge_parts([base, {**new, "rows": [{"name": "cal-w4", "ppl": 35.4}]}], ["calibrated.json", "zs.json"])
