@@ -39,7 +39,8 @@ Configurations (``--configs``; names say what they are):
                             ``--distill-batch`` windows per step)
       -bf16                 the distillation's forwards under bf16 autocast (``distill(autocast="bfloat16")``)
       -more{N}              (last; with --from-saved DIR) N further distillation steps on the model saved in DIR
-                            under the name without it (e.g. cal-w3-row-rot-c64-dist150-more100; chains: ...-more100-more50
+                            under the name without it, unless DIR already holds this row's own model (then
+                            that is evaluated, as with any row) (e.g. cal-w3-row-rot-c64-dist150-more100; chains: ...-more100-more50
                             continues the saved ...-more100): the same
                             training windows, a fresh warmup and cosine from --distill-lr, data order seed =
                             the number of -more in the name (the first run's was seed 0), the KL measured on the last quarter of the held-out
@@ -156,6 +157,23 @@ def load_saved(path: Path, name: str, settings: Dict[str, Any]) -> tuple:
     if saved is not None and any(saved.get(k) != settings.get(k) for k in ("calib_samples", "calib_seq_len", "eval_end")):
         raise SystemExit(f"--from-saved: {path} was made with other calibration settings ({saved}); use the same")
     return load_packed(path), {**row, "loaded_from": str(path)}
+
+
+def row_source(name: str, from_saved: Optional[str]) -> str:
+    """How ``main`` gets the model of configuration ``name``: "saved" (``--from-saved DIR`` holds the
+    row's own model: evaluated as it is, never trained again, so a ``-more`` row's zero-shot can be
+    added later), "more" (a ``-more{N}`` row whose own model is not saved yet: N steps on the saved
+    row it continues) or "build"."""
+    if from_saved and (Path(from_saved) / f"{name}.safetensors").is_file():
+        return "saved"
+    if parse_config(name).get("more_steps"):
+        if not from_saved:
+            raise SystemExit(f"{name}: -more{{N}} needs --from-saved DIR holding the row it continues")
+        return "more"
+    if from_saved:
+        raise SystemExit(f"--from-saved: {Path(from_saved) / (name + '.safetensors')} does not exist; "
+                         "run with --save-models first")
+    return "build"
 
 
 def distill_more(name: str, from_saved: Path, settings: Dict[str, Any], train: torch.Tensor, lr: float,
@@ -402,7 +420,8 @@ def main(argv: Optional[list] = None) -> int:
                         "e.g. for a later zero-shot run with `fairy2i eval`)")
     p.add_argument("--from-saved", default=None, metavar="DIR",
                    help="evaluate DIR/<configuration>.safetensors (written by an earlier --save-models run of the "
-                        "same settings) instead of building it again; the row keeps how it was built")
+                        "same settings) instead of building it again (a -more row that is not saved yet: "
+                        "trained on from the row it continues); the row keeps how it was built")
     p.add_argument("--distill-windows", type=int, default=256)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=1, help="windows per distillation step")
@@ -454,13 +473,12 @@ def main(argv: Optional[list] = None) -> int:
         cfg = parse_config(name)
         n_cal = cfg.get("calib_samples")
         row_cal = cal if n_cal is None else calibration_windows(text, n_cal, args.calib_seq_len, avoid=eval_end)
-        if cfg.get("more_steps"):
-            if not args.from_saved:
-                raise SystemExit(f"{name}: -more{{N}} needs --from-saved DIR holding the row it continues")
+        source = row_source(name, args.from_saved)
+        if source == "saved":
+            model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
+        elif source == "more":
             model, info = distill_more(name, Path(args.from_saved), payload["settings"], train, args.distill_lr,
                                        args.distill_batch, args.distill_checkpoints, args.distill_progress)
-        elif args.from_saved:
-            model, info = load_saved(Path(args.from_saved) / f"{name}.safetensors", name, payload["settings"])
         else:
             model, info = build(name, row_cal, train, args.distill_lr, args.distill_batch, args.distill_checkpoints,
                                 args.distill_progress, first_tokens=text[eval_end:])

@@ -1,6 +1,7 @@
 """benchmarks/calibrated.py's configuration names, results table and saved rows (tiny models only)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,15 @@ def test_merge_updates_a_row_from_its_saved_model_and_refuses_other_repeats(benc
         bench.merge_parts([base, {**new, "rows": [{**zs, "ppl": 40.0}]}], ["calibrated.json", "zs.json"])
     with pytest.raises(SystemExit, match=r"zs.json has a second row named 'cal-w4' that was measured anew"):
         bench.merge_parts([base, {**new, "rows": [{"name": "cal-w4", "ppl": 35.4}]}], ["calibrated.json", "zs.json"])
+
+
+def test_a_saved_row_is_evaluated_not_trained_again(bench, tmp_path):
+    name = "cal-w3-row-rot-c64-dist150-more100-more150"
+    with pytest.raises(SystemExit, match=re.escape("-more{N} needs --from-saved DIR")):
+        bench.row_source(name, None)
+    assert bench.row_source(name, str(tmp_path)) == "more"  # its own model not saved yet: train on
+    (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    assert bench.row_source(name, str(tmp_path)) == "saved"  # saved: evaluate it, never distill again
+    assert bench.row_source("cal-w4", None) == "build"
+    with pytest.raises(SystemExit, match=r"cal-w4.safetensors does not exist; run with --save-models first"):
+        bench.row_source("cal-w4", str(tmp_path))
