@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -61,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from results_io import write_results  # noqa: E402
+from results_io import cpu_description, write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu"
 CONFIGS = ("fp32-eager", "fp32-inductor", "w1", "w2", "w2-dense", "w1-decomposed", "w2-decomposed", "w2-eager",
@@ -302,7 +301,7 @@ def main(argv=None) -> int:
               f"linear {row['linear_bytes'] / 2**20:6.1f} MiB  {row['text'][:40]!r}", flush=True)
     result = {
         "command": "python benchmarks/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})",
+        "machine": cpu_description(),
         "threads": args.threads, "torch": torch.__version__, "prompt_tokens": rows[0]["prompt_tokens"] if rows else 0,
         "decode_tokens": args.decode_tokens, "configs": rows, "notes": args.notes,
     }

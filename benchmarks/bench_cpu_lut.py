@@ -19,7 +19,6 @@ Results: benchmarks/results/bench_cpu_lut.{json,md}.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from results_io import publish  # noqa: E402
+from results_io import cpu_description, publish  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu_lut"
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): q/o, k/v, gate/up, down, lm_head
@@ -131,7 +130,7 @@ def main(argv=None) -> int:
                            "floor_ms": nbytes / (bw[threads] * 1e9) * 1e3})
             print(passes[-1], flush=True)
     result = {"command": "python benchmarks/bench_cpu_lut.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})",
+              "machine": cpu_description(),
               "torch": torch.__version__, "bandwidth_gbs": bw, "layers": rows, "passes": passes, "notes": args.notes}
     fast = paths[1:]
     md = ["# Packed CPU kernel at batch 1: table lookups against selects, SmolLM2-135M shapes", "",

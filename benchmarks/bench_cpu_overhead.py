@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ for _p in (REPO, BENCH):
         sys.path.insert(0, str(_p))
 
 from bench_cpu import PROMPT, greedy  # noqa: E402
+from results_io import cpu_description  # noqa: E402
 
 VARIANTS = ("base", "+fuse", "+noasserts", "+gqa", "+cppwrap")
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     same = all(tokens[k] == tokens[variants[0]] for k in variants)
     result = {
         "command": "python benchmarks/bench_cpu_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+        "machine": cpu_description(), "threads": args.threads, "torch": torch.__version__,
         "granularity": args.granularity, "dense": args.dense, "lut8": cpu_lut8_status(), "warmup_s": warmup,
         "step_ms": steps, "same_tokens": same,
     }

@@ -38,7 +38,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_cpu import PROMPT, lut8_env  # noqa: E402  (the same prompt as bench_cpu.py's table)
-from results_io import write_results  # noqa: E402
+from results_io import cpu_description, write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_cpu_peers"
 GGUF_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
@@ -364,7 +363,7 @@ def main(argv=None) -> int:
               + f"  ppl {row.get('ppl', float('nan')):.4g}  {row['wall_s']:.0f} s  {row['text'][:30]!r}", flush=True)
     result = {
         "command": "python benchmarks/bench_cpu_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})",
+        "machine": cpu_description(),
         "threads": args.threads, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens, "runs": args.runs, "prefill_lengths": args.prefill_lengths,
         "prefill_reps": args.prefill_reps, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import re
 import statistics
 import sys
@@ -81,7 +80,7 @@ from fairy2i_compile.quantization.calibration.rounding import MAX_OUTLIERS  # no
 from fairy2i_compile.checkpoints.models import load_smollm2  # noqa: E402
 from fairy2i_compile.quantization.packed_model import PackedLinear, outlier_nbytes  # noqa: E402
 from peers import eval_windows, hqq_available, hqq_dequantized  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import cpu_description, write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["fp", "rtn-w2", "cal-w1", "cal-w2", "cal-w3", "cal-w4", "cal-w2-g64", "cal-w4-g64",
                    "cal-binary-t2", "cal-ternary-t1", "hqq-2", "hqq-3", "hqq-4"]
@@ -315,14 +314,9 @@ def _fmt(x: Optional[float]) -> str:
 
 
 def machine() -> str:
-    """'x86_64 AMD EPYC ..., 2 threads': the CPU model too, since this project's VMs change between runs."""
-    model = ""
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{platform.machine()}{' ' + model if model else ''}, {torch.get_num_threads()} threads"
+    """'x86_64 AMD EPYC (family 23 model 1, AVX2), 2 threads': the CPU model too, since this project's
+    VMs change between runs."""
+    return f"{cpu_description()}, {torch.get_num_threads()} threads"
 
 
 def merge_parts(parts: list, files: list) -> Dict[str, Any]:

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ for _p in (REPO, BENCH):
         sys.path.insert(0, str(_p))
 
 from bench_cpu import lut8_env  # noqa: E402
-from results_io import publish  # noqa: E402
+from results_io import cpu_description, publish  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "lut8_quality"
 ROWS = ("full", "chunked-fp32", "chunked-lut8")
@@ -121,8 +120,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"row {name}: the lut8 path was {rows[-1]['lut8']!r} in its process, expected {expected!r}")
         print(f"{name:14s} ppl {rows[-1]['ppl']:.4f}  {rows[-1]['seconds']:.0f} s", flush=True)
     result = {"command": "python benchmarks/lut8_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": str(args.model), "machine": f"{platform.processor() or platform.machine()} "
-              f"({torch.backends.cpu.get_cpu_capability()})", "threads": args.threads, "torch": torch.__version__,
+              "model": str(args.model), "machine": cpu_description(), "threads": args.threads, "torch": torch.__version__,
               "windows": args.windows, "seq_len": args.seq_len, "chunk": args.chunk, "rows": rows, "notes": args.notes}
     base = next((r["ppl"] for r in rows if r["row"] == "chunked-fp32"), None)
     md = ["# The lut8 CPU path's quality: perplexity through decode-sized batches", "",

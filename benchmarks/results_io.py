@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
 from pathlib import Path
 from typing import Any, Tuple
@@ -15,6 +16,26 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fairy2i_compile.cache import atomic_write_text  # noqa: E402
+
+
+def cpu_description() -> str:
+    """'x86_64 AMD EPYC (family 23 model 1, AVX2)': the CPU that ran a benchmark, for its results file.
+
+    The model name, family and model come from /proc/cpuinfo (this project's VMs change between
+    runs, and platform.processor() says only 'x86_64' on Linux); the vector level is what torch's
+    CPU kernels were dispatched to."""
+    import torch
+
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor()
+    family = f"family {fields['cpu family']} model {fields['model']}, " if "cpu family" in fields and "model" in fields else ""
+    return f"{platform.machine()}{' ' + name if name else ''} ({family}{torch.backends.cpu.get_cpu_capability()})"
 
 
 def json_safe(x: Any) -> Any:

@@ -78,3 +78,20 @@ def test_lut8_quality_refuses_bad_arguments(capsys, tmp_path):
         with pytest.raises(SystemExit):
             q.main(argv)
         assert pytest.importorskip("re").search(message, capsys.readouterr().err), argv
+
+
+def test_results_name_the_cpu_from_proc_cpuinfo(monkeypatch, tmp_path):
+    import platform
+
+    import torch
+
+    results_io = _load("results_io")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC 7551\nprocessor\t: 1\nmodel name\t: other\n")
+    real_path = results_io.Path
+    monkeypatch.setattr(results_io, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    assert results_io.cpu_description() == (f"{platform.machine()} AMD EPYC 7551 (family 23 model 1, "
+                                            f"{torch.backends.cpu.get_cpu_capability()})")
+    monkeypatch.setattr(results_io, "Path", lambda p: tmp_path / "absent")  # no /proc: still a usable name
+    assert results_io.cpu_description().endswith(f"({torch.backends.cpu.get_cpu_capability()})")
