@@ -342,6 +342,15 @@ def main(argv=None) -> int:
             if c.startswith("llama-"):
                 peer_gguf(c.split("-", 1)[1], args.threads)
     rows = []
+    result = {
+        "command": "python benchmarks/bench_cpu_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": cpu_description(),
+        "threads": args.threads, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens, "runs": args.runs, "prefill_lengths": args.prefill_lengths,
+        "prefill_reps": args.prefill_reps, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,
+        "ours_weights": args.ours_weights, "packed": None if args.packed is None else str(args.packed),
+        "configs": rows, "notes": args.notes,
+    }
     for name in args.configs:
         cmd = [sys.executable, __file__, "--worker", name, *sum(
             ([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in
@@ -358,19 +367,10 @@ def main(argv=None) -> int:
         row = json.loads(line[len("RESULT "):])
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
+        write_results(args.out, result, markdown(result), indent=2)  # after every row: a run cut short keeps them
         print(f"{name:14s} decode {row['decode_tok_s']:6.1f} tok/s  prefill "
               + " ".join(f"{L}:{v:.0f}" for L, v in row["prefill"].items())
               + f"  ppl {row.get('ppl', float('nan')):.4g}  {row['wall_s']:.0f} s  {row['text'][:30]!r}", flush=True)
-    result = {
-        "command": "python benchmarks/bench_cpu_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": cpu_description(),
-        "threads": args.threads, "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
-        "decode_tokens": args.decode_tokens, "runs": args.runs, "prefill_lengths": args.prefill_lengths,
-        "prefill_reps": args.prefill_reps, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,
-        "ours_weights": args.ours_weights, "packed": None if args.packed is None else str(args.packed),
-        "configs": rows, "notes": args.notes,
-    }
-    write_results(args.out, result, markdown(result), indent=2)
     print(markdown(result))
     return 0
 
