@@ -39,9 +39,9 @@ Configurations (``--configs``; names say what they are):
                             ``--distill-batch`` windows per step)
       -bf16                 the distillation's forwards under bf16 autocast (``distill(autocast="bfloat16")``)
       -more{N}              (last; with --from-saved DIR) N further distillation steps on the model saved in DIR
-                            under the name without it, unless DIR already holds this row's own model (then
-                            that is evaluated, as with any row) (e.g. cal-w3-row-rot-c64-dist150-more100; chains: ...-more100-more50
-                            continues the saved ...-more100): the same
+                            under the name without it (e.g. cal-w3-row-rot-c64-dist150-more100; chains: ...-more100-more50
+                            continues the saved ...-more100; when DIR already holds this row's own model, that
+                            is evaluated instead, as with any row): the same
                             training windows, a fresh warmup and cosine from --distill-lr, data order seed =
                             the number of -more in the name (the first run's was seed 0), the KL measured on the last quarter of the held-out
                             eighth (32 of 128 windows for 1024)
@@ -159,20 +159,16 @@ def load_saved(path: Path, name: str, settings: Dict[str, Any]) -> tuple:
 
 
 def row_source(name: str, from_saved: Optional[str]) -> str:
-    """How ``main`` gets the model of configuration ``name``: "saved" (``--from-saved DIR`` holds the
-    row's own model: evaluated as it is, never trained again, so a ``-more`` row's zero-shot can be
-    added later), "more" (a ``-more{N}`` row whose own model is not saved yet: N steps on the saved
-    row it continues) or "build"."""
-    if from_saved and (Path(from_saved) / f"{name}.safetensors").is_file():
-        return "saved"
-    if parse_config(name).get("more_steps"):
-        if not from_saved:
-            raise SystemExit(f"{name}: -more{{N}} needs --from-saved DIR holding the row it continues")
-        return "more"
-    if from_saved:
-        raise SystemExit(f"--from-saved: {Path(from_saved) / (name + '.safetensors')} does not exist; "
-                         "run with --save-models first")
-    return "build"
+    """How ``main`` gets the model of configuration ``name``: "saved" (with ``--from-saved DIR``: the
+    row's own model there, evaluated as it is and never trained again, so a ``-more`` row's zero-shot
+    can be added later; ``load_saved`` refuses a missing file), "more" (a ``-more{N}`` row whose own
+    model is not in DIR yet: N steps on the saved row it continues) or "build"."""
+    more = parse_config(name).get("more_steps")
+    if more and not from_saved:
+        raise SystemExit(f"{name}: -more{{N}} needs --from-saved DIR holding the row it continues")
+    if not from_saved:
+        return "build"
+    return "more" if more and not (Path(from_saved) / f"{name}.safetensors").is_file() else "saved"
 
 
 def distill_more(name: str, from_saved: Path, settings: Dict[str, Any], train: torch.Tensor, lr: float,

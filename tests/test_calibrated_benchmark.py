@@ -146,5 +146,6 @@ def test_a_saved_row_is_evaluated_not_trained_again(bench, tmp_path):
     (tmp_path / f"{name}.safetensors").write_bytes(b"")
     assert bench.row_source(name, str(tmp_path)) == "saved"  # saved: evaluate it, never distill again
     assert bench.row_source("cal-w4", None) == "build"
+    assert bench.row_source("cal-w4", str(tmp_path)) == "saved"  # not there: load_saved's own error names it
     with pytest.raises(SystemExit, match=r"cal-w4.safetensors does not exist; run with --save-models first"):
-        bench.row_source("cal-w4", str(tmp_path))
+        bench.load_saved(tmp_path / "cal-w4.safetensors", "cal-w4", {})
